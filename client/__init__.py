@@ -1,0 +1,1 @@
+"""fedgraft's ClientApp: local LoRA fine-tuning at a data-owning site."""

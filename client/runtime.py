@@ -1,0 +1,118 @@
+"""What a client process keeps between messages: the loaded backbone with its LoRA
+wrapper, and tokenised data (in memory, and on the site's disk for deployments, where
+every message starts a fresh process).
+
+The backbone is loaded once per process and per fingerprint. Each message then
+overwrites every trainable tensor with the global adapter it received and builds a new
+optimiser, so virtual clients sharing a worker never see each other's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from common.batching import Encoded, encode
+from common.config import LoraSettings
+from common.data import Example, encode_labels
+from common.model import TextClassifier, attach_lora, load_encoder
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, otherwise the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LoadedBackbone:
+    """A classifier on one backbone, reused across the messages of a process."""
+
+    model: TextClassifier
+    tokenizer: PreTrainedTokenizerBase
+    pad_id: int
+
+
+_MODELS: dict[tuple[str, LoraSettings, str, int], LoadedBackbone] = {}
+_ENCODED: dict[str, Encoded] = {}
+_MAX_ENCODED = 32
+
+
+def loaded_backbone(
+    backbone_dir: Path, fingerprint: str, lora: LoraSettings, pooling: str, num_labels: int, seed: int
+) -> LoadedBackbone:
+    """The process's classifier for this backbone and LoRA shape, loading it once.
+
+    Loading from a fingerprint-keyed cache means a changed backbone is never served from
+    a stale copy. Only the latest model is kept, to bound memory.
+    """
+    key = (fingerprint, lora, pooling, num_labels)
+    if key not in _MODELS:
+        _MODELS.clear()
+        device = pick_device()
+        encoder = load_encoder(backbone_dir, device)
+        model = attach_lora(encoder, lora, pooling, num_labels, seed)
+        tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        _MODELS[key] = LoadedBackbone(model, tokenizer, pad_id)
+        log.info("loaded backbone %s on %s", fingerprint[:12], device)
+    return _MODELS[key]
+
+
+def _content_key(
+    examples: list[Example], labels: tuple[str, ...], fingerprint: str, max_length: int
+) -> str:
+    digest = hashlib.sha256(f"{fingerprint}|{max_length}|{'|'.join(labels)}".encode())
+    for example in examples:
+        digest.update(example.text.encode() + b"\0" + example.label.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def encoded_examples(
+    examples: list[Example],
+    labels: tuple[str, ...],
+    backbone: LoadedBackbone,
+    fingerprint: str,
+    max_length: int,
+    cache_dir: Path | None,
+) -> Encoded:
+    """Tokenise the client's rows once: from memory, from the site's disk, or afresh.
+
+    Raises
+    ------
+    common.data.DataError
+        When a label is outside the run's label map, naming the file and line.
+    """
+    key = _content_key(examples, labels, fingerprint, max_length)
+    if key in _ENCODED:
+        return _ENCODED[key]
+    stored = cache_dir / "tokens" / f"{key}.npz" if cache_dir is not None else None
+    if stored is not None and stored.exists():
+        with np.load(stored) as arrays:
+            bounds = np.cumsum(arrays["lengths"])[:-1]
+            ids = [part.tolist() for part in np.split(arrays["ids"], bounds)]
+            encoded = Encoded(ids=ids, labels=arrays["labels"])
+    else:
+        label_ids = encode_labels(examples, labels)
+        encoded = encode(backbone.tokenizer, [e.text for e in examples], label_ids, max_length)
+        if stored is not None:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            staging = stored.with_name(stored.stem + ".tmp.npz")
+            np.savez(
+                staging,
+                ids=np.concatenate([np.asarray(i, np.int32) for i in encoded.ids]),
+                lengths=np.asarray([len(i) for i in encoded.ids], np.int64),
+                labels=encoded.labels,
+            )
+            staging.replace(stored)
+    if len(_ENCODED) >= _MAX_ENCODED:  # bounded memory across many virtual clients
+        _ENCODED.pop(next(iter(_ENCODED)))
+    _ENCODED[key] = encoded
+    return encoded

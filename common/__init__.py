@@ -1,0 +1,1 @@
+"""Pure logic shared by the coordinator and the clients: no Flower glue."""

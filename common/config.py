@@ -1,0 +1,345 @@
+"""Run configuration: the one reader of the flat kebab-case keys.
+
+Every setting a user can give lives in :data:`DEFAULTS` under the same flat key that
+``[tool.flwr.app.config]`` in pyproject.toml, TOML config files and ``--set`` use.
+:meth:`RunConfig.from_flat` is the only function that reads those keys; the rest of
+the code base works with the frozen dataclasses below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ConfigValue = bool | int | float | str
+
+#: Every known key with its default. The type of the default is the type of the key.
+DEFAULTS: dict[str, ConfigValue] = {
+    "num-server-rounds": 3,
+    "seed": 42,
+    "model.name": "minilm",
+    "model.distribute": "auto",
+    "model.max-length": 128,
+    "lora.r": 8,
+    "lora.alpha": 16,
+    "lora.dropout": 0.05,
+    "lora.target-modules": "query,value",
+    "data.path": "",
+    "data.test-path": "",
+    "data.text-column": "text",
+    "data.label-column": "label",
+    "data.labels": "",
+    "data.partition": "column:domain",
+    "data.dirichlet-alpha": 0.5,
+    "data.holdout-fraction": 0.2,
+    "sim.num-clients": 4,
+    "sim.cpus-per-client": 1.0,
+    "sim.gpus-per-client": 0.0,
+    "sim.local-baseline": True,
+    "train.fraction": 1.0,
+    "train.min-clients": 1,
+    "train.local-epochs": 1,
+    "train.max-steps": 0,
+    "train.batch-size": 16,
+    "train.lr": 0.002,
+    "train.weight-decay": 0.0,
+    "train.timeout": 600.0,
+    "output.dir": "",
+}
+
+PARTITION_KINDS = ("iid", "dirichlet", "column:<name>")
+DISTRIBUTE_MODES = ("auto", "never")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type, or an invalid value."""
+
+
+def _coerce(key: str, value: Any) -> ConfigValue:
+    """Return ``value`` as the type of ``DEFAULTS[key]`` or raise :class:`ConfigError`."""
+    expected = type(DEFAULTS[key])
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif expected is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(
+        f"config key '{key}' expects a {expected.__name__} "
+        f"(default {DEFAULTS[key]!r}) but got {value!r}"
+    )
+
+
+def _check_known(flat: Mapping[str, Any]) -> None:
+    unknown = sorted(set(flat) - set(DEFAULTS))
+    if unknown:
+        import difflib
+
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ConfigError(
+            "unknown config key(s): "
+            + ", ".join(hints)
+            + ". Run `fedgraft keys` to list every key with its default."
+        )
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbone to fine-tune and how clients obtain it.
+
+    Attributes
+    ----------
+    name : str
+        ``minilm`` for the packaged all-MiniLM-L6-v2, a local directory, or a hub id.
+    distribute : str
+        ``auto``: the coordinator sends the weights to a client that lacks them;
+        ``never``: such a client fails the round.
+    max_length : int
+        Token limit per text; longer texts are truncated.
+    """
+
+    name: str
+    distribute: str
+    max_length: int
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters handed to every client."""
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the rows come from and how they are split into clients."""
+
+    path: str
+    test_path: str
+    text_column: str
+    label_column: str
+    labels: tuple[str, ...]
+    partition: str
+    dirichlet_alpha: float
+    holdout_fraction: float
+
+    @property
+    def partition_column(self) -> str | None:
+        """The column named by ``column:<name>``, or ``None`` for other partitions."""
+        if self.partition.startswith("column:"):
+            return self.partition.removeprefix("column:")
+        return None
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Local simulation settings (Flower's Simulation Engine)."""
+
+    num_clients: int
+    cpus_per_client: float
+    gpus_per_client: float
+    local_baseline: bool
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Round participation and the client's optimiser settings."""
+
+    fraction: float
+    min_clients: int
+    local_epochs: int
+    max_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    timeout: float
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole, validated configuration of a run.
+
+    Build it with :meth:`from_flat`; ``flat`` keeps the exact flat mapping for
+    ``summary.json`` and for handing the configuration on unchanged.
+    """
+
+    num_server_rounds: int
+    seed: int
+    model: ModelConfig
+    lora: LoraSettings
+    data: DataConfig
+    sim: SimConfig
+    train: TrainConfig
+    output_dir: str
+    flat: Mapping[str, ConfigValue]
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any] | None = None) -> RunConfig:
+        """Validate a flat kebab-case mapping over :data:`DEFAULTS`.
+
+        Parameters
+        ----------
+        flat : Mapping[str, Any], optional
+            Keys as in ``[tool.flwr.app.config]``; missing keys take their default.
+
+        Returns
+        -------
+        RunConfig
+
+        Raises
+        ------
+        ConfigError
+            For an unknown key, a value of the wrong type, or an invalid value; the
+            message names the key and says what is accepted.
+        """
+        given = dict(flat or {})
+        _check_known(given)
+        values = {key: _coerce(key, given.get(key, default)) for key, default in DEFAULTS.items()}
+        v: dict[str, Any] = values
+        targets = tuple(t.strip() for t in v["lora.target-modules"].split(",") if t.strip())
+        labels = tuple(t.strip() for t in v["data.labels"].split(",") if t.strip())
+        config = cls(
+            num_server_rounds=v["num-server-rounds"],
+            seed=v["seed"],
+            model=ModelConfig(v["model.name"], v["model.distribute"], v["model.max-length"]),
+            lora=LoraSettings(v["lora.r"], v["lora.alpha"], v["lora.dropout"], targets),
+            data=DataConfig(
+                path=v["data.path"],
+                test_path=v["data.test-path"],
+                text_column=v["data.text-column"],
+                label_column=v["data.label-column"],
+                labels=labels,
+                partition=v["data.partition"],
+                dirichlet_alpha=v["data.dirichlet-alpha"],
+                holdout_fraction=v["data.holdout-fraction"],
+            ),
+            sim=SimConfig(
+                v["sim.num-clients"],
+                v["sim.cpus-per-client"],
+                v["sim.gpus-per-client"],
+                v["sim.local-baseline"],
+            ),
+            train=TrainConfig(
+                fraction=v["train.fraction"],
+                min_clients=v["train.min-clients"],
+                local_epochs=v["train.local-epochs"],
+                max_steps=v["train.max-steps"],
+                batch_size=v["train.batch-size"],
+                lr=v["train.lr"],
+                weight_decay=v["train.weight-decay"],
+                timeout=v["train.timeout"],
+            ),
+            output_dir=v["output.dir"],
+            flat=values,
+        )
+        config._validate()
+        return config
+
+    def _validate(self) -> None:
+        _require(self.num_server_rounds >= 1, "num-server-rounds", "must be at least 1")
+        _require(bool(self.model.name), "model.name", "must not be empty; use 'minilm'")
+        _require(
+            self.model.distribute in DISTRIBUTE_MODES,
+            "model.distribute",
+            f"must be one of {', '.join(DISTRIBUTE_MODES)}",
+        )
+        _require(self.model.max_length >= 8, "model.max-length", "must be at least 8")
+        _require(self.lora.r >= 1, "lora.r", "must be a positive rank such as 8")
+        _require(self.lora.alpha >= 1, "lora.alpha", "must be positive")
+        _require(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _require(
+            bool(self.lora.target_modules),
+            "lora.target-modules",
+            "name at least one module, e.g. 'query,value'",
+        )
+        partition = self.data.partition
+        _require(
+            partition in ("iid", "dirichlet")
+            or (partition.startswith("column:") and len(partition) > len("column:")),
+            "data.partition",
+            f"got {partition!r}; use one of {', '.join(PARTITION_KINDS)}",
+        )
+        _require(self.data.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0")
+        _require(
+            0.0 < self.data.holdout_fraction < 1.0,
+            "data.holdout-fraction",
+            "must be in (0, 1)",
+        )
+        _require(self.sim.num_clients >= 1, "sim.num-clients", "must be at least 1")
+        _require(self.sim.cpus_per_client > 0, "sim.cpus-per-client", "must be > 0")
+        _require(self.sim.gpus_per_client >= 0, "sim.gpus-per-client", "must be >= 0")
+        _require(0.0 < self.train.fraction <= 1.0, "train.fraction", "must be in (0, 1]")
+        _require(self.train.min_clients >= 1, "train.min-clients", "must be at least 1")
+        _require(self.train.local_epochs >= 1, "train.local-epochs", "must be at least 1")
+        _require(self.train.max_steps >= 0, "train.max-steps", "must be >= 0 (0 = no cap)")
+        _require(self.train.batch_size >= 1, "train.batch-size", "must be at least 1")
+        _require(
+            math.isfinite(self.train.lr) and self.train.lr > 0, "train.lr", "must be > 0"
+        )
+        _require(self.train.weight_decay >= 0, "train.weight-decay", "must be >= 0")
+        _require(self.train.timeout > 0, "train.timeout", "must be > 0 seconds")
+
+    def with_overrides(self, **flat: ConfigValue) -> RunConfig:
+        """Return a new validated config with some flat keys replaced."""
+        return RunConfig.from_flat({**self.flat, **flat})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flat mapping as a plain dict (for JSON)."""
+        return dict(self.flat)
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """Split a ``key=value`` override as given to ``--set``.
+
+    Raises
+    ------
+    ConfigError
+        When ``text`` has no ``=`` or an empty key.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. lora.r=16")
+    return key.strip(), value.strip().strip('"')
+
+
+__all__ = [
+    "DEFAULTS",
+    "ConfigError",
+    "DataConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "RunConfig",
+    "SimConfig",
+    "TrainConfig",
+    "parse_assignment",
+]

@@ -1,0 +1,61 @@
+"""Classifying text with an exported ``merged/`` folder.
+
+Usage::
+
+    from common.inference import MergedClassifier
+    classifier = MergedClassifier.load("runs/demo/merged")
+    classifier.predict(["send money to my savings account"])  # [("transfer_money", 0.97)]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from common.model import TextClassifier
+
+
+@dataclass
+class MergedClassifier:
+    """A merged backbone with its head, pooling and labels."""
+
+    model: TextClassifier
+    tokenizer: PreTrainedTokenizerBase
+    labels: tuple[str, ...]
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MergedClassifier:
+        """Load a ``merged/`` folder written by a fedgraft run.
+
+        Raises
+        ------
+        FileNotFoundError
+            When the folder lacks the head files, naming the folder.
+        """
+        folder = Path(directory)
+        head_file = folder / "fedgraft_head.json"
+        if not head_file.exists():
+            raise FileNotFoundError(
+                f"{folder}: no fedgraft_head.json; point at the merged/ folder of a run"
+            )
+        meta = json.loads(head_file.read_text())
+        labels = tuple(meta["labels"])
+        encoder = AutoModel.from_pretrained(str(folder))
+        model = TextClassifier(encoder, meta["pooling"], len(labels))
+        model.head.load_state_dict(load_file(str(folder / "head.safetensors")))
+        model.eval()
+        return cls(model, AutoTokenizer.from_pretrained(str(folder)), labels)
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str], max_length: int = 128) -> list[tuple[str, float]]:
+        """The most likely label and its probability for each text."""
+        batch = self.tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        probabilities = self.model(batch["input_ids"], batch["attention_mask"]).softmax(-1)
+        best = probabilities.max(-1)
+        return [(self.labels[int(i)], float(p)) for p, i in zip(best.values, best.indices, strict=True)]

@@ -1,0 +1,36 @@
+"""Names that cross the wire: message actions, record keys and metric keys.
+
+Both sides import these constants so that a renamed key cannot silently break the
+protocol.
+"""
+
+# Message actions (``MessageType.TRAIN`` and ``MessageType.QUERY`` carry these).
+ACTION_BACKBONE = "backbone"
+
+# Record names inside a message's RecordDict.
+ADAPTER_RECORD = "adapter"  # ArrayRecord: global adapter (down) or delta (up)
+CONFIG_RECORD = "config"  # ConfigRecord: instructions for one round
+METRICS_RECORD = "metrics"  # MetricRecord: client metrics
+STATUS_RECORD = "status"  # ConfigRecord: a client's answer that is not a result
+BACKBONE_RECORD = "backbone"  # ArrayRecord: backbone files as uint8 arrays
+
+# Keys of the round instructions (CONFIG_RECORD).
+CFG_BACKBONE_REF = "backbone-ref"
+CFG_BACKBONE_FINGERPRINT = "backbone-fingerprint"
+CFG_DISTRIBUTE = "model-distribute"
+CFG_RUN_CONFIG = "run-config-json"  # the flat run config, re-validated by the client
+CFG_LABELS = "labels-json"
+CFG_POOLING = "pooling"
+CFG_ROUND = "server-round"
+
+# Keys of a client's status answer (STATUS_RECORD).
+STATUS_KIND = "kind"
+STATUS_NEEDS_BACKBONE = "needs-backbone"
+STATUS_BACKBONE_STORED = "backbone-stored"
+
+# Keys of the client's metrics (METRICS_RECORD).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+TRAIN_SAMPLES = "train-samples"
+ON_CUDA = "on-cuda"

@@ -1,0 +1,117 @@
+"""A run's output folder: ``metrics.jsonl``, ``summary.json``, ``adapter/``, ``merged/``.
+
+Every file is written so that a crash never leaves a half-written one behind: metrics
+lines are flushed and synced one by one, and everything else is written to a temporary
+name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from common.model import TextClassifier, save_head
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+# sentence-transformers files that make ``merged/`` loadable by that library too.
+_SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
+def default_output_dir(kind: str) -> Path:
+    """``runs/<kind>-<UTC timestamp>`` under the working directory."""
+    return Path("runs") / f"{kind}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def _write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        json.dump(document, stream, indent=2, sort_keys=True, default=str)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(staging, path)
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+class RunOutputs:
+    """Writer of one run's output folder.
+
+    Parameters
+    ----------
+    directory : Path
+        Created if missing. An existing ``metrics.jsonl`` is replaced by a new run.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / METRICS_FILE).write_text("")
+
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        """Append one round's metrics as one JSON line, synced to disk."""
+        with (self.directory / METRICS_FILE).open("a") as stream:
+            stream.write(json.dumps(dict(row), sort_keys=True) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Write ``summary.json`` atomically."""
+        _write_json_atomically(self.directory / SUMMARY_FILE, summary)
+
+    def save_adapter(self, model: TextClassifier, labels: tuple[str, ...]) -> Path:
+        """PEFT-format adapter (``PeftModel.from_pretrained(backbone, dir)`` loads it)
+        with the head, pooling mode and label map beside it."""
+        staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=self.directory))
+        model.encoder.save_pretrained(str(staging))
+        save_head(model, staging, labels)
+        target = self.directory / ADAPTER_DIR
+        _replace_dir(staging, target)
+        return target
+
+    def save_merged(
+        self,
+        model: TextClassifier,
+        tokenizer: PreTrainedTokenizerBase,
+        labels: tuple[str, ...],
+        backbone_dir: Path,
+    ) -> Path:
+        """The backbone with the adapter merged in (``AutoModel`` loads it), the head,
+        the pooling config, the tokenizer and the label map."""
+        staging = Path(tempfile.mkdtemp(prefix=".merged-", dir=self.directory))
+        merged = copy.deepcopy(model.encoder).merge_and_unload()
+        merged.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        save_head(model, staging, labels)
+        for name in _SENTENCE_TRANSFORMERS_FILES:
+            if (backbone_dir / name).exists():
+                shutil.copy2(backbone_dir / name, staging / name)
+        if (backbone_dir / "modules.json").exists():
+            for module in json.loads((backbone_dir / "modules.json").read_text()):
+                source = backbone_dir / module.get("path", "")
+                if module.get("path") and source.is_dir():
+                    shutil.copytree(source, staging / module["path"])
+        target = self.directory / MERGED_DIR
+        _replace_dir(staging, target)
+        return target
+
+
+def read_metrics(directory: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl``."""
+    path = directory / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,141 @@
+"""Which rows each party sees: a client's training rows and the coordinator's test rows.
+
+The rules, shared by simulation, deployment and the centralised baseline:
+
+- ``data.path`` empty: the built-in demo corpus (its own train and test rows);
+- ``data.path`` set: its rows are the training pool; the coordinator evaluates on
+  ``data.test-path``, or, when that is empty, on a seeded held-out slice of the pool
+  that no client trains on;
+- a SuperNode whose node config names ``data-path`` trains on that whole file;
+  otherwise (simulation) it takes its ``partition-id`` share of the pool.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from common.config import DataConfig
+from common.data import DataError, Example, label_set, load_examples
+from common.demo import demo_test_examples, demo_train_examples
+from common.partition import holdout_split, partition_indices
+
+
+@lru_cache(maxsize=8)
+def _cached_load(path: str, stamp: float, text_column: str, label_column: str) -> tuple[Example, ...]:
+    del stamp  # part of the cache key only: a rewritten file is read again
+    return tuple(load_examples(path, text_column, label_column))
+
+
+def read_examples(path: str, text_column: str, label_column: str) -> list[Example]:
+    """:func:`common.data.load_examples`, cached per process until the file changes."""
+    stamp = os.stat(path).st_mtime if os.path.exists(path) else 0.0
+    return list(_cached_load(str(Path(path).expanduser()), stamp, text_column, label_column))
+
+
+@dataclass(frozen=True)
+class Pools:
+    """The training pool and the coordinator's evaluation rows of a run."""
+
+    train: list[Example]
+    test: list[Example]
+
+
+def pools(data: DataConfig, seed: int) -> Pools:
+    """Training pool and evaluation rows for a data config (see module docstring)."""
+    if not data.path:
+        train = demo_train_examples(seed)
+        test = (
+            read_examples(data.test_path, data.text_column, data.label_column)
+            if data.test_path
+            else demo_test_examples(seed)
+        )
+        return Pools(train, test)
+    everything = read_examples(data.path, data.text_column, data.label_column)
+    if data.test_path:
+        return Pools(everything, read_examples(data.test_path, data.text_column, data.label_column))
+    train, held_out = holdout_split(everything, data.holdout_fraction, seed)
+    return Pools(train, held_out)
+
+
+def evaluation_examples(data: DataConfig, seed: int) -> list[Example]:
+    """The rows the coordinator evaluates on, without reading ``data.path`` if avoidable."""
+    if data.test_path:
+        return read_examples(data.test_path, data.text_column, data.label_column)
+    return pools(data, seed).test
+
+
+def run_labels(data: DataConfig, seed: int) -> tuple[str, ...]:
+    """The run's label map: ``data.labels`` if given, else every label the coordinator sees."""
+    if data.labels:
+        return data.labels
+    if data.test_path and data.path:
+        # Both sides exist: the map must cover training labels missing from the test set.
+        both = pools(data, seed)
+        return label_set([*both.train, *both.test])
+    if data.test_path:
+        return label_set(evaluation_examples(data, seed))
+    both = pools(data, seed)
+    return label_set([*both.train, *both.test])
+
+
+def client_examples(
+    data: DataConfig,
+    seed: int,
+    partition_id: int,
+    num_partitions: int,
+    site_data_path: str = "",
+) -> list[Example]:
+    """The training rows of one client.
+
+    Parameters
+    ----------
+    data : DataConfig
+        The run's data settings (sent by the coordinator).
+    seed : int
+        The run seed; partitions are a pure function of it.
+    partition_id, num_partitions : int
+        This client's share in simulation.
+    site_data_path : str
+        A deployed site's own file (node config ``data-path``); overrides the pool.
+
+    Raises
+    ------
+    DataError
+        When the file cannot be read or the client would get no rows.
+    """
+    if site_data_path:
+        return read_examples(site_data_path, data.text_column, data.label_column)
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(
+            f"partition-id {partition_id} is outside 0..{num_partitions - 1}; "
+            "check the node config"
+        )
+    train = pools(data, seed).train
+    parts = partition_indices(train, data.partition, num_partitions, seed, data.dirichlet_alpha)
+    return [train[i] for i in parts[partition_id]]
+
+
+def all_client_examples(data: DataConfig, seed: int, num_clients: int) -> list[list[Example]]:
+    """Every simulated client's rows, in partition order (for baselines and checks)."""
+    train = pools(data, seed).train
+    parts = partition_indices(train, data.partition, num_clients, seed, data.dirichlet_alpha)
+    return [[train[i] for i in part] for part in parts]
+
+
+def default_num_clients(data: DataConfig, seed: int, configured: int) -> int:
+    """Clients a simulation needs: the column's value count for ``column:<name>``."""
+    column = data.partition_column
+    if column is None:
+        return configured
+    from common.partition import count_column_values
+
+    return count_column_values(pools(data, seed).train, column)
+
+
+def describe_sizes(parts: Sequence[Sequence[Example]]) -> str:
+    """``"120, 118, 131"``: row counts for log lines."""
+    return ", ".join(str(len(part)) for part in parts)

@@ -1,0 +1,40 @@
+"""Conversions between numpy state and Flower records, and JSON in config records.
+
+The only module of ``common`` that knows Flower's record types, so that the protocol's
+payloads are built the same way on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """An ArrayRecord holding each array under its name."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Numpy arrays by name from an ArrayRecord."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def json_field(record: ConfigRecord, key: str) -> Any:
+    """Decode the JSON text stored under ``key``.
+
+    Raises
+    ------
+    ValueError
+        When the key is missing or does not hold JSON, naming the key.
+    """
+    if key not in record:
+        raise ValueError(f"instruction lacks '{key}': coordinator and client versions differ")
+    try:
+        return json.loads(str(record[key]))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"instruction '{key}' is not valid JSON: {error}") from None

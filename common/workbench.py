@@ -1,0 +1,116 @@
+"""The whole model of a run, for a party that holds one: the coordinator (to build the
+initial adapter, evaluate and export) and the centralised baseline (to train too)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from common.backbone import coordinator_backbone_dir, fingerprint, pooling_mode
+from common.batching import Encoded, encode
+from common.config import RunConfig
+from common.data import Example, encode_labels
+from common.evaluation import EvalResult, evaluate
+from common.model import (
+    AdapterState,
+    TextClassifier,
+    adapter_state,
+    attach_lora,
+    load_adapter_state,
+    load_encoder,
+    trainable_parameter_count,
+)
+from common.outputs import RunOutputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Workbench:
+    """Backbone, classifier, tokenizer and evaluation rows of one run.
+
+    Build it with :meth:`open`.
+    """
+
+    config: RunConfig
+    backbone_dir: Path
+    fingerprint: str
+    pooling: str
+    labels: tuple[str, ...]
+    model: TextClassifier
+    tokenizer: PreTrainedTokenizerBase
+    pad_id: int
+    test: Encoded
+
+    @classmethod
+    def open(cls, config: RunConfig, labels: tuple[str, ...], test_examples: list[Example]) -> Workbench:
+        """Load the backbone named by ``model.name`` and attach the seeded adapter.
+
+        Raises
+        ------
+        common.backbone.BackboneError
+            When the backbone cannot be found.
+        common.data.DataError
+            When a test label is outside ``labels``.
+        """
+        backbone_dir = coordinator_backbone_dir(config.model.name)
+        pooling = pooling_mode(backbone_dir)
+        model = attach_lora(load_encoder(backbone_dir), config.lora, pooling, len(labels), config.seed)
+        tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        test = encode(
+            tokenizer,
+            [e.text for e in test_examples],
+            encode_labels(test_examples, labels),
+            config.model.max_length,
+        )
+        bench = cls(config, backbone_dir, fingerprint(backbone_dir), pooling, labels, model, tokenizer, pad_id, test)
+        log.info(
+            "backbone %s (%s, %s pooling): %d trainable parameters, %d labels, %d test rows",
+            config.model.name, bench.fingerprint[:12], pooling,
+            trainable_parameter_count(model), len(labels), len(test),
+        )
+        return bench
+
+    def state(self) -> AdapterState:
+        """The current adapter state (LoRA and head)."""
+        return adapter_state(self.model)
+
+    def evaluate(self, state: AdapterState | None = None) -> EvalResult:
+        """Evaluate ``state`` (or the current weights) on the evaluation rows."""
+        if state is not None:
+            load_adapter_state(self.model, state)
+        return evaluate(self.model, self.test, self.pad_id)
+
+    def encode_examples(self, examples: list[Example]) -> Encoded:
+        """Tokenise training rows with the run's tokenizer and label map."""
+        return encode(
+            self.tokenizer,
+            [e.text for e in examples],
+            encode_labels(examples, self.labels),
+            self.config.model.max_length,
+        )
+
+    def export(self, outputs: RunOutputs, state: AdapterState) -> None:
+        """Write ``adapter/`` and ``merged/`` for ``state``."""
+        load_adapter_state(self.model, state)
+        outputs.save_adapter(self.model, self.labels)
+        outputs.save_merged(self.model, self.tokenizer, self.labels, self.backbone_dir)
+
+    def backbone_facts(self) -> dict[str, object]:
+        """Name, fingerprint, pooling and sizes for ``summary.json``."""
+        encoder_params = sum(
+            p.numel() for n, p in self.model.encoder.named_parameters() if "lora_" not in n
+        )
+        return {
+            "name": self.config.model.name,
+            "dir": str(self.backbone_dir),
+            "fingerprint": self.fingerprint,
+            "pooling": self.pooling,
+            "parameters": encoder_params,
+            "float32_bytes": encoder_params * 4,
+            "trainable_parameters": trainable_parameter_count(self.model),
+        }

@@ -1,0 +1,1 @@
+"""fedgraft's ServerApp: the coordinator that aggregates adapter deltas."""

@@ -1,0 +1,5 @@
+"""Aggregation rules: one small module per rule, selected by name."""
+
+from server.aggregation.fedavg import FedAvg
+
+__all__ = ["FedAvg"]

@@ -1,0 +1,88 @@
+"""The ServerApp: the coordinator of a federated LoRA run.
+
+A run, as data::
+
+    run config -> label map + evaluation rows -> backbone (fingerprint, pooling)
+    -> seeded initial global adapter -> FederatedLoRA rounds (see server.strategy)
+    -> adapter/ + merged/ + summary.json
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.codec import Float32Codec
+from common.config import RunConfig
+from common.outputs import RunOutputs, default_output_dir
+from common.reporting import RoundRecorder, print_table, summary_table, totals
+from common.splits import evaluation_examples, run_labels
+from common.workbench import Workbench
+from server.aggregation import FedAvg
+from server.strategy import BackboneOffer, FederatedLoRA
+
+log = logging.getLogger(__name__)
+
+
+def coordinate(grid: Grid, config: RunConfig) -> Path:
+    """Run every round of ``config`` over ``grid`` and write the outputs.
+
+    Returns
+    -------
+    Path
+        The output folder.
+    """
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir("federated")
+    labels = run_labels(config.data, config.seed)
+    bench = Workbench.open(config, labels, evaluation_examples(config.data, config.seed))
+    outputs = RunOutputs(output_dir)
+    recorder = RoundRecorder(outputs, config.num_server_rounds)
+    strategy = FederatedLoRA(
+        config=config,
+        backbone=BackboneOffer(config.model.name, bench.fingerprint, bench.pooling, bench.backbone_dir),
+        labels=labels,
+        codec=Float32Codec(),
+        rule=FedAvg(),
+        evaluate=bench.evaluate,
+        on_round=recorder.record,
+    )
+    final = strategy.start(grid, bench.state())
+    bench.export(outputs, final)
+    summary: dict[str, Any] = {
+        "kind": "federated",
+        "config": config.as_dict(),
+        "backbone": bench.backbone_facts(),
+        "labels": list(labels),
+        "final": recorder.rows[-1],
+        "totals": totals(recorder.rows),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    outputs.write_summary(summary)
+    print_table(summary_table(f"federated run: {output_dir}", recorder.rows))
+    return output_dir
+
+
+def build_server_app(config: RunConfig) -> ServerApp:
+    """A ServerApp bound to ``config`` (the Simulation Engine passes no run config)."""
+    bound = ServerApp()
+
+    @bound.main()
+    def _main(grid: Grid, context: Context) -> None:
+        coordinate(grid, config)
+
+    return bound
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run``: the run config comes from pyproject and ``-c``."""
+    coordinate(grid, RunConfig.from_flat(context.run_config))

@@ -1,0 +1,55 @@
+"""Checking a client's reply before it may touch the global adapter."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Message
+
+from common import keys
+from common.codec import Codec
+from common.wire import from_array_record
+from server.contribution import Contribution
+
+
+class RejectedUpdate(ValueError):
+    """A reply that must not be aggregated; the message says why."""
+
+
+def contribution_from_reply(
+    reply: Message, reference: Mapping[str, np.ndarray], codec: Codec
+) -> Contribution:
+    """Decode and validate one training reply.
+
+    Checks that the reply carries the adapter and metrics records, a positive
+    ``num-examples``, exactly the expected tensor names, their shapes and dtype, and
+    only finite values.
+
+    Raises
+    ------
+    RejectedUpdate
+        Naming the first problem found.
+    """
+    content = reply.content
+    if keys.ADAPTER_RECORD not in content.array_records:
+        raise RejectedUpdate(f"reply has no '{keys.ADAPTER_RECORD}' arrays")
+    if keys.METRICS_RECORD not in content.metric_records:
+        raise RejectedUpdate(f"reply has no '{keys.METRICS_RECORD}' metrics")
+    metrics = {k: float(v) for k, v in content.metric_records[keys.METRICS_RECORD].items()}  # type: ignore[arg-type]
+    weight = metrics.get(keys.NUM_EXAMPLES, 0.0)
+    if not (math.isfinite(weight) and weight >= 1):
+        raise RejectedUpdate(f"'{keys.NUM_EXAMPLES}' must be a positive count, got {weight}")
+    arrays = from_array_record(content.array_records[keys.ADAPTER_RECORD])
+    missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+    if missing or extra:
+        raise RejectedUpdate(f"wrong tensor names: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, array in arrays.items():
+        if array.dtype != np.float32:
+            raise RejectedUpdate(f"'{name}' has dtype {array.dtype}, expected float32")
+        if array.shape != reference[name].shape:
+            raise RejectedUpdate(f"'{name}' has shape {array.shape}, expected {reference[name].shape}")
+        if not np.isfinite(array).all():
+            raise RejectedUpdate(f"'{name}' holds NaN or Inf")
+    return Contribution(reply.metadata.src_node_id, codec.decode(arrays), weight, metrics)

@@ -1,0 +1,1 @@
+"""Local simulations, baselines and the ``fedgraft`` command line."""

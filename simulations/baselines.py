@@ -1,0 +1,121 @@
+"""Baselines in the same harness: centralised training on the union of the clients' rows,
+and each client training alone.
+
+Both train the same model from the same seeded initial adapter, and both see as many
+training samples as the federated run they are compared with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from client.finetune import LocalTraining, finetune
+from common.config import RunConfig
+from common.outputs import RunOutputs, default_output_dir
+from common.reporting import RoundRecorder, print_table, summary_table, totals
+from common.splits import all_client_examples, default_num_clients, evaluation_examples, run_labels
+from common.workbench import Workbench
+
+log = logging.getLogger(__name__)
+
+
+def federated_samples_per_round(config: RunConfig, client_sizes: list[int]) -> int:
+    """Training samples one federated round processes, in expectation.
+
+    Each sampled client trains ``local-epochs`` over its rows, capped at
+    ``max-steps * batch-size``; ``train.fraction`` of the clients take part.
+    """
+    per_client = [size * config.train.local_epochs for size in client_sizes]
+    if config.train.max_steps:
+        per_client = [min(samples, config.train.max_steps * config.train.batch_size) for samples in per_client]
+    return round(sum(per_client) * config.train.fraction)
+
+
+def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path:
+    """Train one LoRA model on the union of every client's rows.
+
+    Each "round" trains on as many samples as one federated round processes (see
+    :func:`federated_samples_per_round`), then evaluates, so that ``metrics.jsonl`` can
+    be read side by side with the federated run's.
+
+    Returns
+    -------
+    Path
+        The output folder, holding the same files as a federated run.
+    """
+    started = time.perf_counter()
+    target = output_dir or (Path(config.output_dir) if config.output_dir else default_output_dir("centralized"))
+    num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
+    clients = all_client_examples(config.data, config.seed, num_clients)
+    union = [example for rows in clients for example in rows]
+    labels = run_labels(config.data, config.seed)
+    bench = Workbench.open(config, labels, evaluation_examples(config.data, config.seed))
+    encoded = bench.encode_examples(union)
+    per_round = federated_samples_per_round(config, [len(rows) for rows in clients])
+    outputs = RunOutputs(target)
+    recorder = RoundRecorder(outputs, config.num_server_rounds)
+    evaluation = bench.evaluate()
+    recorder.record({"round": 0, "clients": 1, "train_loss": None, "eval_loss": evaluation.loss,
+                     "eval_accuracy": evaluation.accuracy, "train_samples": 0, "seconds": 0.0})
+    for server_round in range(1, config.num_server_rounds + 1):
+        round_started = time.perf_counter()
+        plan = LocalTraining(
+            epochs=per_round / len(encoded),
+            max_steps=0,
+            batch_size=config.train.batch_size,
+            lr=config.train.lr,
+            weight_decay=config.train.weight_decay,
+            seed=config.seed * 100_003 + server_round,
+        )
+        result = finetune(bench.model, encoded, bench.pad_id, plan)
+        evaluation = bench.evaluate()
+        recorder.record({
+            "round": server_round, "clients": 1, "train_loss": result.train_loss,
+            "train_samples": result.samples, "eval_loss": evaluation.loss,
+            "eval_accuracy": evaluation.accuracy, "seconds": round(time.perf_counter() - round_started, 3),
+        })
+    bench.export(outputs, bench.state())
+    outputs.write_summary({
+        "kind": "centralized",
+        "config": config.as_dict(),
+        "backbone": bench.backbone_facts(),
+        "labels": list(labels),
+        "final": recorder.rows[-1],
+        "totals": totals(recorder.rows),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    })
+    print_table(summary_table(f"centralised run: {target}", recorder.rows))
+    return target
+
+
+def local_only(config: RunConfig) -> list[dict[str, Any]]:
+    """Accuracy of each client trained alone, on the coordinator's evaluation rows.
+
+    Each client trains from the initial adapter for ``num-server-rounds *
+    local-epochs`` passes over its own rows: the compute it spends in the federated
+    run, without anybody else's knowledge.
+    """
+    num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
+    clients = all_client_examples(config.data, config.seed, num_clients)
+    labels = run_labels(config.data, config.seed)
+    bench = Workbench.open(config, labels, evaluation_examples(config.data, config.seed))
+    initial = bench.state()
+    results = []
+    for client, rows in enumerate(clients):
+        bench.evaluate(initial)  # resets the adapter to the initial state
+        plan = LocalTraining(
+            epochs=config.num_server_rounds * config.train.local_epochs,
+            max_steps=config.train.max_steps * config.num_server_rounds,
+            batch_size=config.train.batch_size,
+            lr=config.train.lr,
+            weight_decay=config.train.weight_decay,
+            seed=config.seed * 100_003 + client,
+        )
+        finetune(bench.model, bench.encode_examples(rows), bench.pad_id, plan)
+        evaluation = bench.evaluate()
+        results.append({"client": client, "rows": len(rows), "eval_accuracy": evaluation.accuracy})
+        log.info("client %d alone: eval_accuracy %.4f on %d rows", client, evaluation.accuracy, len(rows))
+    return results
