@@ -1,0 +1,158 @@
+"""Shared fixtures: a tiny BERT backbone built offline from a config, and small data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+_WORDS = (
+    "send money to transfer a payment wire funds how much is in show the balance of "
+    "book flight reserve hotel room lost luggage recipe cook bake calories protein "
+    "lights on lamps thermostat heating lock doors please can you i need could my "
+    "savings account trip kitchen home today now thanks good bad great awful movie "
+    "film food service phone battery love hate it was very not"
+).split()
+
+
+def build_tiny_backbone(directory: Path, mean_pooling: bool = True, seed: int = 0) -> Path:
+    """Save a 2-layer, 32-wide BERT with a word-level vocabulary into ``directory``.
+
+    With ``mean_pooling`` it also carries sentence-transformers' pooling config, like
+    the packaged MiniLM.
+    """
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(_WORDS))]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(str(directory))
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(str(directory))
+    if mean_pooling:
+        (directory / "modules.json").write_text(
+            json.dumps(
+                [
+                    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                ]
+            )
+        )
+        (directory / "1_Pooling").mkdir(exist_ok=True)
+        (directory / "1_Pooling" / "config.json").write_text(
+            json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False})
+        )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny mean-pooling BERT directory, built once per test session."""
+    return build_tiny_backbone(tmp_path_factory.mktemp("tiny-backbone"))
+
+
+@pytest.fixture()
+def client_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty per-test client cache folder (``FEDGRAFT_CACHE_DIR``)."""
+    cache = tmp_path / "client-cache"
+    monkeypatch.setenv("FEDGRAFT_CACHE_DIR", str(cache))
+    return cache
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    """Write ``rows`` as JSON lines and return ``path``."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture()
+def small_jsonl(tmp_path: Path) -> Path:
+    """Twelve rows in two domains with two labels each."""
+    rows = []
+    for domain, labels in (("bank", ("send", "balance")), ("travel", ("flight", "hotel"))):
+        for label in labels:
+            for index in range(3):
+                rows.append({"text": f"please {label} number {index} my account", "label": label, "domain": domain})
+    return write_jsonl(tmp_path / "small.jsonl", rows)
+
+
+def shared_data(*parts: str) -> Path:
+    """A path in ../shared/data; skips the test when the folder is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not available on this machine")
+    return path
+
+
+class InProcessGrid:
+    """A Flower ``Grid`` double that hands each message straight to a ClientApp.
+
+    It lets tests drive the real strategy against the real ClientApp in one process,
+    record every message in both directions, and make chosen nodes misbehave.
+
+    Parameters
+    ----------
+    client_app : flwr.clientapp.ClientApp
+        The app every node runs.
+    node_configs : dict[int, dict]
+        Node id -> node config.
+    tamper : callable, optional
+        ``tamper(node_id, reply) -> reply or None``; ``None`` drops the reply (timeout).
+    """
+
+    def __init__(self, client_app, node_configs, tamper=None):  # type: ignore[no-untyped-def]
+        from flwr.app import RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # Messages read the sender's identity from here; a real ServerApp process sets it.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+        self.client_app = client_app
+        self.contexts = {
+            node: __import__("flwr.app", fromlist=["Context"]).Context(
+                run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={}
+            )
+            for node, config in node_configs.items()
+        }
+        self.tamper = tamper
+        self.sent: list = []
+        self.received: list = []
+
+    def get_node_ids(self):  # type: ignore[no-untyped-def]
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        from flwr.app import Error, Message
+
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            try:
+                reply = self.client_app(message, self.contexts[node])
+            except Exception as error:  # the real engines turn this into an error reply
+                reply = Message(Error(code=1, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+            if self.tamper is not None:
+                reply = self.tamper(node, reply)
+            if reply is not None:
+                self.received.append(reply)
+                replies.append(reply)
+        return replies

@@ -1,0 +1,184 @@
+"""A real deployment on loopback: a SuperLink, two SuperNodes with their own data files,
+and ``flwr run`` submitting the app, as data-owning sites would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.demo import demo_test_examples, demo_train_examples
+from tests.conftest import REPO_ROOT, build_tiny_backbone, write_jsonl
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(check: callable, timeout: float, what: str) -> None:  # type: ignore[valid-type]
+    """Poll ``check`` until it is true or fail the test naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def healthy(port: int) -> bool:
+    """True when a Flower process answers /health on ``port``."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+class Processes:
+    """Subprocesses started by a test, all stopped at the end."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *command: str) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True
+        )
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture()
+def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]]:
+    """Environment for Flower processes with a private FLWR_HOME and ports."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes = Processes(env, logs)
+    try:
+        yield processes, env, port
+    finally:
+        processes.stop_all()
+        for log in sorted(logs.glob("*.log")):
+            sys.stderr.write(f"--- {log.name} (last 3000 bytes)\n{log.read_bytes()[-3000:].decode(errors='replace')}\n")
+
+
+def test_two_sites_train_two_rounds_over_a_loopback_deployment(
+    deployment: tuple[Processes, dict[str, str], int], tmp_path: Path
+) -> None:
+    # Prepare: a tiny backbone only the coordinator has, two sites with their own rows
+    processes, env, port = deployment
+    backbone = build_tiny_backbone(tmp_path / "backbone")
+    rows = [e for e in demo_train_examples(seed=3) if e.extra["domain"] in ("banking", "travel")]
+    sites = []
+    for index, domain in enumerate(("banking", "travel")):
+        site_rows = [{"text": e.text, "label": e.label} for e in rows if e.extra["domain"] == domain][:24]
+        sites.append(write_jsonl(tmp_path / f"site{index}.jsonl", site_rows))
+    test_rows = [
+        {"text": e.text, "label": e.label} for e in demo_test_examples(seed=3) if e.extra["domain"] in ("banking", "travel")
+    ]
+    test_file = write_jsonl(tmp_path / "test.jsonl", test_rows)
+    output = tmp_path / "run-output"
+    processes.start(
+        "superlink",
+        str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+        "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation",
+    )
+    wait_until(lambda: healthy(port), 60, "the SuperLink")
+    for index, site in enumerate(sites):
+        node_port = free_port()
+        node_config = f'data-path="{site}" cache-dir="{tmp_path / f"cache{index}"}"'
+        processes.start(
+            f"supernode{index}",
+            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+            "--host", "127.0.0.1", "--port", str(node_port), "--node-config", node_config,
+        )
+        wait_until(lambda p=node_port: healthy(p), 60, f"SuperNode {index}")  # type: ignore[misc]
+
+    def online_nodes() -> int:
+        listing = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "ls", "deploy", "--format", "json"],
+            env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+        )
+        return listing.stdout.count('"online"')
+
+    wait_until(lambda: online_nodes() >= 2, 90, "two SuperNodes online")
+    overrides = (
+        f'num-server-rounds=2 model.name="{backbone}" data.test-path="{test_file}" '
+        f'output.dir="{output}" train.min-clients=2 train.batch-size=8 train.timeout=300.0'
+    )
+
+    # Execute: submit the app as an operator would
+    submitted = subprocess.run(
+        [str(BIN / "flwr"), "run", ".", "deploy", "--format", "json", "-c", overrides],
+        env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    run_id = json.loads(submitted.stdout)["run-id"]
+
+    def run_status() -> str:
+        listing = subprocess.run(
+            [str(BIN / "flwr"), "ls", "deploy", "--run-id", str(run_id), "--format", "json"],
+            env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+        )
+        try:
+            return str(json.loads(listing.stdout)["runs"][0]["status"])
+        except (ValueError, KeyError, IndexError):
+            return ""
+
+    wait_until(lambda: run_status().startswith("finished"), 300, f"run {run_id} to finish")
+
+    # Assert: the run completed, both sites trained in both rounds, outputs are written
+    assert run_status() == "finished:completed"
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in metrics] == [0, 1, 2]
+    assert [row["clients"] for row in metrics[1:]] == [2, 2]
+    assert metrics[1]["bytes_backbone"] > 0, "sites without the backbone should have received it"
+    assert metrics[2]["bytes_backbone"] == 0, "the backbone is handed over once"
+    assert (output / "merged" / "head.safetensors").exists()
+    assert any((tmp_path / "cache0" / "backbones").iterdir())
