@@ -89,14 +89,14 @@ def partition_indices(
 ) -> list[list[int]]:
     """Row indices of every client for ``data.partition = kind``.
 
-    For ``column:<name>`` the number of clients is the number of distinct values, and
-    ``num_clients`` must equal it.
+    For ``column:<name>`` each distinct value is one client; with fewer clients than
+    values, each client holds several whole values (never more clients than values).
 
     Raises
     ------
     DataError
-        When a client would receive no rows, or the column split does not match
-        ``num_clients``.
+        When a client would receive no rows, or there are more clients than values
+        of the partition column.
     """
     if kind == "iid":
         parts = iid_partition(len(examples), num_clients, seed)
@@ -104,13 +104,16 @@ def partition_indices(
         parts = dirichlet_partition([e.label for e in examples], num_clients, dirichlet_alpha, seed)
     elif kind.startswith("column:"):
         column = kind.removeprefix("column:")
-        names, parts = column_partition(examples, column)
-        if len(parts) != num_clients:
+        names, groups = column_partition(examples, column)
+        if num_clients > len(groups):
             raise DataError(
-                f"data.partition = {kind} gives {len(parts)} clients "
-                f"({', '.join(names[:12])}) but the run has {num_clients}; "
-                f"set sim.num-clients = {len(parts)}"
+                f"data.partition = {kind} gives {len(groups)} clients "
+                f"({', '.join(names[:12])}) but the run has {num_clients}; run "
+                f"{len(groups)} clients (sim.num-clients, or num-supernodes for flwr run)"
             )
+        # Fewer clients than values: deal the values out, so client i holds values
+        # i, i + n, i + 2n, ... and each value still lives at exactly one client.
+        parts = [sorted(i for group in groups[client::num_clients] for i in group) for client in range(num_clients)]
     else:
         raise DataError(f"data.partition: unknown kind {kind!r}; use iid, dirichlet or column:<name>")
     for client, part in enumerate(parts):
