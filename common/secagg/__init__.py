@@ -1,0 +1,1 @@
+"""Secure aggregation (SecAgg+): the coordinator learns only the sum of the deltas."""
