@@ -13,6 +13,8 @@ CONFIG_RECORD = "config"  # ConfigRecord: instructions for one round
 METRICS_RECORD = "metrics"  # MetricRecord: client metrics
 STATUS_RECORD = "status"  # ConfigRecord: a client's answer that is not a result
 BACKBONE_RECORD = "backbone"  # ArrayRecord: backbone files as uint8 arrays
+SECAGG_RECORD = "secagg"  # ConfigRecord: secure aggregation stage data
+MASKED_RECORD = "masked"  # ArrayRecord: a masked, encoded update (uint32)
 
 # Keys of the round instructions (CONFIG_RECORD).
 CFG_BACKBONE_REF = "backbone-ref"

@@ -25,6 +25,7 @@ from common.splits import evaluation_examples, run_labels
 from common.workbench import Workbench
 from server.aggregation import FedAvg
 from server.strategy import BackboneOffer, FederatedLoRA
+from server.summation import PlainSum
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         config=config,
         backbone=BackboneOffer(config.model.name, bench.fingerprint, bench.pooling, bench.backbone_dir),
         labels=labels,
-        codec=Float32Codec(),
+        summer=PlainSum(Float32Codec()),
         rule=FedAvg(),
         evaluate=bench.evaluate,
         on_round=recorder.record,

@@ -2,12 +2,13 @@
 
 One round, as data::
 
-    sample nodes -> send global adapter + instructions -> (hand the backbone to
-    sites that lack it) -> validate replies -> sum -> mean -> apply to the global
+    sample nodes -> summer.prepare (secure aggregation's key stages) -> send global
+    adapter + instructions -> (hand the backbone to sites that lack it) ->
+    summer.collect (validate, sum or unmask) -> rule (mean) -> apply to the global
     adapter -> evaluate -> one metrics line
 
-The strategy composes a codec (wire format of deltas) and an aggregation rule (which
-holds a replaceable summer); neither is inherited, so each can be swapped without
+The strategy composes a summer (plain or secure sum of the updates, with the codec
+inside) and an aggregation rule; neither is inherited, so each can be swapped without
 touching the loop. A client that errs, times out or sends a bad reply is logged and
 left out of the round; it can never crash the coordinator.
 """
@@ -18,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,13 +29,12 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.backbone import bundle_files
-from common.codec import Codec, apply_delta
+from common.codec import apply_delta
 from common.config import RunConfig
 from common.evaluation import EvalResult
 from common.model import AdapterState
 from common.wire import to_array_record
-from server.contribution import Contribution
-from server.validation import RejectedUpdate, contribution_from_reply
+from server.summation import RoundSum, Summer, reply_metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class AggregationRule(Protocol):
 
     name: str
 
-    def aggregate(self, contributions: Sequence[Contribution]) -> AdapterState:
+    def aggregate(self, summed: RoundSum) -> AdapterState:
         """The delta to apply to the global adapter."""
         ...
 
@@ -58,7 +58,8 @@ class RoundReport:
 
     server_round: int
     sampled: int = 0
-    contributions: list[Contribution] = field(default_factory=list)
+    clients: int = 0
+    client_metrics: list[dict[str, float]] = field(default_factory=list)
     failed: int = 0
     rejected: int = 0
     bytes_up: int = 0
@@ -67,18 +68,19 @@ class RoundReport:
 
     def metrics(self, evaluation: EvalResult, seconds: float) -> dict[str, Any]:
         """The metrics line for ``metrics.jsonl``."""
-        weights = [c.weight for c in self.contributions]
-        losses = [c.metrics.get(keys.TRAIN_LOSS, math.nan) for c in self.contributions]
-        train_loss = float(np.average(losses, weights=weights)) if weights else None
+        # With secure aggregation the counts stay secret: the loss is then a plain mean.
+        losses = [m.get(keys.TRAIN_LOSS, math.nan) for m in self.client_metrics]
+        weights = [m.get(keys.NUM_EXAMPLES, 1.0) for m in self.client_metrics]
+        train_loss = float(np.average(losses, weights=weights)) if losses else None
         return {
             "round": self.server_round,
             "sampled": self.sampled,
-            "clients": len(self.contributions),
+            "clients": self.clients,
             "failed": self.failed,
             "rejected": self.rejected,
             "train_loss": train_loss,
-            "train_samples": int(sum(c.metrics.get(keys.TRAIN_SAMPLES, 0) for c in self.contributions)),
-            "clients_on_cuda": int(sum(c.metrics.get(keys.ON_CUDA, 0) for c in self.contributions)),
+            "train_samples": int(sum(m.get(keys.TRAIN_SAMPLES, 0) for m in self.client_metrics)),
+            "clients_on_cuda": int(sum(m.get(keys.ON_CUDA, 0) for m in self.client_metrics)),
             "eval_loss": evaluation.loss,
             "eval_accuracy": evaluation.accuracy,
             "bytes_up": self.bytes_up,
@@ -109,8 +111,8 @@ class FederatedLoRA:
         Reference, fingerprint and pooling the clients must use.
     labels : tuple[str, ...]
         The label map every client encodes its rows with.
-    codec : Codec
-        Wire format of the deltas.
+    summer : Summer
+        Validates and adds the updates (plain or secure).
     rule : AggregationRule
         Combines the contributions of a round.
     evaluate : Callable[[AdapterState], EvalResult]
@@ -124,7 +126,7 @@ class FederatedLoRA:
         config: RunConfig,
         backbone: BackboneOffer,
         labels: tuple[str, ...],
-        codec: Codec,
+        summer: Summer,
         rule: AggregationRule,
         evaluate: Callable[[AdapterState], EvalResult],
         on_round: Callable[[dict[str, Any], AdapterState], None],
@@ -132,7 +134,7 @@ class FederatedLoRA:
         self.config = config
         self.backbone = backbone
         self.labels = labels
-        self.codec = codec
+        self.summer = summer
         self.rule = rule
         self.evaluate = evaluate
         self.on_round = on_round
@@ -163,15 +165,18 @@ class FederatedLoRA:
         """One round: configure, train, aggregate. Returns the new global adapter."""
         nodes = self.configure_train(grid)
         report.sampled = len(nodes)
-        replies = self.train(grid, nodes, server_round, state, report)
-        contributions = self.collect(replies, state, report)
-        if len(contributions) < self.config.train.min_clients:
+        extras = self.summer.prepare(grid, nodes, server_round, report)
+        replies = self.train(grid, extras, server_round, state, report)
+        summed = self.summer.collect(grid, self.usable(replies, report), state, report)
+        if summed is not None:
+            report.clients, report.client_metrics = summed.count, summed.client_metrics
+        if summed is None or summed.count < self.config.train.min_clients:
             log.warning(
                 "round %d skipped: %d client(s) replied usefully, train.min-clients = %d",
-                server_round, len(contributions), self.config.train.min_clients,
+                server_round, report.clients, self.config.train.min_clients,
             )
             return state
-        return self.aggregate_train(contributions, state)
+        return self.aggregate_train(summed, state)
 
     # -- the steps ----------------------------------------------------------------------
 
@@ -202,20 +207,27 @@ class FederatedLoRA:
         )
 
     def train(
-        self, grid: Grid, nodes: Sequence[int], server_round: int, state: AdapterState, report: RoundReport
+        self,
+        grid: Grid,
+        extras: Mapping[int, ConfigRecord | None],
+        server_round: int,
+        state: AdapterState,
+        report: RoundReport,
     ) -> list[Message]:
-        """Send the global adapter to ``nodes``; hand the backbone to sites that ask.
+        """Send the global adapter to the nodes of ``extras`` (with what the summer
+        adds for each); hand the backbone to sites that ask for it.
 
         Returns the replies that carry a result or an error (status answers are
         consumed here).
         """
         adapter = to_array_record(state)
-        replies = self._send(grid, nodes, MessageType.TRAIN, adapter, self.instructions(server_round), report)
+        instructions = self.instructions(server_round)
+        replies = self._send(grid, extras, adapter, instructions, report)
         needing = [r.metadata.src_node_id for r in replies if self._status(r) == keys.STATUS_NEEDS_BACKBONE]
         if needing:
             stored = self.distribute_backbone(grid, needing, report)
             if stored:
-                replies += self._send(grid, stored, MessageType.TRAIN, adapter, self.instructions(server_round), report)
+                replies += self._send(grid, {n: extras[n] for n in stored}, adapter, instructions, report)
         return [r for r in replies if self._status(r) is None]
 
     def distribute_backbone(self, grid: Grid, nodes: Sequence[int], report: RoundReport) -> list[int]:
@@ -241,44 +253,42 @@ class FederatedLoRA:
         report.failed += len(nodes) - len(stored)
         return stored
 
-    def collect(self, replies: Iterable[Message], state: AdapterState, report: RoundReport) -> list[Contribution]:
-        """Validate every reply; log and drop errors and bad updates."""
+    def usable(self, replies: Iterable[Message], report: RoundReport) -> list[Message]:
+        """Replies without an error; errors are logged with the node and counted."""
+        usable = []
         for reply in replies:
-            node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %d failed: %s", node, (reply.error.reason or "").strip().splitlines()[-1:] or "no reason")
+                reason = (reply.error.reason or "no reason").strip().splitlines()
+                log.warning("node %d failed: %s", reply.metadata.src_node_id, reason[-1] if reason else "no reason")
                 report.failed += 1
                 continue
-            report.bytes_up += self._adapter_bytes(reply)
-            try:
-                report.contributions.append(contribution_from_reply(reply, state, self.codec))
-            except RejectedUpdate as reason:
-                log.warning("node %d: update rejected: %s", node, reason)
-                report.rejected += 1
-        return report.contributions
+            report.bytes_up += sum(record.count_bytes() for record in reply.content.array_records.values())
+            usable.append(reply)
+        return usable
 
-    def aggregate_train(self, contributions: Sequence[Contribution], state: AdapterState) -> AdapterState:
-        """Combine the contributions with the rule and apply the result."""
-        return apply_delta(state, self.rule.aggregate(contributions))
+    def aggregate_train(self, summed: RoundSum, state: AdapterState) -> AdapterState:
+        """Combine the round's sum with the rule and apply the result."""
+        return apply_delta(state, self.rule.aggregate(summed))
 
     # -- helpers ------------------------------------------------------------------------
 
     def _send(
         self,
         grid: Grid,
-        nodes: Sequence[int],
-        message_type: str,
+        extras: Mapping[int, ConfigRecord | None],
         adapter: ArrayRecord,
         instructions: ConfigRecord,
         report: RoundReport,
     ) -> list[Message]:
-        messages = [
-            Message(RecordDict({keys.ADAPTER_RECORD: adapter, keys.CONFIG_RECORD: instructions}), node, message_type)
-            for node in nodes
-        ]
+        messages = []
+        for node, extra in extras.items():
+            content = RecordDict({keys.ADAPTER_RECORD: adapter, keys.CONFIG_RECORD: instructions})
+            if extra is not None:
+                content[keys.SECAGG_RECORD] = extra
+            messages.append(Message(content, node, MessageType.TRAIN))
         report.bytes_down += adapter.count_bytes() * len(messages)
         replies = list(grid.send_and_receive(messages, timeout=self.config.train.timeout))
-        missing = set(nodes) - {r.metadata.src_node_id for r in replies}
+        missing = set(extras) - {r.metadata.src_node_id for r in replies}
         report.failed += len(missing)
         for node in sorted(missing):
             log.warning("node %d did not reply within train.timeout = %.0fs", node, self.config.train.timeout)
@@ -289,8 +299,3 @@ class FederatedLoRA:
         if reply.has_error() or keys.STATUS_RECORD not in reply.content.config_records:
             return None
         return str(reply.content.config_records[keys.STATUS_RECORD].get(keys.STATUS_KIND, ""))
-
-    @staticmethod
-    def _adapter_bytes(reply: Message) -> int:
-        records = reply.content.array_records
-        return records[keys.ADAPTER_RECORD].count_bytes() if keys.ADAPTER_RECORD in records else 0

@@ -1,35 +1,110 @@
-"""The sum step of aggregation, kept apart so that a secure summer can replace it."""
+"""The sum step of a round, kept apart so that a secure summer can replace it.
+
+A summer sees the round twice: ``prepare`` before the training messages go out (a
+secure summer runs its key stages there and returns what each client must receive) and
+``collect`` with the replies (a plain summer validates and adds the deltas; a secure one
+adds masked vectors and unmasks the total).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
 
+from common import keys
+from common.codec import Codec
 from common.model import AdapterState
-from server.contribution import Contribution
+from server.validation import RejectedUpdate, contribution_from_reply, log_rejection
+
+
+@dataclass
+class RoundSum:
+    """What a summer hands the aggregation rule.
+
+    Attributes
+    ----------
+    total : AdapterState
+        Sum over contributing clients of ``weight_i * delta_i`` (float32).
+    weight : float
+        Sum of the weights (example counts, or their secure-aggregation scaling).
+    count : int
+        Clients whose update is in ``total``.
+    client_metrics : list[dict[str, float]]
+        Training metrics of those clients.
+    """
+
+    total: AdapterState
+    weight: float
+    count: int
+    client_metrics: list[dict[str, float]] = field(default_factory=list)
+
+
+class RoundStats(Protocol):
+    """The counters a summer updates (the strategy's round report)."""
+
+    rejected: int
+    failed: int
 
 
 class Summer(Protocol):
-    """Adds the weighted deltas of a round: returns (sum of w_i * delta_i, sum of w_i)."""
+    """Adds a round's updates."""
 
-    def weighted_sum(self, contributions: Sequence[Contribution]) -> tuple[AdapterState, float]:
-        """Sum of the weighted deltas and the total weight."""
+    def prepare(self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats) -> dict[int, ConfigRecord | None]:
+        """Nodes that go on to training, each with what its training message must carry."""
+        ...
+
+    def collect(self, grid: Grid, replies: Sequence[Message], reference: Mapping[str, np.ndarray], stats: RoundStats) -> RoundSum | None:
+        """The round's sum from the training replies, or ``None`` when it cannot be formed."""
         ...
 
 
 class PlainSum:
-    """Adds the clients' deltas in the clear (the coordinator sees each one)."""
+    """Adds the clients' deltas in the clear (the coordinator sees each one).
 
-    def weighted_sum(self, contributions: Sequence[Contribution]) -> tuple[AdapterState, float]:
-        """Sum in float64, returned as float32."""
+    Parameters
+    ----------
+    codec : Codec
+        Decodes each reply's arrays.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+
+    def prepare(self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats) -> dict[int, ConfigRecord | None]:
+        """Every sampled node trains; nothing extra to send."""
+        return {node: None for node in nodes}
+
+    def collect(self, grid: Grid, replies: Sequence[Message], reference: Mapping[str, np.ndarray], stats: RoundStats) -> RoundSum | None:
+        """Validate each reply and add ``weight * delta`` in float64."""
+        contributions = []
+        for reply in replies:
+            try:
+                contributions.append(contribution_from_reply(reply, reference, self.codec))
+            except RejectedUpdate as reason:
+                log_rejection(reply.metadata.src_node_id, reason)
+                stats.rejected += 1
         if not contributions:
-            raise ValueError("nothing to sum: no contributions")
-        names = contributions[0].change.keys()
-        total = {k: np.zeros(contributions[0].change[k].shape, np.float64) for k in names}
+            return None
+        total = {k: np.zeros(v.shape, np.float64) for k, v in reference.items()}
         for contribution in contributions:
-            for k in names:
+            for k in total:
                 total[k] += contribution.weight * contribution.change[k].astype(np.float64)
-        weight = float(sum(c.weight for c in contributions))
-        return {k: v.astype(np.float32) for k, v in total.items()}, weight
+        return RoundSum(
+            total={k: v.astype(np.float32) for k, v in total.items()},
+            weight=float(sum(c.weight for c in contributions)),
+            count=len(contributions),
+            client_metrics=[c.metrics for c in contributions],
+        )
+
+
+def reply_metrics(reply: Message) -> dict[str, float]:
+    """A reply's training metrics as floats (empty when absent)."""
+    records = reply.content.metric_records
+    if keys.METRICS_RECORD not in records:
+        return {}
+    return {k: float(v) for k, v in records[keys.METRICS_RECORD].items()}  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
@@ -14,8 +15,16 @@ from common.wire import from_array_record
 from server.contribution import Contribution
 
 
+log = logging.getLogger(__name__)
+
+
 class RejectedUpdate(ValueError):
     """A reply that must not be aggregated; the message says why."""
+
+
+def log_rejection(node: int, reason: Exception) -> None:
+    """One warning line naming the node and the reason."""
+    log.warning("node %d: update rejected: %s", node, reason)
 
 
 def contribution_from_reply(
