@@ -21,6 +21,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg
 from client.finetune import LocalTraining, finetune
 from client.runtime import encoded_examples, loaded_backbone
 from common import keys
@@ -34,6 +35,7 @@ from common.backbone import (
 from common.codec import Float32Codec, delta
 from common.config import RunConfig
 from common.model import adapter_state, load_adapter_state
+from common.secagg.encoding import flatten
 from common.splits import client_examples
 from common.wire import from_array_record, json_field, to_array_record
 
@@ -124,23 +126,33 @@ def train(message: Message, context: Context) -> Message:
     )
     result = finetune(backbone.model, encoded, backbone.pad_id, plan)
     change = delta(adapter_state(backbone.model), global_state)
-    metrics = MetricRecord(
-        {
-            keys.NUM_EXAMPLES: result.num_examples,
-            keys.TRAIN_LOSS: result.train_loss,
-            keys.TRAIN_SAMPLES: result.samples,
-            keys.TRAIN_SECONDS: result.seconds,
-            keys.ON_CUDA: int(result.device == "cuda"),
-        }
-    )
     log.info(
         "round %d: trained %d samples on %s in %.1fs, loss %.4f",
         task.server_round, result.samples, result.device, result.seconds, result.train_loss,
     )
+    metrics = {
+        keys.TRAIN_LOSS: result.train_loss,
+        keys.TRAIN_SECONDS: result.seconds,
+        keys.ON_CUDA: int(result.device == "cuda"),
+    }
+    if keys.SECAGG_RECORD in message.content.config_records:
+        # The example count travels only inside the masked vector.
+        masked, notes = secagg.masked_update(
+            context,
+            message.content.config_records[keys.SECAGG_RECORD],
+            task.server_round,
+            flatten(change),
+            result.num_examples,
+        )
+        content = RecordDict(
+            {keys.MASKED_RECORD: masked, keys.METRICS_RECORD: MetricRecord(metrics), keys.SECAGG_RECORD: notes}
+        )
+        return Message(content, reply_to=message)
+    metrics.update({keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_SAMPLES: result.samples})
     content = RecordDict(
         {
             keys.ADAPTER_RECORD: to_array_record(codec.encode(change)),
-            keys.METRICS_RECORD: metrics,
+            keys.METRICS_RECORD: MetricRecord(metrics),
         }
     )
     return Message(content, reply_to=message)
@@ -156,3 +168,8 @@ def receive_backbone(message: Message, context: Context) -> Message:
     log.info("stored backbone %s at %s", expected[:12], stored)
     return _status_reply(message, keys.STATUS_BACKBONE_STORED)
 
+
+
+app.query(keys.ACTION_SECAGG_ADVERTISE)(secagg.advertise)
+app.query(keys.ACTION_SECAGG_SHARE)(secagg.share_keys)
+app.query(keys.ACTION_SECAGG_UNMASK)(secagg.unmask)

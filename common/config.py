@@ -46,6 +46,12 @@ DEFAULTS: dict[str, ConfigValue] = {
     "train.lr": 0.002,
     "train.weight-decay": 0.0,
     "train.timeout": 600.0,
+    "secagg.enabled": False,
+    "secagg.neighbours": 0,
+    "secagg.threshold": 0,
+    "secagg.clip-norm": 10.0,
+    "secagg.max-weight": 10000.0,
+    "secagg.timeout": 120.0,
     "output.dir": "",
 }
 
@@ -74,17 +80,20 @@ def _coerce(key: str, value: Any) -> ConfigValue:
             except ValueError:
                 pass
     elif expected is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
     elif isinstance(value, str):
         return value
     raise ConfigError(
-        f"config key '{key}' expects a {expected.__name__} "
+        f"config key '{key}' expects a {'finite ' if expected is float else ''}{expected.__name__} "
         f"(default {DEFAULTS[key]!r}) but got {value!r}"
     )
 
@@ -186,6 +195,34 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (SecAgg+) settings.
+
+    Attributes
+    ----------
+    enabled : bool
+        The coordinator learns only the sum of the deltas.
+    neighbours : int
+        Neighbourhood size k; 0 picks about 2 log2(n).
+    threshold : int
+        Shares needed to unmask; 0 picks k // 2 + 1. Must exceed k / 2.
+    clip_norm : float
+        L2 bound of each delta before encoding.
+    max_weight : float
+        Example counts are divided by this (and capped at it) before encoding.
+    timeout : float
+        Seconds each key or unmask stage waits for replies.
+    """
+
+    enabled: bool
+    neighbours: int
+    threshold: int
+    clip_norm: float
+    max_weight: float
+    timeout: float
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole, validated configuration of a run.
 
@@ -200,6 +237,7 @@ class RunConfig:
     data: DataConfig
     sim: SimConfig
     train: TrainConfig
+    secagg: SecAggConfig
     output_dir: str
     flat: Mapping[str, ConfigValue]
 
@@ -259,6 +297,14 @@ class RunConfig:
                 weight_decay=v["train.weight-decay"],
                 timeout=v["train.timeout"],
             ),
+            secagg=SecAggConfig(
+                enabled=v["secagg.enabled"],
+                neighbours=v["secagg.neighbours"],
+                threshold=v["secagg.threshold"],
+                clip_norm=v["secagg.clip-norm"],
+                max_weight=v["secagg.max-weight"],
+                timeout=v["secagg.timeout"],
+            ),
             output_dir=v["output.dir"],
             flat=values,
         )
@@ -308,6 +354,18 @@ class RunConfig:
         )
         _require(self.train.weight_decay >= 0, "train.weight-decay", "must be >= 0")
         _require(self.train.timeout > 0, "train.timeout", "must be > 0 seconds")
+        secagg = self.secagg
+        _require(secagg.neighbours >= 0, "secagg.neighbours", "must be >= 0 (0 = about 2 log2 n)")
+        _require(secagg.threshold >= 0, "secagg.threshold", "must be >= 0 (0 = k // 2 + 1)")
+        _require(
+            not (secagg.neighbours and secagg.threshold)
+            or secagg.neighbours / 2 < secagg.threshold <= secagg.neighbours,
+            "secagg.threshold",
+            f"must be above secagg.neighbours / 2 and at most secagg.neighbours ({secagg.neighbours})",
+        )
+        _require(secagg.clip_norm > 0, "secagg.clip-norm", "must be > 0")
+        _require(secagg.max_weight >= 1, "secagg.max-weight", "must be >= 1")
+        _require(secagg.timeout > 0, "secagg.timeout", "must be > 0 seconds")
 
     def with_overrides(self, **flat: ConfigValue) -> RunConfig:
         """Return a new validated config with some flat keys replaced."""
@@ -339,6 +397,7 @@ __all__ = [
     "LoraSettings",
     "ModelConfig",
     "RunConfig",
+    "SecAggConfig",
     "SimConfig",
     "TrainConfig",
     "parse_assignment",

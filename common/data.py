@@ -78,7 +78,7 @@ def _records_to_examples(
 
 
 def _jsonl_records(path: Path) -> Iterable[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -90,7 +90,7 @@ def _jsonl_records(path: Path) -> Iterable[tuple[str, Any]]:
 
 def _json_records(path: Path) -> Iterable[tuple[str, Any]]:
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
     if isinstance(document, dict) and isinstance(document.get("data"), list):
@@ -101,8 +101,10 @@ def _json_records(path: Path) -> Iterable[tuple[str, Any]]:
 
 
 def _delimited_records(path: Path, delimiter: str) -> Iterable[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        # TSV has no quoting convention: a quote is text. CSV keeps its quoting rules.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         if reader.fieldnames is None:
             raise DataError(f"{path}: empty file; the first line must name the columns")
         for row in reader:

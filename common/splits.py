@@ -32,8 +32,9 @@ def _cached_load(path: str, stamp: float, text_column: str, label_column: str) -
 
 def read_examples(path: str, text_column: str, label_column: str) -> list[Example]:
     """:func:`common.data.load_examples`, cached per process until the file changes."""
-    stamp = os.stat(path).st_mtime if os.path.exists(path) else 0.0
-    return list(_cached_load(str(Path(path).expanduser()), stamp, text_column, label_column))
+    expanded = str(Path(path).expanduser())
+    stamp = os.stat(expanded).st_mtime if os.path.exists(expanded) else 0.0
+    return list(_cached_load(expanded, stamp, text_column, label_column))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from common.splits import evaluation_examples, run_labels
 from common.workbench import Workbench
 from server.aggregation import FedAvg
 from server.strategy import BackboneOffer, FederatedLoRA
+from server.secagg import SecureSum
 from server.summation import PlainSum
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         config=config,
         backbone=BackboneOffer(config.model.name, bench.fingerprint, bench.pooling, bench.backbone_dir),
         labels=labels,
-        summer=PlainSum(Float32Codec()),
+        summer=SecureSum(config.secagg, config.seed) if config.secagg.enabled else PlainSum(Float32Codec()),
         rule=FedAvg(),
         evaluate=bench.evaluate,
         on_round=recorder.record,

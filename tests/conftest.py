@@ -133,6 +133,7 @@ class InProcessGrid:
             for node, config in node_configs.items()
         }
         self.tamper = tamper
+        self.run = __import__("types").SimpleNamespace(run_id=1)
         self.sent: list = []
         self.received: list = []
 

@@ -13,6 +13,7 @@ the signed 32-bit range: ``n * clip * scale < 2^31``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,3 +86,18 @@ class FixedPoint:
         """Signed decoding of an unmasked sum: (sum of weighted deltas ``(P,) float64``, total weight)."""
         signed = ring_sum.astype(np.uint32).view(np.int32).astype(np.float64) / self.scale
         return signed[:-1], float(signed[-1])
+
+
+def flatten(state: Mapping[str, np.ndarray]) -> np.ndarray:
+    """All tensors in sorted-name order as one float32 vector."""
+    return np.concatenate([np.asarray(state[k], np.float32).ravel() for k in sorted(state)])
+
+
+def unflatten(vector: np.ndarray, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`flatten` with the shapes of ``reference``."""
+    out, offset = {}, 0
+    for name in sorted(reference):
+        size = reference[name].size
+        out[name] = vector[offset : offset + size].reshape(reference[name].shape).astype(np.float32)
+        offset += size
+    return out
