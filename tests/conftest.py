@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from simulations.inprocess_grid import InProcessGrid
+
+__all__ = ["InProcessGrid", "build_tiny_backbone", "shared_data", "write_jsonl"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -102,58 +106,3 @@ def shared_data(*parts: str) -> Path:
         pytest.skip(f"{path} is not available on this machine")
     return path
 
-
-class InProcessGrid:
-    """A Flower ``Grid`` double that hands each message straight to a ClientApp.
-
-    It lets tests drive the real strategy against the real ClientApp in one process,
-    record every message in both directions, and make chosen nodes misbehave.
-
-    Parameters
-    ----------
-    client_app : flwr.clientapp.ClientApp
-        The app every node runs.
-    node_configs : dict[int, dict]
-        Node id -> node config.
-    tamper : callable, optional
-        ``tamper(node_id, reply) -> reply or None``; ``None`` drops the reply (timeout).
-    """
-
-    def __init__(self, client_app, node_configs, tamper=None):  # type: ignore[no-untyped-def]
-        from flwr.app import RecordDict
-        from flwr.supercore.task_identity import TaskIdentity
-
-        # Messages read the sender's identity from here; a real ServerApp process sets it.
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-        self.client_app = client_app
-        self.contexts = {
-            node: __import__("flwr.app", fromlist=["Context"]).Context(
-                run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={}
-            )
-            for node, config in node_configs.items()
-        }
-        self.tamper = tamper
-        self.run = __import__("types").SimpleNamespace(run_id=1)
-        self.sent: list = []
-        self.received: list = []
-
-    def get_node_ids(self):  # type: ignore[no-untyped-def]
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        from flwr.app import Error, Message
-
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            node = message.metadata.dst_node_id
-            try:
-                reply = self.client_app(message, self.contexts[node])
-            except Exception as error:  # the real engines turn this into an error reply
-                reply = Message(Error(code=1, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-            if self.tamper is not None:
-                reply = self.tamper(node, reply)
-            if reply is not None:
-                self.received.append(reply)
-                replies.append(reply)
-        return replies

@@ -40,7 +40,7 @@ def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     ("assignment", "message"),
     [
         ("train.learning-rate=0.1", "unknown config key"),
-        ("train.lr=fast", "'train.lr' expects a float"),
+        ("train.lr=fast", "'train.lr' expects a finite float"),
         ("data.partition=random", "data.partition"),
     ],
 )

@@ -49,16 +49,18 @@ def stop_local_superlinks(home: str) -> None:
             os.kill(int(proc.name), signal.SIGTERM)
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
 def test_fedgraft_simulate_runs_rounds_and_compares_with_clients_alone(
-    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+    secure: bool, tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
 ) -> None:
-    # Prepare
+    # Prepare: with secure aggregation the client state lives in Flower's context.state
     output = tmp_path / "out"
     command = [
         str(BIN / "fedgraft"), "simulate",
         "--set", f"model.name={tiny_backbone}", "--set", f"data.path={small_jsonl}",
         "--set", "num-server-rounds=2", "--set", "train.batch-size=4", "--set", f"output.dir={output}",
-        "--set", "data.holdout-fraction=0.25",
+        "--set", "data.holdout-fraction=0.25", "--set", f"secagg.enabled={str(secure).lower()}",
+        "--set", "secagg.max-weight=10",
     ]
 
     # Execute
