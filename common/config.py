@@ -46,6 +46,8 @@ DEFAULTS: dict[str, ConfigValue] = {
     "train.lr": 0.002,
     "train.weight-decay": 0.0,
     "train.timeout": 600.0,
+    "aggregation": "fedavg",
+    "aggregation.trim-fraction": 0.1,
     "secagg.enabled": False,
     "secagg.neighbours": 0,
     "secagg.threshold": 0,
@@ -56,6 +58,9 @@ DEFAULTS: dict[str, ConfigValue] = {
 }
 
 PARTITION_KINDS = ("iid", "dirichlet", "column:<name>")
+AGGREGATION_RULES = ("fedavg", "median", "trimmed-mean")
+#: Rules that read each client's update and so cannot run behind secure aggregation.
+RULES_NEEDING_INDIVIDUAL_UPDATES = ("median", "trimmed-mean")
 DISTRIBUTE_MODES = ("auto", "never")
 
 
@@ -195,6 +200,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AggregationConfig:
+    """Which rule turns a round's updates into one delta.
+
+    Attributes
+    ----------
+    rule : str
+        ``fedavg``, ``median`` or ``trimmed-mean``.
+    trim_fraction : float
+        Share cut from each end by ``trimmed-mean``.
+    """
+
+    rule: str
+    trim_fraction: float
+
+
+@dataclass(frozen=True)
 class SecAggConfig:
     """Secure aggregation (SecAgg+) settings.
 
@@ -237,6 +258,7 @@ class RunConfig:
     data: DataConfig
     sim: SimConfig
     train: TrainConfig
+    aggregation: AggregationConfig
     secagg: SecAggConfig
     output_dir: str
     flat: Mapping[str, ConfigValue]
@@ -297,6 +319,7 @@ class RunConfig:
                 weight_decay=v["train.weight-decay"],
                 timeout=v["train.timeout"],
             ),
+            aggregation=AggregationConfig(v["aggregation"], v["aggregation.trim-fraction"]),
             secagg=SecAggConfig(
                 enabled=v["secagg.enabled"],
                 neighbours=v["secagg.neighbours"],
@@ -354,6 +377,20 @@ class RunConfig:
         )
         _require(self.train.weight_decay >= 0, "train.weight-decay", "must be >= 0")
         _require(self.train.timeout > 0, "train.timeout", "must be > 0 seconds")
+        rule = self.aggregation.rule
+        _require(rule in AGGREGATION_RULES, "aggregation", f"got {rule!r}; use one of {', '.join(AGGREGATION_RULES)}")
+        _require(
+            0.0 <= self.aggregation.trim_fraction < 0.5,
+            "aggregation.trim-fraction",
+            "must be in [0, 0.5)",
+        )
+        _require(
+            not (self.secagg.enabled and rule in RULES_NEEDING_INDIVIDUAL_UPDATES),
+            "aggregation",
+            f"aggregation = {rule} needs each client's update, but secure aggregation "
+            "(secagg.enabled = true) reveals only their sum; use aggregation = fedavg "
+            "or set secagg.enabled = false",
+        )
         secagg = self.secagg
         _require(secagg.neighbours >= 0, "secagg.neighbours", "must be >= 0 (0 = about 2 log2 n)")
         _require(secagg.threshold >= 0, "secagg.threshold", "must be >= 0 (0 = k // 2 + 1)")
@@ -391,7 +428,10 @@ def parse_assignment(text: str) -> tuple[str, str]:
 
 
 __all__ = [
+    "AGGREGATION_RULES",
     "DEFAULTS",
+    "RULES_NEEDING_INDIVIDUAL_UPDATES",
+    "AggregationConfig",
     "ConfigError",
     "DataConfig",
     "LoraSettings",

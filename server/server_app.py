@@ -23,7 +23,7 @@ from common.outputs import RunOutputs, default_output_dir
 from common.reporting import RoundRecorder, print_table, summary_table, totals
 from common.splits import evaluation_examples, run_labels
 from common.workbench import Workbench
-from server.aggregation import FedAvg
+from server.aggregation import build_rule
 from server.strategy import BackboneOffer, FederatedLoRA
 from server.secagg import SecureSum
 from server.summation import PlainSum
@@ -50,7 +50,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         backbone=BackboneOffer(config.model.name, bench.fingerprint, bench.pooling, bench.backbone_dir),
         labels=labels,
         summer=SecureSum(config.secagg, config.seed) if config.secagg.enabled else PlainSum(Float32Codec()),
-        rule=FedAvg(),
+        rule=build_rule(config),
         evaluate=bench.evaluate,
         on_round=recorder.record,
     )

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from common import keys
 from common.codec import Codec
 from common.model import AdapterState
+from server.contribution import Contribution
 from server.validation import RejectedUpdate, contribution_from_reply, log_rejection
 
 
@@ -36,12 +37,16 @@ class RoundSum:
         Clients whose update is in ``total``.
     client_metrics : list[dict[str, float]]
         Training metrics of those clients.
+    contributions : list[Contribution]
+        The individual updates, for rules that need them; empty behind secure
+        aggregation.
     """
 
     total: AdapterState
     weight: float
     count: int
     client_metrics: list[dict[str, float]] = field(default_factory=list)
+    contributions: list[Contribution] = field(default_factory=list)
 
 
 class RoundStats(Protocol):
@@ -99,6 +104,7 @@ class PlainSum:
             weight=float(sum(c.weight for c in contributions)),
             count=len(contributions),
             client_metrics=[c.metrics for c in contributions],
+            contributions=contributions,
         )
 
 

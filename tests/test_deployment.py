@@ -108,8 +108,9 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]
             sys.stderr.write(f"--- {log.name} (last 3000 bytes)\n{log.read_bytes()[-3000:].decode(errors='replace')}\n")
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
 def test_two_sites_train_two_rounds_over_a_loopback_deployment(
-    deployment: tuple[Processes, dict[str, str], int], tmp_path: Path
+    secure: bool, deployment: tuple[Processes, dict[str, str], int], tmp_path: Path
 ) -> None:
     # Prepare: a tiny backbone only the coordinator has, two sites with their own rows
     processes, env, port = deployment
@@ -150,7 +151,8 @@ def test_two_sites_train_two_rounds_over_a_loopback_deployment(
     wait_until(lambda: online_nodes() >= 2, 90, "two SuperNodes online")
     overrides = (
         f'num-server-rounds=2 model.name="{backbone}" data.test-path="{test_file}" '
-        f'output.dir="{output}" train.min-clients=2 train.batch-size=8 train.timeout=300.0'
+        f'output.dir="{output}" train.min-clients=2 train.batch-size=8 train.timeout=300.0 '
+        f"secagg.enabled={str(secure).lower()} secagg.max-weight=24.0"
     )
 
     # Execute: submit the app as an operator would
@@ -174,7 +176,12 @@ def test_two_sites_train_two_rounds_over_a_loopback_deployment(
     wait_until(lambda: run_status().startswith("finished"), 300, f"run {run_id} to finish")
 
     # Assert: the run completed, both sites trained in both rounds, outputs are written
-    assert run_status() == "finished:completed"
+    if run_status() != "finished:completed":
+        logs = subprocess.run(
+            [str(BIN / "flwr"), "log", str(run_id), "deploy", "--show"],
+            env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+        )
+        pytest.fail(f"run {run_id} ended {run_status()}:\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}")
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in metrics] == [0, 1, 2]
     assert [row["clients"] for row in metrics[1:]] == [2, 2]

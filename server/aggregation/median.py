@@ -1,0 +1,23 @@
+"""Coordinate-wise median of the deltas: robust to a minority of wild updates."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.model import AdapterState
+from server.summation import RoundSum
+
+
+class CoordinateMedian:
+    """The unweighted coordinate-wise median of the clients' deltas.
+
+    It needs every client's update, so it cannot run behind secure aggregation.
+    """
+
+    name = "median"
+    needs_individual_updates = True
+
+    def aggregate(self, summed: RoundSum) -> AdapterState:
+        """Median over clients, per coordinate."""
+        changes = [c.change for c in summed.contributions]
+        return {k: np.median(np.stack([c[k] for c in changes]), axis=0).astype(np.float32) for k in changes[0]}

@@ -1,0 +1,36 @@
+"""Coordinate-wise trimmed mean of the deltas (Yin et al. 2018)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from common.model import AdapterState
+from server.summation import RoundSum
+
+
+class TrimmedMean:
+    """Per coordinate, drop the ``fraction`` largest and smallest values, average the rest.
+
+    Parameters
+    ----------
+    fraction : float
+        Share cut from each end, in [0, 0.5).
+    """
+
+    name = "trimmed-mean"
+    needs_individual_updates = True
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def aggregate(self, summed: RoundSum) -> AdapterState:
+        """Trimmed mean over clients, per coordinate."""
+        changes = [c.change for c in summed.contributions]
+        cut = math.floor(self.fraction * len(changes))
+        out = {}
+        for name in changes[0]:
+            ordered = np.sort(np.stack([c[name] for c in changes]), axis=0)  # (clients, *shape)
+            out[name] = ordered[cut : len(changes) - cut].mean(axis=0).astype(np.float32)
+        return out
