@@ -1,8 +1,8 @@
 """Secure aggregation cost: plain sums, fedgraft's SecAgg+ and Flower's SecAgg+.
 
 Every cell (``N`` clients, ``P`` parameters) draws one seeded float32 vector per
-client (normals of scale ``1e-3``) and sums them three ways, one after the other, on
-the same vectors and in the same process:
+client (normals of scale ``1e-3``) and sums them three ways, on the same vectors and
+in the same process:
 
 ``plain``
     Each client replies with its vector as a float32 ``ArrayRecord``; the coordinator
@@ -16,23 +16,36 @@ the same vectors and in the same process:
     plain sum.
 ``flower``
     Flower's legacy ``SecAggPlusWorkflow`` inside ``DefaultWorkflow`` with a
-    ``LegacyContext`` and ``FedAvg``, against a ``ClientApp`` of ``NumPyClient`` s
-    whose ``fit`` returns the vector, behind ``secaggplus_mod``. It yields the mean,
-    multiplied back by ``N`` for the correctness check. ``num_shares`` is fedgraft's
-    neighbourhood size ``k`` plus one (Flower counts the share a client keeps for
-    itself; its neighbourhood is the ``k`` nodes around it in a ring plus itself) and
-    ``reconstruction_threshold`` is fedgraft's threshold ``t``.
+    ``LegacyContext`` and ``FedAvg``, against a ``client_fn`` ``ClientApp`` whose
+    ``NumPyClient.fit`` returns the vector, behind ``secaggplus_mod``. It yields
+    the mean, multiplied back by ``N`` for the correctness check. ``num_shares`` is
+    fedgraft's neighbourhood size ``k`` plus one (Flower counts the share a client
+    keeps for itself; its neighbourhood is the ``k`` nodes around it in a ring plus
+    itself) and ``reconstruction_threshold`` is fedgraft's threshold ``t``.
 
 No engine runs: ``simulations.inprocess_grid.InProcessGrid`` hands every message
-straight to the ClientApp and clocks the time spent inside it. ``client_seconds`` is
-that time over the measured scope divided by ``N`` (the mean per client);
-``server_seconds`` is the wall time of the coordinator-side calls minus it. Neither
+straight to the ClientApp and clocks the time spent inside it (a protobuf copy of each
+outgoing message stands in for the wire and is counted on neither side).
+``client_seconds`` is that time over the measured scope divided by ``N`` (the mean per
+client); ``server_seconds`` is the wall time of the coordinator-side calls minus it.
+``client_stage_seconds`` and ``server_stage_seconds`` split both over the key stages,
+the masked input and the unmasking (fedgraft's ``prepare``, training round and
+``collect``; Flower's setup and share-keys, collect-masked-vectors and unmask stages).
+``ratio_to_flower_client`` and ``ratio_to_flower_server`` divide each method's
+seconds by Flower's in the same cell. Neither
 training message carries a global model down (Flower's strategy starts from empty
 parameters), so the costs are those of the aggregation alone; Flower's message and
 record construction is inside every method alike. For ``flower`` only the fit round
 (the ``SecAggPlusWorkflow`` call, its four stages and ``FedAvg.aggregate_fit``) is
 timed, not the workflow's initialisation; ``server_seconds_excl_strategy`` leaves out
 ``FedAvg.aggregate_fit`` too.
+
+Each cell runs ``--repeats`` rounds (default 3) of every method, the methods taking
+turns, and reports the fastest round of each (the least disturbed by other load on
+the machine); ``client_seconds_all`` and ``server_seconds_all`` list every round. A
+small unmeasured round of each method comes first, to pay import and first-call
+costs. ``--max-flower-seconds`` skips a flower cell whose round, predicted from an
+earlier flower cell, would take longer; its object then carries ``skipped``.
 
 ``upload_bytes`` is what one client's upload weighs on the wire: the serialised
 float32 array (``plain``), the masked ``uint32`` array (``fedgraft``) and the masked
@@ -524,16 +537,19 @@ def run_flower(
 # -- cells -----------------------------------------------------------------------------
 
 
-def best(runs: Sequence[Measurement]) -> Measurement:
-    """The median run by total seconds (the first of one), with the spread noted."""
-    ordered = sorted(
-        runs, key=lambda m: m.client_seconds * m.clients + m.server_seconds
-    )
-    chosen = ordered[(len(ordered) - 1) // 2]
+def fastest(runs: Sequence[Measurement]) -> Measurement:
+    """The run with the least total seconds, carrying every run's spread and error.
+
+    The fastest of several rounds is the one least disturbed by other load on the
+    machine (``timeit``'s convention); ``max_abs_error`` becomes the worst over all
+    runs, so every round's sum is checked.
+    """
+    chosen = min(runs, key=lambda m: m.client_seconds * m.clients + m.server_seconds)
+    chosen.max_abs_error = max(m.max_abs_error for m in runs)
+    chosen.extra["repeats"] = len(runs)
     if len(runs) > 1:
-        chosen.extra["repeats"] = len(runs)
-        chosen.extra["server_seconds_all"] = [round(m.server_seconds, 6) for m in runs]
         chosen.extra["client_seconds_all"] = [round(m.client_seconds, 6) for m in runs]
+        chosen.extra["server_seconds_all"] = [round(m.server_seconds, 6) for m in runs]
     return chosen
 
 
@@ -642,23 +658,24 @@ def run_cell(
     vectors = draw_vectors(clients, params, args.seed)
     expected = vectors.sum(axis=0, dtype=np.float64)
     k, t = neighbourhood(clients, args.neighbours, args.threshold)
-    records: list[dict[str, Any]] = []
-    for method in args.methods:
-        rate = flower_rates.get(params, flower_rates.get(0))
-        if method == "flower" and rate is not None:
-            predicted = rate * flower_cost(clients, params, k)
-            if predicted > args.max_flower_seconds:
-                records.append(
-                    flower_skip(
-                        clients, params, k, t, predicted, args.max_flower_seconds
-                    )
-                )
-                continue
-        runs = []
-        for repeat in range(args.repeats):
+    methods = list(args.methods)
+    rate = flower_rates.get(params, flower_rates.get(0))
+    skipped: dict[str, Any] | None = None
+    if "flower" in methods and rate is not None:
+        predicted = rate * flower_cost(clients, params, k)
+        if predicted > args.max_flower_seconds:
+            skipped = flower_skip(
+                clients, params, k, t, predicted, args.max_flower_seconds
+            )
+            methods.remove("flower")
+    # Methods take turns within each repeat, so a burst of other load is shared.
+    runs: dict[str, list[Measurement]] = {method: [] for method in methods}
+    for repeat in range(args.repeats):
+        for method in methods:
             started = time.perf_counter()
-            runs.append(measure(method, vectors, expected, args, repeat))
+            run = measure(method, vectors, expected, args, repeat)
             elapsed = time.perf_counter() - started
+            runs[method].append(run)
             log.info(
                 "N=%d P=%d %s run %d: client %.4f s per client, server %.4f s "
                 "(%.1f s wall)",
@@ -666,24 +683,25 @@ def run_cell(
                 params,
                 method,
                 repeat + 1,
-                runs[-1].client_seconds,
-                runs[-1].server_seconds,
+                run.client_seconds,
+                run.server_seconds,
                 elapsed,
             )
             if method == "flower":
                 rate = elapsed / flower_cost(clients, params, k)
                 flower_rates[params] = flower_rates[0] = rate
-        chosen = best(runs)
-        if chosen.max_abs_error > chosen.tolerance:
-            log.error(
-                "N=%d P=%d %s: max abs error %.3g above tolerance %.3g",
-                clients,
-                params,
-                method,
-                chosen.max_abs_error,
-                chosen.tolerance,
-            )
-        records.append(chosen.record())
+            if run.max_abs_error > run.tolerance:
+                log.error(
+                    "N=%d P=%d %s: max abs error %.3g above tolerance %.3g",
+                    clients,
+                    params,
+                    method,
+                    run.max_abs_error,
+                    run.tolerance,
+                )
+    records = [fastest(runs[method]).record() for method in methods]
+    if skipped is not None:
+        records.append(skipped)
     add_ratios(records)
     return records
 
@@ -710,8 +728,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=1,
-        help="rounds per method and cell; the median is reported",
+        default=3,
+        help="rounds per method and cell (methods take turns); the fastest is reported",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -22,8 +22,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secagg
-from client.finetune import LocalTraining, finetune
-from client.runtime import encoded_examples, loaded_backbone
 from common import keys
 from common.backbone import (
     BackboneError,
@@ -34,7 +32,6 @@ from common.backbone import (
 )
 from common.codec import Float32Codec, delta
 from common.config import RunConfig
-from common.model import adapter_state, load_adapter_state
 from common.secagg.encoding import flatten
 from common.splits import client_examples
 from common.wire import from_array_record, json_field, to_array_record
@@ -98,6 +95,12 @@ def train(message: Message, context: Context) -> Message:
                 "set the node config backbone-path"
             )
         return _status_reply(message, keys.STATUS_NEEDS_BACKBONE)
+
+    # torch and transformers load only here: a SuperNode starts a fresh process for
+    # every message, and the secure-aggregation stages need neither.
+    from client.finetune import LocalTraining, finetune
+    from client.runtime import encoded_examples, loaded_backbone
+    from common.model import adapter_state, load_adapter_state
 
     backbone = loaded_backbone(
         backbone_dir, task.fingerprint, config.lora, task.pooling, len(task.labels), config.seed

@@ -11,7 +11,9 @@ from typing import Protocol
 
 import numpy as np
 
-from common.model import AdapterState
+#: Trainable tensors by name (LoRA factors and the head), float32.
+AdapterState = dict[str, np.ndarray]
+
 
 
 def delta(local: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> AdapterState:

@@ -15,10 +15,10 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
+from common.codec import AdapterState
 from common.config import LoraSettings
 
 HEAD_PREFIX = "head."
-AdapterState = dict[str, np.ndarray]
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:

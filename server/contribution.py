@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.model import AdapterState
+from common.codec import AdapterState
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from common.backbone import bundle_files
 from common.codec import apply_delta
 from common.config import RunConfig
 from common.evaluation import EvalResult
-from common.model import AdapterState
+from common.codec import AdapterState
 from common.wire import to_array_record
 from server.summation import RoundSum, Summer, reply_metrics
 

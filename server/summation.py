@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.codec import Codec
-from common.model import AdapterState
+from common.codec import AdapterState
 from server.contribution import Contribution
 from server.validation import RejectedUpdate, contribution_from_reply, log_rejection
 

@@ -173,7 +173,7 @@ def test_two_sites_train_two_rounds_over_a_loopback_deployment(
         except (ValueError, KeyError, IndexError):
             return ""
 
-    wait_until(lambda: run_status().startswith("finished"), 300, f"run {run_id} to finish")
+    wait_until(lambda: run_status().startswith("finished"), 420, f"run {run_id} to finish")
 
     # Assert: the run completed, both sites trained in both rounds, outputs are written
     if run_status() != "finished:completed":

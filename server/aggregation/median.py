@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.model import AdapterState
+from common.codec import AdapterState
 from server.summation import RoundSum
 
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from common.model import AdapterState
+from common.codec import AdapterState
 from server.summation import RoundSum
 
 
