@@ -76,7 +76,10 @@ def _partition(context: Context) -> tuple[int, int]:
 
 
 def _status_reply(message: Message, kind: str) -> Message:
-    return Message(RecordDict({keys.STATUS_RECORD: ConfigRecord({keys.STATUS_KIND: kind})}), reply_to=message)
+    return Message(
+        RecordDict({keys.STATUS_RECORD: ConfigRecord({keys.STATUS_KIND: kind})}),
+        reply_to=message,
+    )
 
 
 @app.train()
@@ -86,7 +89,9 @@ def train(message: Message, context: Context) -> Message:
     config = task.config
     cache_dir = _cache_dir(context)
     site_backbone = str(context.node_config.get("backbone-path", ""))
-    backbone_dir = locate_on_site(task.backbone_ref, task.fingerprint, cache_dir, site_backbone)
+    backbone_dir = locate_on_site(
+        task.backbone_ref, task.fingerprint, cache_dir, site_backbone
+    )
     if backbone_dir is None:
         if config.model.distribute == "never":
             raise BackboneError(
@@ -103,7 +108,12 @@ def train(message: Message, context: Context) -> Message:
     from common.model import adapter_state, load_adapter_state
 
     backbone = loaded_backbone(
-        backbone_dir, task.fingerprint, config.lora, task.pooling, len(task.labels), config.seed
+        backbone_dir,
+        task.fingerprint,
+        config.lora,
+        task.pooling,
+        len(task.labels),
+        config.seed,
     )
     partition_id, num_partitions = _partition(context)
     examples = client_examples(
@@ -114,10 +124,17 @@ def train(message: Message, context: Context) -> Message:
         site_data_path=str(context.node_config.get("data-path", "")),
     )
     encoded = encoded_examples(
-        examples, task.labels, backbone, task.fingerprint, config.model.max_length, cache_dir
+        examples,
+        task.labels,
+        backbone,
+        task.fingerprint,
+        config.model.max_length,
+        cache_dir,
     )
     codec = Float32Codec()
-    global_state = codec.decode(from_array_record(message.content.array_records[keys.ADAPTER_RECORD]))
+    global_state = codec.decode(
+        from_array_record(message.content.array_records[keys.ADAPTER_RECORD])
+    )
     load_adapter_state(backbone.model, global_state)
     plan = LocalTraining(
         epochs=config.train.local_epochs,
@@ -131,7 +148,11 @@ def train(message: Message, context: Context) -> Message:
     change = delta(adapter_state(backbone.model), global_state)
     log.info(
         "round %d: trained %d samples on %s in %.1fs, loss %.4f",
-        task.server_round, result.samples, result.device, result.seconds, result.train_loss,
+        task.server_round,
+        result.samples,
+        result.device,
+        result.seconds,
+        result.train_loss,
     )
     metrics = {
         keys.TRAIN_LOSS: result.train_loss,
@@ -148,10 +169,16 @@ def train(message: Message, context: Context) -> Message:
             result.num_examples,
         )
         content = RecordDict(
-            {keys.MASKED_RECORD: masked, keys.METRICS_RECORD: MetricRecord(metrics), keys.SECAGG_RECORD: notes}
+            {
+                keys.MASKED_RECORD: masked,
+                keys.METRICS_RECORD: MetricRecord(metrics),
+                keys.SECAGG_RECORD: notes,
+            }
         )
         return Message(content, reply_to=message)
-    metrics.update({keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_SAMPLES: result.samples})
+    metrics.update(
+        {keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_SAMPLES: result.samples}
+    )
     content = RecordDict(
         {
             keys.ADAPTER_RECORD: to_array_record(codec.encode(change)),
@@ -170,7 +197,6 @@ def receive_backbone(message: Message, context: Context) -> Message:
     stored = store_bundle(files, expected, backbone_cache(_cache_dir(context)))
     log.info("stored backbone %s at %s", expected[:12], stored)
     return _status_reply(message, keys.STATUS_BACKBONE_STORED)
-
 
 
 app.query(keys.ACTION_SECAGG_ADVERTISE)(secagg.advertise)

@@ -51,7 +51,9 @@ class FinetuneResult:
     device: str
 
 
-def _batches(encoded: Encoded, plan: LocalTraining, rng: np.random.Generator) -> list[list[int]]:
+def _batches(
+    encoded: Encoded, plan: LocalTraining, rng: np.random.Generator
+) -> list[list[int]]:
     lengths = [len(ids) for ids in encoded.ids]
     wanted = math.ceil(plan.epochs * len(encoded))
     batches: list[list[int]] = []
@@ -68,7 +70,9 @@ def _batches(encoded: Encoded, plan: LocalTraining, rng: np.random.Generator) ->
     return batches
 
 
-def finetune(model: TextClassifier, encoded: Encoded, pad_id: int, plan: LocalTraining) -> FinetuneResult:
+def finetune(
+    model: TextClassifier, encoded: Encoded, pad_id: int, plan: LocalTraining
+) -> FinetuneResult:
     """Train the trainable parameters of ``model`` (LoRA and head) on ``encoded``.
 
     A fresh AdamW is made on every call, so no optimiser state outlives a round.
@@ -79,14 +83,18 @@ def finetune(model: TextClassifier, encoded: Encoded, pad_id: int, plan: LocalTr
     rng = np.random.default_rng(plan.seed)
     torch.manual_seed(plan.seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(parameters, lr=plan.lr, weight_decay=plan.weight_decay)
+    optimiser = torch.optim.AdamW(
+        parameters, lr=plan.lr, weight_decay=plan.weight_decay
+    )
     model.train()
     start = time.perf_counter()
     total_loss, samples, steps = 0.0, 0, 0
     for rows in _batches(encoded, plan, rng):
         batch = collate(encoded, rows, pad_id)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        ):
             logits = model(batch["input_ids"], batch["attention_mask"])
         loss = F.cross_entropy(logits.float(), batch["labels"])
         optimiser.zero_grad(set_to_none=True)

@@ -46,7 +46,12 @@ _MAX_ENCODED = 32
 
 
 def loaded_backbone(
-    backbone_dir: Path, fingerprint: str, lora: LoraSettings, pooling: str, num_labels: int, seed: int
+    backbone_dir: Path,
+    fingerprint: str,
+    lora: LoraSettings,
+    pooling: str,
+    num_labels: int,
+    seed: int,
 ) -> LoadedBackbone:
     """The process's classifier for this backbone and LoRA shape, loading it once.
 
@@ -101,7 +106,9 @@ def encoded_examples(
             encoded = Encoded(ids=ids, labels=arrays["labels"])
     else:
         label_ids = encode_labels(examples, labels)
-        encoded = encode(backbone.tokenizer, [e.text for e in examples], label_ids, max_length)
+        encoded = encode(
+            backbone.tokenizer, [e.text for e in examples], label_ids, max_length
+        )
         if stored is not None:
             stored.parent.mkdir(parents=True, exist_ok=True)
             staging = stored.with_name(stored.stem + ".tmp.npz")

@@ -44,20 +44,33 @@ def _save(context: Context, state: ClientRound, server_round: int) -> None:
 
 def _load(context: Context, server_round: int) -> ClientRound:
     if keys.SECAGG_STATE not in context.state.config_records:
-        raise ProtocolViolation("no secure-aggregation state for this round: the key stages were skipped")
+        raise ProtocolViolation(
+            "no secure-aggregation state for this round: the key stages were skipped"
+        )
     record = context.state.config_records[keys.SECAGG_STATE]
     if int(record["round"]) != server_round:  # type: ignore[arg-type]
-        raise ProtocolViolation(f"secure-aggregation state is for round {record['round']}, not {server_round}")
-    state = ClientRound(int(record["node"]), bytes(record["salt"]), int(record["threshold"]))  # type: ignore[arg-type]
-    state.cipher_key, state.mask_key = bytes(record["cipher-key"]), bytes(record["mask-key"])  # type: ignore[arg-type]
+        raise ProtocolViolation(
+            f"secure-aggregation state is for round {record['round']}, not {server_round}"
+        )
+    state = ClientRound(
+        int(record["node"]), bytes(record["salt"]), int(record["threshold"])
+    )  # type: ignore[arg-type]
+    state.cipher_key, state.mask_key = (
+        bytes(record["cipher-key"]),
+        bytes(record["mask-key"]),
+    )  # type: ignore[arg-type]
     state.self_seed = bytes(record["self-seed"])  # type: ignore[arg-type]
     state.peers = {
         int(p): (bytes(c), bytes(m))
-        for p, c, m in zip(record["peers"], record["peer-cipher"], record["peer-mask"], strict=True)  # type: ignore[arg-type]
+        for p, c, m in zip(
+            record["peers"], record["peer-cipher"], record["peer-mask"], strict=True
+        )  # type: ignore[arg-type]
     }
     state.held_shares = {
         int(h): (crypto.share_from_bytes(bytes(s)), crypto.share_from_bytes(bytes(k)))
-        for h, s, k in zip(record["held-from"], record["held-seed"], record["held-key"], strict=True)  # type: ignore[arg-type]
+        for h, s, k in zip(
+            record["held-from"], record["held-seed"], record["held-key"], strict=True
+        )  # type: ignore[arg-type]
     }
     return state
 
@@ -74,7 +87,10 @@ def advertise(message: Message, context: Context) -> Message:
     state = ClientRound(context.node_id, salt, int(request[keys.SECAGG_THRESHOLD]))  # type: ignore[arg-type]
     cipher_pk, mask_pk = state.advertise()
     _save(context, state, server_round)
-    return _reply(message, ConfigRecord({keys.SECAGG_CIPHER_PK: cipher_pk, keys.SECAGG_MASK_PK: mask_pk}))
+    return _reply(
+        message,
+        ConfigRecord({keys.SECAGG_CIPHER_PK: cipher_pk, keys.SECAGG_MASK_PK: mask_pk}),
+    )
 
 
 def share_keys(message: Message, context: Context) -> Message:
@@ -95,12 +111,21 @@ def share_keys(message: Message, context: Context) -> Message:
     _save(context, state, server_round)
     return _reply(
         message,
-        ConfigRecord({keys.SECAGG_PEERS: [str(p) for p in sealed], keys.SECAGG_SEALED: list(sealed.values())}),
+        ConfigRecord(
+            {
+                keys.SECAGG_PEERS: [str(p) for p in sealed],
+                keys.SECAGG_SEALED: list(sealed.values()),
+            }
+        ),
     )
 
 
 def masked_update(
-    context: Context, request: ConfigRecord, server_round: int, flat_delta: np.ndarray, num_examples: int
+    context: Context,
+    request: ConfigRecord,
+    server_round: int,
+    flat_delta: np.ndarray,
+    num_examples: int,
 ) -> tuple[ArrayRecord, ConfigRecord]:
     """Stage 3: encode the delta with its weight, add the masks.
 
@@ -109,13 +134,17 @@ def masked_update(
     """
     state = _load(context, server_round)
     senders = _ids(request[keys.SECAGG_SENDERS])
-    failed = state.receive_shares(dict(zip(senders, (bytes(b) for b in request[keys.SECAGG_SEALED]), strict=True)))  # type: ignore[union-attr]
+    failed = state.receive_shares(
+        dict(zip(senders, (bytes(b) for b in request[keys.SECAGG_SEALED]), strict=True))
+    )  # type: ignore[union-attr]
     encoding = FixedPoint(
         scale=float(request[keys.SECAGG_SCALE]),  # type: ignore[arg-type]
         clip_norm=float(request[keys.SECAGG_CLIP]),  # type: ignore[arg-type]
         max_weight=float(request[keys.SECAGG_MAX_WEIGHT]),  # type: ignore[arg-type]
     )
-    masked = state.mask(encoding.encode(flat_delta, num_examples), _ids(request[keys.SECAGG_PEERS]))
+    masked = state.mask(
+        encoding.encode(flat_delta, num_examples), _ids(request[keys.SECAGG_PEERS])
+    )
     _save(context, state, server_round)
     return (
         to_array_record({"update": masked}),
@@ -126,17 +155,25 @@ def masked_update(
 def unmask(message: Message, context: Context) -> Message:
     """Stage 4: shares of survivors' seeds and dropped nodes' mask keys, never both."""
     request = message.content.config_records[keys.SECAGG_RECORD]
-    state = _load(context, int(context.state.config_records[keys.SECAGG_STATE]["round"]))  # type: ignore[arg-type]
-    seeds, mask_keys = state.unmask(_ids(request[keys.SECAGG_SURVIVORS]), _ids(request[keys.SECAGG_DROPPED]))
+    state = _load(
+        context, int(context.state.config_records[keys.SECAGG_STATE]["round"])
+    )  # type: ignore[arg-type]
+    seeds, mask_keys = state.unmask(
+        _ids(request[keys.SECAGG_SURVIVORS]), _ids(request[keys.SECAGG_DROPPED])
+    )
     del context.state[keys.SECAGG_STATE]  # this round's secrets are spent
     return _reply(
         message,
         ConfigRecord(
             {
                 keys.SECAGG_SEED_OWNERS: [str(o) for o in seeds],
-                keys.SECAGG_SEED_SHARES: [crypto.share_to_bytes(v) for v in seeds.values()],
+                keys.SECAGG_SEED_SHARES: [
+                    crypto.share_to_bytes(v) for v in seeds.values()
+                ],
                 keys.SECAGG_KEY_OWNERS: [str(o) for o in mask_keys],
-                keys.SECAGG_KEY_SHARES: [crypto.share_to_bytes(v) for v in mask_keys.values()],
+                keys.SECAGG_KEY_SHARES: [
+                    crypto.share_to_bytes(v) for v in mask_keys.values()
+                ],
             }
         ),
     )

@@ -89,12 +89,16 @@ def weight_files(directory: Path) -> list[Path]:
     """The files that define the backbone's weights, sorted by name."""
     found = {p for pattern in WEIGHT_PATTERNS for p in directory.glob(pattern)}
     if not found:
-        raise BackboneError(f"{directory}: no weight files ({', '.join(WEIGHT_PATTERNS)})")
+        raise BackboneError(
+            f"{directory}: no weight files ({', '.join(WEIGHT_PATTERNS)})"
+        )
     return sorted(found)
 
 
 @lru_cache(maxsize=16)
-def _fingerprint_cached(directory: str, stamps: tuple[tuple[str, int, int], ...]) -> str:
+def _fingerprint_cached(
+    directory: str, stamps: tuple[tuple[str, int, int], ...]
+) -> str:
     del stamps  # cache key only
     digest = hashlib.sha256()
     for path in weight_files(Path(directory)):
@@ -108,7 +112,8 @@ def _fingerprint_cached(directory: str, stamps: tuple[tuple[str, int, int], ...]
 def fingerprint(directory: Path) -> str:
     """sha256 over the weight files' names and bytes, cached until a file changes."""
     stamps = tuple(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weight_files(directory)
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in weight_files(directory)
     )
     return _fingerprint_cached(str(directory), stamps)
 
@@ -124,7 +129,9 @@ def pooling_mode(directory: Path) -> str:
         return "cls"
     for module in json.loads(modules_file.read_text()):
         if module.get("type", "").endswith("Pooling"):
-            config = json.loads((directory / module["path"] / "config.json").read_text())
+            config = json.loads(
+                (directory / module["path"] / "config.json").read_text()
+            )
             if config.get("pooling_mode_mean_tokens"):
                 return "mean"
             if config.get("pooling_mode_max_tokens"):
@@ -150,7 +157,9 @@ def bundle_files(directory: Path) -> dict[str, np.ndarray]:
     return files
 
 
-def store_bundle(files: dict[str, np.ndarray], expected_fingerprint: str, cache_dir: Path) -> Path:
+def store_bundle(
+    files: dict[str, np.ndarray], expected_fingerprint: str, cache_dir: Path
+) -> Path:
     """Write received backbone files to ``cache_dir/<fingerprint>`` atomically.
 
     Raises
@@ -168,9 +177,13 @@ def store_bundle(files: dict[str, np.ndarray], expected_fingerprint: str, cache_
         for name, data in files.items():
             destination = (staging / name).resolve()
             if staging.resolve() not in destination.parents:
-                raise BackboneError(f"backbone file name {name!r} escapes the cache folder")
+                raise BackboneError(
+                    f"backbone file name {name!r} escapes the cache folder"
+                )
             destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_bytes(np.ascontiguousarray(data, dtype=np.uint8).tobytes())
+            destination.write_bytes(
+                np.ascontiguousarray(data, dtype=np.uint8).tobytes()
+            )
         received = fingerprint(staging)
         if received != expected_fingerprint:
             raise BackboneError(

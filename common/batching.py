@@ -30,17 +30,24 @@ class Encoded:
 
 
 def encode(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    max_length: int,
 ) -> Encoded:
     """Tokenise ``texts`` once (no padding: batches pad to their own longest row)."""
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     return Encoded(ids=list(ids), labels=np.asarray(labels, dtype=np.int64))
 
 
-def collate(encoded: Encoded, rows: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    encoded: Encoded, rows: Sequence[int], pad_id: int
+) -> dict[str, torch.Tensor]:
     """Pad the chosen rows to their longest member."""
     width = max(len(encoded.ids[r]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (batch, width)
+    input_ids = torch.full(
+        (len(rows), width), pad_id, dtype=torch.long
+    )  # (batch, width)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     for line, row in enumerate(rows):
         tokens = encoded.ids[row]
@@ -65,8 +72,12 @@ def bucketed_order(
     pool_size = batch_size * 50
     batches: list[list[int]] = []
     for start in range(0, len(order), pool_size):
-        pool = sorted(order[start : start + pool_size].tolist(), key=lambda r: lengths[r])
-        batches.extend(pool[i : i + batch_size] for i in range(0, len(pool), batch_size))
+        pool = sorted(
+            order[start : start + pool_size].tolist(), key=lambda r: lengths[r]
+        )
+        batches.extend(
+            pool[i : i + batch_size] for i in range(0, len(pool), batch_size)
+        )
     rng.shuffle(batches)  # type: ignore[arg-type]
     return batches
 

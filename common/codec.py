@@ -15,20 +15,35 @@ import numpy as np
 AdapterState = dict[str, np.ndarray]
 
 
-
-def delta(local: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> AdapterState:
+def delta(
+    local: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> AdapterState:
     """``local - reference`` per tensor (float32)."""
-    return {k: (np.asarray(local[k], np.float32) - reference[k]).astype(np.float32) for k in reference}
+    return {
+        k: (np.asarray(local[k], np.float32) - reference[k]).astype(np.float32)
+        for k in reference
+    }
 
 
-def apply_delta(reference: Mapping[str, np.ndarray], change: Mapping[str, np.ndarray], scale: float = 1.0) -> AdapterState:
+def apply_delta(
+    reference: Mapping[str, np.ndarray],
+    change: Mapping[str, np.ndarray],
+    scale: float = 1.0,
+) -> AdapterState:
     """``reference + scale * change`` per tensor (float32)."""
-    return {k: (reference[k] + np.float32(scale) * change[k]).astype(np.float32) for k in reference}
+    return {
+        k: (reference[k] + np.float32(scale) * change[k]).astype(np.float32)
+        for k in reference
+    }
 
 
 def l2_norm(state: Mapping[str, np.ndarray]) -> float:
     """Global L2 norm over every tensor of ``state``."""
-    return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in state.values())))
+    return float(
+        np.sqrt(
+            sum(float(np.square(v, dtype=np.float64).sum()) for v in state.values())
+        )
+    )
 
 
 class Codec(Protocol):

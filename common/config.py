@@ -111,7 +111,9 @@ def _check_known(flat: Mapping[str, Any]) -> None:
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, DEFAULTS, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            hints.append(
+                f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+            )
         raise ConfigError(
             "unknown config key(s): "
             + ", ".join(hints)
@@ -284,14 +286,21 @@ class RunConfig:
         """
         given = dict(flat or {})
         _check_known(given)
-        values = {key: _coerce(key, given.get(key, default)) for key, default in DEFAULTS.items()}
+        values = {
+            key: _coerce(key, given.get(key, default))
+            for key, default in DEFAULTS.items()
+        }
         v: dict[str, Any] = values
-        targets = tuple(t.strip() for t in v["lora.target-modules"].split(",") if t.strip())
+        targets = tuple(
+            t.strip() for t in v["lora.target-modules"].split(",") if t.strip()
+        )
         labels = tuple(t.strip() for t in v["data.labels"].split(",") if t.strip())
         config = cls(
             num_server_rounds=v["num-server-rounds"],
             seed=v["seed"],
-            model=ModelConfig(v["model.name"], v["model.distribute"], v["model.max-length"]),
+            model=ModelConfig(
+                v["model.name"], v["model.distribute"], v["model.max-length"]
+            ),
             lora=LoraSettings(v["lora.r"], v["lora.alpha"], v["lora.dropout"], targets),
             data=DataConfig(
                 path=v["data.path"],
@@ -319,7 +328,9 @@ class RunConfig:
                 weight_decay=v["train.weight-decay"],
                 timeout=v["train.timeout"],
             ),
-            aggregation=AggregationConfig(v["aggregation"], v["aggregation.trim-fraction"]),
+            aggregation=AggregationConfig(
+                v["aggregation"], v["aggregation.trim-fraction"]
+            ),
             secagg=SecAggConfig(
                 enabled=v["secagg.enabled"],
                 neighbours=v["secagg.neighbours"],
@@ -367,18 +378,30 @@ class RunConfig:
         _require(self.sim.num_clients >= 1, "sim.num-clients", "must be at least 1")
         _require(self.sim.cpus_per_client > 0, "sim.cpus-per-client", "must be > 0")
         _require(self.sim.gpus_per_client >= 0, "sim.gpus-per-client", "must be >= 0")
-        _require(0.0 < self.train.fraction <= 1.0, "train.fraction", "must be in (0, 1]")
+        _require(
+            0.0 < self.train.fraction <= 1.0, "train.fraction", "must be in (0, 1]"
+        )
         _require(self.train.min_clients >= 1, "train.min-clients", "must be at least 1")
-        _require(self.train.local_epochs >= 1, "train.local-epochs", "must be at least 1")
-        _require(self.train.max_steps >= 0, "train.max-steps", "must be >= 0 (0 = no cap)")
+        _require(
+            self.train.local_epochs >= 1, "train.local-epochs", "must be at least 1"
+        )
+        _require(
+            self.train.max_steps >= 0, "train.max-steps", "must be >= 0 (0 = no cap)"
+        )
         _require(self.train.batch_size >= 1, "train.batch-size", "must be at least 1")
         _require(
-            math.isfinite(self.train.lr) and self.train.lr > 0, "train.lr", "must be > 0"
+            math.isfinite(self.train.lr) and self.train.lr > 0,
+            "train.lr",
+            "must be > 0",
         )
         _require(self.train.weight_decay >= 0, "train.weight-decay", "must be >= 0")
         _require(self.train.timeout > 0, "train.timeout", "must be > 0 seconds")
         rule = self.aggregation.rule
-        _require(rule in AGGREGATION_RULES, "aggregation", f"got {rule!r}; use one of {', '.join(AGGREGATION_RULES)}")
+        _require(
+            rule in AGGREGATION_RULES,
+            "aggregation",
+            f"got {rule!r}; use one of {', '.join(AGGREGATION_RULES)}",
+        )
         _require(
             0.0 <= self.aggregation.trim_fraction < 0.5,
             "aggregation.trim-fraction",
@@ -392,8 +415,14 @@ class RunConfig:
             "or set secagg.enabled = false",
         )
         secagg = self.secagg
-        _require(secagg.neighbours >= 0, "secagg.neighbours", "must be >= 0 (0 = about 2 log2 n)")
-        _require(secagg.threshold >= 0, "secagg.threshold", "must be >= 0 (0 = k // 2 + 1)")
+        _require(
+            secagg.neighbours >= 0,
+            "secagg.neighbours",
+            "must be >= 0 (0 = about 2 log2 n)",
+        )
+        _require(
+            secagg.threshold >= 0, "secagg.threshold", "must be >= 0 (0 = k // 2 + 1)"
+        )
         _require(
             not (secagg.neighbours and secagg.threshold)
             or secagg.neighbours / 2 < secagg.threshold <= secagg.neighbours,

@@ -56,7 +56,9 @@ def _records_to_examples(
     examples: list[Example] = []
     for where, record in records:
         if not isinstance(record, dict):
-            raise DataError(f"{where}: expected an object with named columns, got {record!r:.80}")
+            raise DataError(
+                f"{where}: expected an object with named columns, got {record!r:.80}"
+            )
         for column in (text_column, label_column):
             if column not in record:
                 raise DataError(
@@ -65,13 +67,19 @@ def _records_to_examples(
                 )
         text, label = record[text_column], record[label_column]
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: column '{text_column}' must be non-empty text, got {text!r:.80}")
+            raise DataError(
+                f"{where}: column '{text_column}' must be non-empty text, got {text!r:.80}"
+            )
         if label is None or (isinstance(label, str) and not label.strip()):
             raise DataError(f"{where}: column '{label_column}' is empty")
         extra = {
-            str(k): _as_label(v) for k, v in record.items() if k not in (text_column, label_column)
+            str(k): _as_label(v)
+            for k, v in record.items()
+            if k not in (text_column, label_column)
         }
-        examples.append(Example(text=text, label=_as_label(label), extra=extra, where=where))
+        examples.append(
+            Example(text=text, label=_as_label(label), extra=extra, where=where)
+        )
     if not examples:
         raise DataError(f"{path}: holds no rows")
     return examples
@@ -85,18 +93,24 @@ def _jsonl_records(path: Path) -> Iterable[tuple[str, Any]]:
             try:
                 yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({error.msg})"
+                ) from None
 
 
 def _json_records(path: Path) -> Iterable[tuple[str, Any]]:
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        raise DataError(
+            f"{path}:{error.lineno}: not valid JSON ({error.msg})"
+        ) from None
     if isinstance(document, dict) and isinstance(document.get("data"), list):
         document = document["data"]
     if not isinstance(document, list):
-        raise DataError(f"{path}: expected a list of row objects (or {{'data': [...]}})")
+        raise DataError(
+            f"{path}: expected a list of row objects (or {{'data': [...]}})"
+        )
     return ((f"{path}:row {index}", row) for index, row in enumerate(document))
 
 
@@ -117,7 +131,9 @@ def _delimited_records(path: Path, delimiter: str) -> Iterable[tuple[str, Any]]:
 
 
 def _arrow_records(table: Any, source: Path) -> Iterable[tuple[str, Any]]:
-    return ((f"{source}:row {index}", row) for index, row in enumerate(table.to_pylist()))
+    return (
+        (f"{source}:row {index}", row) for index, row in enumerate(table.to_pylist())
+    )
 
 
 def _parquet_records(path: Path) -> Iterable[tuple[str, Any]]:
@@ -150,7 +166,9 @@ def _saved_dataset_records(path: Path) -> Iterable[tuple[str, Any]]:
     return _arrow_records(pa.concat_tables(tables), path)
 
 
-def load_examples(path: str | Path, text_column: str = "text", label_column: str = "label") -> list[Example]:
+def load_examples(
+    path: str | Path, text_column: str = "text", label_column: str = "label"
+) -> list[Example]:
     """Load labelled rows from a file or a ``save_to_disk`` directory.
 
     Parameters
@@ -172,7 +190,9 @@ def load_examples(path: str | Path, text_column: str = "text", label_column: str
     """
     source = Path(path).expanduser()
     if not source.exists():
-        raise DataError(f"{source}: no such file or directory (check data.path / data.test-path)")
+        raise DataError(
+            f"{source}: no such file or directory (check data.path / data.test-path)"
+        )
     if source.is_dir():
         records = _saved_dataset_records(source)
     else:

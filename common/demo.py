@@ -14,36 +14,133 @@ from common.data import Example
 #: domain -> intent -> phrases that express it.
 DOMAINS: dict[str, dict[str, list[str]]] = {
     "banking": {
-        "transfer_money": ["send money to", "wire funds to", "move cash over to", "transfer a payment to"],
-        "check_balance": ["how much is in", "show the balance of", "what is left in", "check the funds in"],
-        "freeze_card": ["block the card for", "freeze my debit card on", "lock the credit card of", "stop the card linked to"],
+        "transfer_money": [
+            "send money to",
+            "wire funds to",
+            "move cash over to",
+            "transfer a payment to",
+        ],
+        "check_balance": [
+            "how much is in",
+            "show the balance of",
+            "what is left in",
+            "check the funds in",
+        ],
+        "freeze_card": [
+            "block the card for",
+            "freeze my debit card on",
+            "lock the credit card of",
+            "stop the card linked to",
+        ],
     },
     "travel": {
-        "book_flight": ["book a flight for", "reserve plane tickets for", "get me a seat on a flight for", "find airfare for"],
-        "hotel_reservation": ["reserve a hotel room for", "book a place to stay for", "find lodging for", "get a hotel suite for"],
-        "lost_luggage": ["the airline lost the suitcase of", "my baggage never arrived for", "find the missing bags of", "report lost luggage for"],
+        "book_flight": [
+            "book a flight for",
+            "reserve plane tickets for",
+            "get me a seat on a flight for",
+            "find airfare for",
+        ],
+        "hotel_reservation": [
+            "reserve a hotel room for",
+            "book a place to stay for",
+            "find lodging for",
+            "get a hotel suite for",
+        ],
+        "lost_luggage": [
+            "the airline lost the suitcase of",
+            "my baggage never arrived for",
+            "find the missing bags of",
+            "report lost luggage for",
+        ],
     },
     "kitchen": {
-        "recipe_request": ["give me a recipe for", "how do I cook", "what are the steps to bake", "show a dish made with"],
-        "nutrition_info": ["how many calories are in", "what protein does", "list the nutrients of", "is there much sugar in"],
-        "cooking_time": ["how long should I roast", "how many minutes to boil", "what is the oven time for", "when is it done grilling"],
+        "recipe_request": [
+            "give me a recipe for",
+            "how do I cook",
+            "what are the steps to bake",
+            "show a dish made with",
+        ],
+        "nutrition_info": [
+            "how many calories are in",
+            "what protein does",
+            "list the nutrients of",
+            "is there much sugar in",
+        ],
+        "cooking_time": [
+            "how long should I roast",
+            "how many minutes to boil",
+            "what is the oven time for",
+            "when is it done grilling",
+        ],
     },
     "home": {
-        "lights_on": ["switch on the lamps in", "turn the lights on in", "brighten the room of", "power up the lighting in"],
-        "thermostat": ["set the heating in", "make it warmer in", "lower the temperature of", "adjust the thermostat in"],
-        "lock_doors": ["lock the front door of", "secure every entrance of", "bolt the doors in", "make sure the locks are shut in"],
+        "lights_on": [
+            "switch on the lamps in",
+            "turn the lights on in",
+            "brighten the room of",
+            "power up the lighting in",
+        ],
+        "thermostat": [
+            "set the heating in",
+            "make it warmer in",
+            "lower the temperature of",
+            "adjust the thermostat in",
+        ],
+        "lock_doors": [
+            "lock the front door of",
+            "secure every entrance of",
+            "bolt the doors in",
+            "make sure the locks are shut in",
+        ],
     },
 }
 
 _OBJECTS: dict[str, list[str]] = {
-    "banking": ["my savings account", "the checking account", "my joint account", "the business account"],
-    "travel": ["the trip to Lisbon", "our vacation in Kyoto", "the journey to Denver", "the weekend in Rome"],
-    "kitchen": ["a chicken curry", "the lentil soup", "fresh salmon", "a loaf of sourdough"],
-    "home": ["the living room", "the upstairs bedroom", "the garage", "the guest house"],
+    "banking": [
+        "my savings account",
+        "the checking account",
+        "my joint account",
+        "the business account",
+    ],
+    "travel": [
+        "the trip to Lisbon",
+        "our vacation in Kyoto",
+        "the journey to Denver",
+        "the weekend in Rome",
+    ],
+    "kitchen": [
+        "a chicken curry",
+        "the lentil soup",
+        "fresh salmon",
+        "a loaf of sourdough",
+    ],
+    "home": [
+        "the living room",
+        "the upstairs bedroom",
+        "the garage",
+        "the guest house",
+    ],
 }
 
-_OPENERS = ["please", "can you", "I need to", "could you", "hey, ", "quickly", "", "I would like to"]
-_CLOSERS = ["", "today", "right now", "please", "when you can", "this evening", "thanks"]
+_OPENERS = [
+    "please",
+    "can you",
+    "I need to",
+    "could you",
+    "hey, ",
+    "quickly",
+    "",
+    "I would like to",
+]
+_CLOSERS = [
+    "",
+    "today",
+    "right now",
+    "please",
+    "when you can",
+    "this evening",
+    "thanks",
+]
 
 
 def demo_examples(rows_per_intent: int, seed: int, split: str) -> list[Example]:
@@ -68,7 +165,7 @@ def demo_examples(rows_per_intent: int, seed: int, split: str) -> list[Example]:
     examples = []
     for domain, intents in DOMAINS.items():
         for intent, phrases in intents.items():
-            for index in range(rows_per_intent):
+            for _ in range(rows_per_intent):
                 words = [
                     _OPENERS[rng.integers(len(_OPENERS))],
                     phrases[rng.integers(len(phrases))],

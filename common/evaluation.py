@@ -32,11 +32,15 @@ def evaluate(
     lengths = [len(ids) for ids in encoded.ids]
     for rows in sequential_batches(lengths, batch_size):
         batch = {k: v.to(device) for k, v in collate(encoded, rows, pad_id).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        ):
             logits = model(batch["input_ids"], batch["attention_mask"])
         logits = logits.float()
         total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += (logits.argmax(-1) == batch["labels"]).sum().item()
     model.train(was_training)
     count = len(encoded)
-    return EvalResult(loss=total_loss / count, accuracy=correct / count, num_examples=count)
+    return EvalResult(
+        loss=total_loss / count, accuracy=correct / count, num_examples=count
+    )

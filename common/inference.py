@@ -53,9 +53,22 @@ class MergedClassifier:
         return cls(model, AutoTokenizer.from_pretrained(str(folder)), labels)
 
     @torch.no_grad()
-    def predict(self, texts: Sequence[str], max_length: int = 128) -> list[tuple[str, float]]:
+    def predict(
+        self, texts: Sequence[str], max_length: int = 128
+    ) -> list[tuple[str, float]]:
         """The most likely label and its probability for each text."""
-        batch = self.tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        probabilities = self.model(batch["input_ids"], batch["attention_mask"]).softmax(-1)
+        batch = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        probabilities = self.model(batch["input_ids"], batch["attention_mask"]).softmax(
+            -1
+        )
         best = probabilities.max(-1)
-        return [(self.labels[int(i)], float(p)) for p, i in zip(best.values, best.indices, strict=True)]
+        return [
+            (self.labels[int(i)], float(p))
+            for p, i in zip(best.values, best.indices, strict=True)
+        ]

@@ -33,7 +33,9 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     if mode == "mean":
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     if mode == "max":
-        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(1).values
+        return (
+            hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(1).values
+        )
     raise ValueError(f"pooling mode {mode!r} is not one of mean, cls, max")
 
 
@@ -57,9 +59,13 @@ class TextClassifier(nn.Module):
         hidden = encoder.config.hidden_size
         self.head = nn.Linear(hidden, num_labels)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Logits ``(batch, num_labels)``."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling)
         return self.head(pooled.to(self.head.weight.dtype))
 
@@ -67,7 +73,9 @@ class TextClassifier(nn.Module):
 def lora_config(settings: LoraSettings) -> LoraConfig:
     """PEFT's LoraConfig for our settings (feature extraction: no task head in PEFT)."""
     targets: str | list[str] = (
-        "all-linear" if settings.target_modules == ("all-linear",) else list(settings.target_modules)
+        "all-linear"
+        if settings.target_modules == ("all-linear",)
+        else list(settings.target_modules)
     )
     return LoraConfig(
         r=settings.r,
@@ -78,7 +86,9 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
     )
 
 
-def load_encoder(backbone_dir: Path, device: torch.device | str = "cpu") -> PreTrainedModel:
+def load_encoder(
+    backbone_dir: Path, device: torch.device | str = "cpu"
+) -> PreTrainedModel:
     """Load the frozen encoder (safetensors are memory-mapped by transformers)."""
     encoder = AutoModel.from_pretrained(str(backbone_dir))
     encoder.requires_grad_(False)
@@ -86,7 +96,11 @@ def load_encoder(backbone_dir: Path, device: torch.device | str = "cpu") -> PreT
 
 
 def attach_lora(
-    encoder: PreTrainedModel, settings: LoraSettings, pooling: str, num_labels: int, seed: int
+    encoder: PreTrainedModel,
+    settings: LoraSettings,
+    pooling: str,
+    num_labels: int,
+    seed: int,
 ) -> TextClassifier:
     """Wrap ``encoder`` with LoRA adapters and add a seeded head.
 
@@ -104,7 +118,13 @@ def attach_lora(
         try:
             peft_encoder = get_peft_model(encoder, lora_config(settings))
         except ValueError as error:
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in encoder.named_modules() if isinstance(m, nn.Linear)})
+            names = sorted(
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in encoder.named_modules()
+                    if isinstance(m, nn.Linear)
+                }
+            )
             raise ValueError(
                 f"lora.target-modules = {','.join(settings.target_modules)} matches no layer "
                 f"of this backbone ({error}); linear layers here: {', '.join(names)}, "
@@ -122,7 +142,9 @@ def adapter_state(model: TextClassifier) -> AdapterState:
     """The trainable state: LoRA weights (PEFT's names) and the head, as float32 numpy."""
     state = get_peft_model_state_dict(model.encoder)
     state.update({HEAD_PREFIX + k: v for k, v in model.head.state_dict().items()})
-    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
+    return {
+        k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()
+    }
 
 
 def load_adapter_state(model: TextClassifier, state: Mapping[str, np.ndarray]) -> None:
@@ -138,12 +160,20 @@ def load_adapter_state(model: TextClassifier, state: Mapping[str, np.ndarray]) -
     }
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise KeyError(f"adapter state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise KeyError(
+            f"adapter state mismatch: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     device = next(model.head.parameters()).device
-    lora = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    lora = {
+        k: torch.from_numpy(np.asarray(v))
+        for k, v in state.items()
+        if not k.startswith(HEAD_PREFIX)
+    }
     result = set_peft_model_state_dict(model.encoder, lora)
     if getattr(result, "unexpected_keys", None):
-        raise KeyError(f"adapter state has keys PEFT does not know: {result.unexpected_keys[:3]}")
+        raise KeyError(
+            f"adapter state has keys PEFT does not know: {result.unexpected_keys[:3]}"
+        )
     head = {
         k.removeprefix(HEAD_PREFIX): torch.from_numpy(np.asarray(v)).to(device)
         for k, v in state.items()

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,16 @@ SUMMARY_FILE = "summary.json"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 # sentence-transformers files that make ``merged/`` loadable by that library too.
-_SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+_SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+)
 
 
 def default_output_dir(kind: str) -> Path:
     """``runs/<kind>-<UTC timestamp>`` under the working directory."""
-    return Path("runs") / f"{kind}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return Path("runs") / f"{kind}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 def _write_json_atomically(path: Path, document: Mapping[str, Any]) -> None:

@@ -60,7 +60,9 @@ def dirichlet_partition(
     return [sorted(part) for part in parts]
 
 
-def column_partition(examples: Sequence[Example], column: str) -> tuple[list[str], list[list[int]]]:
+def column_partition(
+    examples: Sequence[Example], column: str
+) -> tuple[list[str], list[list[int]]]:
     """One client per distinct value of ``column``, in sorted value order.
 
     Raises
@@ -101,7 +103,9 @@ def partition_indices(
     if kind == "iid":
         parts = iid_partition(len(examples), num_clients, seed)
     elif kind == "dirichlet":
-        parts = dirichlet_partition([e.label for e in examples], num_clients, dirichlet_alpha, seed)
+        parts = dirichlet_partition(
+            [e.label for e in examples], num_clients, dirichlet_alpha, seed
+        )
     elif kind.startswith("column:"):
         column = kind.removeprefix("column:")
         names, groups = column_partition(examples, column)
@@ -113,9 +117,14 @@ def partition_indices(
             )
         # Fewer clients than values: deal the values out, so client i holds values
         # i, i + n, i + 2n, ... and each value still lives at exactly one client.
-        parts = [sorted(i for group in groups[client::num_clients] for i in group) for client in range(num_clients)]
+        parts = [
+            sorted(i for group in groups[client::num_clients] for i in group)
+            for client in range(num_clients)
+        ]
     else:
-        raise DataError(f"data.partition: unknown kind {kind!r}; use iid, dirichlet or column:<name>")
+        raise DataError(
+            f"data.partition: unknown kind {kind!r}; use iid, dirichlet or column:<name>"
+        )
     for client, part in enumerate(parts):
         if not part:
             raise DataError(

@@ -43,24 +43,49 @@ class RoundRecorder:
         row = dict(metrics)
         self.rows.append(row)
         self.outputs.append_metrics(row)
-        clients = f"clients {row['clients']}/{row['sampled']}" if row.get("sampled") else ""
+        clients = (
+            f"clients {row['clients']}/{row['sampled']}" if row.get("sampled") else ""
+        )
         log.info(
             "round %d/%d %s train_loss %s eval_loss %.4f eval_accuracy %.4f up %s MB %.1fs",
-            row["round"], self.total_rounds, clients, _number(row.get("train_loss")),
-            row["eval_loss"], row["eval_accuracy"], _megabytes(row.get("bytes_up")), row["seconds"],
+            row["round"],
+            self.total_rounds,
+            clients,
+            _number(row.get("train_loss")),
+            row["eval_loss"],
+            row["eval_accuracy"],
+            _megabytes(row.get("bytes_up")),
+            row["seconds"],
         )
 
 
 def totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Sums over rounds of the byte, sample and time columns."""
-    names = ("bytes_up", "bytes_down", "bytes_backbone", "train_samples", "seconds", "rejected", "failed")
+    names = (
+        "bytes_up",
+        "bytes_down",
+        "bytes_backbone",
+        "train_samples",
+        "seconds",
+        "rejected",
+        "failed",
+    )
     return {name: sum(row.get(name) or 0 for row in rows) for name in names}
 
 
 def summary_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
     """A rich table of every round."""
     table = Table(title=title)
-    for column in ("round", "clients", "train loss", "eval loss", "eval acc", "MB up", "MB down", "s"):
+    for column in (
+        "round",
+        "clients",
+        "train loss",
+        "eval loss",
+        "eval acc",
+        "MB up",
+        "MB down",
+        "s",
+    ):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(

@@ -25,7 +25,9 @@ from common.partition import holdout_split, partition_indices
 
 
 @lru_cache(maxsize=8)
-def _cached_load(path: str, stamp: float, text_column: str, label_column: str) -> tuple[Example, ...]:
+def _cached_load(
+    path: str, stamp: float, text_column: str, label_column: str
+) -> tuple[Example, ...]:
     del stamp  # part of the cache key only: a rewritten file is read again
     return tuple(load_examples(path, text_column, label_column))
 
@@ -57,7 +59,10 @@ def pools(data: DataConfig, seed: int) -> Pools:
         return Pools(train, test)
     everything = read_examples(data.path, data.text_column, data.label_column)
     if data.test_path:
-        return Pools(everything, read_examples(data.test_path, data.text_column, data.label_column))
+        return Pools(
+            everything,
+            read_examples(data.test_path, data.text_column, data.label_column),
+        )
     train, held_out = holdout_split(everything, data.holdout_fraction, seed)
     return Pools(train, held_out)
 
@@ -116,14 +121,20 @@ def client_examples(
             "check the node config"
         )
     train = pools(data, seed).train
-    parts = partition_indices(train, data.partition, num_partitions, seed, data.dirichlet_alpha)
+    parts = partition_indices(
+        train, data.partition, num_partitions, seed, data.dirichlet_alpha
+    )
     return [train[i] for i in parts[partition_id]]
 
 
-def all_client_examples(data: DataConfig, seed: int, num_clients: int) -> list[list[Example]]:
+def all_client_examples(
+    data: DataConfig, seed: int, num_clients: int
+) -> list[list[Example]]:
     """Every simulated client's rows, in partition order (for baselines and checks)."""
     train = pools(data, seed).train
-    parts = partition_indices(train, data.partition, num_clients, seed, data.dirichlet_alpha)
+    parts = partition_indices(
+        train, data.partition, num_clients, seed, data.dirichlet_alpha
+    )
     return [[train[i] for i in part] for part in parts]
 
 

@@ -16,7 +16,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """An ArrayRecord holding each array under its name."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+    return ArrayRecord(
+        {name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()}
+    )
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -33,7 +35,9 @@ def json_field(record: ConfigRecord, key: str) -> Any:
         When the key is missing or does not hold JSON, naming the key.
     """
     if key not in record:
-        raise ValueError(f"instruction lacks '{key}': coordinator and client versions differ")
+        raise ValueError(
+            f"instruction lacks '{key}': coordinator and client versions differ"
+        )
     try:
         return json.loads(str(record[key]))
     except json.JSONDecodeError as error:

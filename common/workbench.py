@@ -46,7 +46,9 @@ class Workbench:
     test: Encoded
 
     @classmethod
-    def open(cls, config: RunConfig, labels: tuple[str, ...], test_examples: list[Example]) -> Workbench:
+    def open(
+        cls, config: RunConfig, labels: tuple[str, ...], test_examples: list[Example]
+    ) -> Workbench:
         """Load the backbone named by ``model.name`` and attach the seeded adapter.
 
         Raises
@@ -58,7 +60,9 @@ class Workbench:
         """
         backbone_dir = coordinator_backbone_dir(config.model.name)
         pooling = pooling_mode(backbone_dir)
-        model = attach_lora(load_encoder(backbone_dir), config.lora, pooling, len(labels), config.seed)
+        model = attach_lora(
+            load_encoder(backbone_dir), config.lora, pooling, len(labels), config.seed
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         test = encode(
@@ -67,11 +71,25 @@ class Workbench:
             encode_labels(test_examples, labels),
             config.model.max_length,
         )
-        bench = cls(config, backbone_dir, fingerprint(backbone_dir), pooling, labels, model, tokenizer, pad_id, test)
+        bench = cls(
+            config,
+            backbone_dir,
+            fingerprint(backbone_dir),
+            pooling,
+            labels,
+            model,
+            tokenizer,
+            pad_id,
+            test,
+        )
         log.info(
             "backbone %s (%s, %s pooling): %d trainable parameters, %d labels, %d test rows",
-            config.model.name, bench.fingerprint[:12], pooling,
-            trainable_parameter_count(model), len(labels), len(test),
+            config.model.name,
+            bench.fingerprint[:12],
+            pooling,
+            trainable_parameter_count(model),
+            len(labels),
+            len(test),
         )
         return bench
 
@@ -103,7 +121,9 @@ class Workbench:
     def backbone_facts(self) -> dict[str, object]:
         """Name, fingerprint, pooling and sizes for ``summary.json``."""
         encoder_params = sum(
-            p.numel() for n, p in self.model.encoder.named_parameters() if "lora_" not in n
+            p.numel()
+            for n, p in self.model.encoder.named_parameters()
+            if "lora_" not in n
         )
         return {
             "name": self.config.model.name,

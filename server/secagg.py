@@ -57,29 +57,50 @@ class SecureSum:
 
     # -- key stages ----------------------------------------------------------------------
 
-    def prepare(self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats) -> dict[int, ConfigRecord | None]:
+    def prepare(
+        self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats
+    ) -> dict[int, ConfigRecord | None]:
         """Advertise and share keys; returns the clients that go on, with their inbox."""
         self._round = None
         if len(nodes) < 2:
-            log.warning("secure aggregation needs at least 2 clients, round %d has %d", server_round, len(nodes))
+            log.warning(
+                "secure aggregation needs at least 2 clients, round %d has %d",
+                server_round,
+                len(nodes),
+            )
             return {}
         k = self.settings.neighbours or default_neighbours(len(nodes))
         k = min(k, len(nodes) - 1)
         t = self.settings.threshold or default_threshold(k)
         if not k / 2 < t <= k:
-            log.warning("round %d skipped: threshold %d must be in (k/2, k] for k = %d neighbours", server_round, t, k)
+            log.warning(
+                "round %d skipped: threshold %d must be in (k/2, k] for k = %d neighbours",
+                server_round,
+                t,
+                k,
+            )
             return {}
         salt = crypto.round_salt(grid.run.run_id, server_round)
-        protocol = CoordinatorRound(neighbour_graph(list(nodes), k, self.seed * 7_919 + server_round), t, salt)
+        protocol = CoordinatorRound(
+            neighbour_graph(list(nodes), k, self.seed * 7_919 + server_round), t, salt
+        )
 
         setup = {keys.CFG_ROUND: server_round, keys.SECAGG_THRESHOLD: t}
         advertised = {}
-        for reply in self._stage(grid, nodes, ADVERTISE, lambda node: ConfigRecord(setup), stats):
+        for reply in self._stage(
+            grid, nodes, ADVERTISE, lambda node: ConfigRecord(setup), stats
+        ):
             record = reply.content.config_records.get(keys.SECAGG_RECORD)
             try:
-                advertised[reply.metadata.src_node_id] = (bytes(record[keys.SECAGG_CIPHER_PK]), bytes(record[keys.SECAGG_MASK_PK]))  # type: ignore[index,arg-type]
+                advertised[reply.metadata.src_node_id] = (
+                    bytes(record[keys.SECAGG_CIPHER_PK]),
+                    bytes(record[keys.SECAGG_MASK_PK]),
+                )  # type: ignore[index,arg-type]
             except (TypeError, KeyError, ValueError):
-                log_rejection(reply.metadata.src_node_id, ValueError("malformed key advertisement"))
+                log_rejection(
+                    reply.metadata.src_node_id,
+                    ValueError("malformed key advertisement"),
+                )
                 stats.rejected += 1
         for node in protocol.accept_keys(advertised):
             log_rejection(node, ValueError("malformed or duplicate public key"))
@@ -92,8 +113,12 @@ class SecureSum:
                 {
                     **setup,
                     keys.SECAGG_PEERS: [str(p) for p in peers],
-                    keys.SECAGG_PEER_CIPHER_PKS: [protocol.public_keys[p][0] for p in peers],
-                    keys.SECAGG_PEER_MASK_PKS: [protocol.public_keys[p][1] for p in peers],
+                    keys.SECAGG_PEER_CIPHER_PKS: [
+                        protocol.public_keys[p][0] for p in peers
+                    ],
+                    keys.SECAGG_PEER_MASK_PKS: [
+                        protocol.public_keys[p][1] for p in peers
+                    ],
                 }
             )
 
@@ -104,8 +129,12 @@ class SecureSum:
                 record = reply.content.config_records[keys.SECAGG_RECORD]
                 receivers = [int(r) for r in record[keys.SECAGG_PEERS]]  # type: ignore[union-attr]
                 blobs = [bytes(b) for b in record[keys.SECAGG_SEALED]]  # type: ignore[union-attr]
-                if sorted(receivers) != protocol.live_neighbours(node, live) or len(blobs) != len(receivers):
-                    raise ValueError("shares are not addressed to exactly its live neighbours")
+                if sorted(receivers) != protocol.live_neighbours(node, live) or len(
+                    blobs
+                ) != len(receivers):
+                    raise ValueError(
+                        "shares are not addressed to exactly its live neighbours"
+                    )
             except (KeyError, TypeError, ValueError) as error:
                 log_rejection(node, ValueError(f"bad key shares: {error}"))
                 stats.rejected += 1
@@ -114,21 +143,33 @@ class SecureSum:
         self._shared = sorted(sealed)
         participants = protocol.prune(self._shared)
         if len(participants) < 2:
-            log.warning("round %d skipped: %d client(s) completed secure-aggregation setup", server_round, len(participants))
+            log.warning(
+                "round %d skipped: %d client(s) completed secure-aggregation setup",
+                server_round,
+                len(participants),
+            )
             return {}
         try:
-            self._encoding = FixedPoint.for_clients(len(participants), self.settings.clip_norm, self.settings.max_weight)
+            self._encoding = FixedPoint.for_clients(
+                len(participants), self.settings.clip_norm, self.settings.max_weight
+            )
         except HeadroomError as error:
             log.warning("round %d skipped: %s", server_round, error)
             return {}
         self._round = protocol
 
         def inbox(node: int) -> ConfigRecord:
-            senders = [s for s in protocol.live_neighbours(node, self._shared) if node in sealed[s]]
+            senders = [
+                s
+                for s in protocol.live_neighbours(node, self._shared)
+                if node in sealed[s]
+            ]
             return ConfigRecord(
                 {
                     **setup,
-                    keys.SECAGG_PEERS: [str(p) for p in protocol.live_neighbours(node, self._shared)],
+                    keys.SECAGG_PEERS: [
+                        str(p) for p in protocol.live_neighbours(node, self._shared)
+                    ],
                     keys.SECAGG_SENDERS: [str(s) for s in senders],
                     keys.SECAGG_SEALED: [sealed[s][node] for s in senders],
                     keys.SECAGG_SCALE: self._encoding.scale,  # type: ignore[union-attr]
@@ -141,7 +182,13 @@ class SecureSum:
 
     # -- masked input and unmasking -------------------------------------------------------
 
-    def collect(self, grid: Grid, replies: Sequence[Message], reference: Mapping[str, np.ndarray], stats: RoundStats) -> RoundSum | None:
+    def collect(
+        self,
+        grid: Grid,
+        replies: Sequence[Message],
+        reference: Mapping[str, np.ndarray],
+        stats: RoundStats,
+    ) -> RoundSum | None:
         """Check the masked uploads, unmask their sum and decode it."""
         protocol, encoding = self._round, self._encoding
         if protocol is None or encoding is None:
@@ -163,17 +210,29 @@ class SecureSum:
             if record is not None:
                 accused.update(int(s) for s in record.get(keys.SECAGG_BAD_SENDERS, []))  # type: ignore[union-attr]
         for node in sorted(accused & set(masked)):
-            log_rejection(node, ValueError("its encrypted key shares failed authentication at a neighbour"))
+            log_rejection(
+                node,
+                ValueError(
+                    "its encrypted key shares failed authentication at a neighbour"
+                ),
+            )
             stats.rejected += 1
             del masked[node], metrics[node]
         if not masked:
             return None
         survivors = sorted(masked)
         dropped = sorted(set(self._shared) - set(survivors))
-        request = ConfigRecord({keys.SECAGG_SURVIVORS: [str(n) for n in survivors], keys.SECAGG_DROPPED: [str(n) for n in dropped]})
+        request = ConfigRecord(
+            {
+                keys.SECAGG_SURVIVORS: [str(n) for n in survivors],
+                keys.SECAGG_DROPPED: [str(n) for n in dropped],
+            }
+        )
         seed_shares: dict[int, dict[int, int]] = {}
         key_shares: dict[int, dict[int, int]] = {}
-        for reply in self._stage(grid, survivors, UNMASK, lambda node: request, stats, count_failures=False):
+        for reply in self._stage(
+            grid, survivors, UNMASK, lambda node: request, stats, count_failures=False
+        ):
             holder = reply.metadata.src_node_id
             try:
                 record = reply.content.config_records[keys.SECAGG_RECORD]
@@ -181,14 +240,21 @@ class SecureSum:
                     (keys.SECAGG_SEED_OWNERS, keys.SECAGG_SEED_SHARES, seed_shares),
                     (keys.SECAGG_KEY_OWNERS, keys.SECAGG_KEY_SHARES, key_shares),
                 ):
-                    for owner, share in zip(record[owners], record[values], strict=True):  # type: ignore[arg-type]
-                        target.setdefault(int(owner), {})[holder] = crypto.share_from_bytes(bytes(share))
+                    for owner, share in zip(
+                        record[owners], record[values], strict=True
+                    ):  # type: ignore[arg-type]
+                        target.setdefault(int(owner), {})[holder] = (
+                            crypto.share_from_bytes(bytes(share))
+                        )
             except (KeyError, TypeError, ValueError) as error:
                 log.warning("node %d sent unusable unmask shares: %s", holder, error)
         try:
             ring_sum = protocol.unmask(masked, self._shared, seed_shares, key_shares)
         except ProtocolViolation as error:
-            log.warning("secure aggregation could not unmask this round (%s); the round is skipped", error)
+            log.warning(
+                "secure aggregation could not unmask this round (%s); the round is skipped",
+                error,
+            )
             return None
         weighted, weight = encoding.decode_sum(ring_sum)
         return RoundSum(
@@ -210,21 +276,29 @@ class SecureSum:
         count_failures: bool = True,
     ) -> list[Message]:
         messages = [
-            Message(RecordDict({keys.SECAGG_RECORD: request(node)}), node, message_type) for node in nodes
+            Message(RecordDict({keys.SECAGG_RECORD: request(node)}), node, message_type)
+            for node in nodes
         ]
         replies = list(grid.send_and_receive(messages, timeout=self.settings.timeout))
         usable = []
         for reply in replies:
             if reply.has_error():
                 reason = (reply.error.reason or "").strip().splitlines()
-                log.warning("node %d dropped out at %s: %s", reply.metadata.src_node_id, message_type, reason[-1] if reason else "")
+                log.warning(
+                    "node %d dropped out at %s: %s",
+                    reply.metadata.src_node_id,
+                    message_type,
+                    reason[-1] if reason else "",
+                )
                 continue
             usable.append(reply)
         missing = set(nodes) - {r.metadata.src_node_id for r in usable}
         if count_failures:
             stats.failed += len(missing)
         for node in sorted(set(nodes) - {r.metadata.src_node_id for r in replies}):
-            log.warning("node %d did not answer %s within secagg.timeout", node, message_type)
+            log.warning(
+                "node %d did not answer %s within secagg.timeout", node, message_type
+            )
         return usable
 
     @staticmethod
@@ -236,5 +310,7 @@ class SecureSum:
         if vector.dtype != np.uint32:
             raise ValueError(f"masked upload has dtype {vector.dtype}, expected uint32")
         if vector.shape != (length,):
-            raise ValueError(f"masked upload has shape {vector.shape}, expected ({length},)")
+            raise ValueError(
+                f"masked upload has shape {vector.shape}, expected ({length},)"
+            )
         return vector

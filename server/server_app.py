@@ -24,8 +24,8 @@ from common.reporting import RoundRecorder, print_table, summary_table, totals
 from common.splits import evaluation_examples, run_labels
 from common.workbench import Workbench
 from server.aggregation import build_rule
-from server.strategy import BackboneOffer, FederatedLoRA
 from server.secagg import SecureSum
+from server.strategy import BackboneOffer, FederatedLoRA
 from server.summation import PlainSum
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,26 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         The output folder.
     """
     started = time.perf_counter()
-    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir("federated")
+    output_dir = (
+        Path(config.output_dir)
+        if config.output_dir
+        else default_output_dir("federated")
+    )
     labels = run_labels(config.data, config.seed)
-    bench = Workbench.open(config, labels, evaluation_examples(config.data, config.seed))
+    bench = Workbench.open(
+        config, labels, evaluation_examples(config.data, config.seed)
+    )
     outputs = RunOutputs(output_dir)
     recorder = RoundRecorder(outputs, config.num_server_rounds)
     strategy = FederatedLoRA(
         config=config,
-        backbone=BackboneOffer(config.model.name, bench.fingerprint, bench.pooling, bench.backbone_dir),
+        backbone=BackboneOffer(
+            config.model.name, bench.fingerprint, bench.pooling, bench.backbone_dir
+        ),
         labels=labels,
-        summer=SecureSum(config.secagg, config.seed) if config.secagg.enabled else PlainSum(Float32Codec()),
+        summer=SecureSum(config.secagg, config.seed)
+        if config.secagg.enabled
+        else PlainSum(Float32Codec()),
         rule=build_rule(config),
         evaluate=bench.evaluate,
         on_round=recorder.record,

@@ -29,12 +29,11 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.backbone import bundle_files
-from common.codec import apply_delta
+from common.codec import AdapterState, apply_delta
 from common.config import RunConfig
 from common.evaluation import EvalResult
-from common.codec import AdapterState
 from common.wire import to_array_record
-from server.summation import RoundSum, Summer, reply_metrics
+from server.summation import RoundSum, Summer
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,12 @@ class RoundReport:
             "failed": self.failed,
             "rejected": self.rejected,
             "train_loss": train_loss,
-            "train_samples": int(sum(m.get(keys.TRAIN_SAMPLES, 0) for m in self.client_metrics)),
-            "clients_on_cuda": int(sum(m.get(keys.ON_CUDA, 0) for m in self.client_metrics)),
+            "train_samples": int(
+                sum(m.get(keys.TRAIN_SAMPLES, 0) for m in self.client_metrics)
+            ),
+            "clients_on_cuda": int(
+                sum(m.get(keys.ON_CUDA, 0) for m in self.client_metrics)
+            ),
             "eval_loss": evaluation.loss,
             "eval_accuracy": evaluation.accuracy,
             "bytes_up": self.bytes_up,
@@ -153,15 +156,23 @@ class FederatedLoRA:
         """
         state = initial
         started = time.perf_counter()
-        self.on_round(RoundReport(0).metrics(self.evaluate(state), time.perf_counter() - started), state)
+        self.on_round(
+            RoundReport(0).metrics(self.evaluate(state), time.perf_counter() - started),
+            state,
+        )
         for server_round in range(1, self.config.num_server_rounds + 1):
             started = time.perf_counter()
             report = RoundReport(server_round)
             state = self.run_round(grid, server_round, state, report)
-            self.on_round(report.metrics(self.evaluate(state), time.perf_counter() - started), state)
+            self.on_round(
+                report.metrics(self.evaluate(state), time.perf_counter() - started),
+                state,
+            )
         return state
 
-    def run_round(self, grid: Grid, server_round: int, state: AdapterState, report: RoundReport) -> AdapterState:
+    def run_round(
+        self, grid: Grid, server_round: int, state: AdapterState, report: RoundReport
+    ) -> AdapterState:
         """One round: configure, train, aggregate. Returns the new global adapter."""
         nodes = self.configure_train(grid)
         report.sampled = len(nodes)
@@ -173,7 +184,9 @@ class FederatedLoRA:
         if summed is None or summed.count < self.config.train.min_clients:
             log.warning(
                 "round %d skipped: %d client(s) replied usefully, train.min-clients = %d",
-                server_round, report.clients, self.config.train.min_clients,
+                server_round,
+                report.clients,
+                self.config.train.min_clients,
             )
             return state
         return self.aggregate_train(summed, state)
@@ -188,7 +201,9 @@ class FederatedLoRA:
         while len(nodes) < needed and time.monotonic() < deadline:
             time.sleep(_NODE_POLL_SECONDS)
             nodes = sorted(grid.get_node_ids())
-        count = min(len(nodes), max(needed, math.ceil(self.config.train.fraction * len(nodes))))
+        count = min(
+            len(nodes), max(needed, math.ceil(self.config.train.fraction * len(nodes)))
+        )
         # Sample positions, not ids: node ids are uint64 and numpy would turn them to floats.
         chosen = self._rng.choice(len(nodes), size=count, replace=False)
         return [nodes[int(position)] for position in sorted(chosen)]
@@ -223,31 +238,55 @@ class FederatedLoRA:
         adapter = to_array_record(state)
         instructions = self.instructions(server_round)
         replies = self._send(grid, extras, adapter, instructions, report)
-        needing = [r.metadata.src_node_id for r in replies if self._status(r) == keys.STATUS_NEEDS_BACKBONE]
+        needing = [
+            r.metadata.src_node_id
+            for r in replies
+            if self._status(r) == keys.STATUS_NEEDS_BACKBONE
+        ]
         if needing:
             stored = self.distribute_backbone(grid, needing, report)
             if stored:
-                replies += self._send(grid, {n: extras[n] for n in stored}, adapter, instructions, report)
+                replies += self._send(
+                    grid, {n: extras[n] for n in stored}, adapter, instructions, report
+                )
         return [r for r in replies if self._status(r) is None]
 
-    def distribute_backbone(self, grid: Grid, nodes: Sequence[int], report: RoundReport) -> list[int]:
+    def distribute_backbone(
+        self, grid: Grid, nodes: Sequence[int], report: RoundReport
+    ) -> list[int]:
         """Send the backbone files once to each site in ``nodes``.
 
         Returns the nodes that confirmed a verified copy.
         """
         if self._bundle is None:
             self._bundle = to_array_record(bundle_files(self.backbone.directory))
-        log.info("sending the backbone (%.1f MB) to %d site(s)", self._bundle.count_bytes() / 1e6, len(nodes))
-        config = ConfigRecord({keys.CFG_BACKBONE_FINGERPRINT: self.backbone.fingerprint})
+        log.info(
+            "sending the backbone (%.1f MB) to %d site(s)",
+            self._bundle.count_bytes() / 1e6,
+            len(nodes),
+        )
+        config = ConfigRecord(
+            {keys.CFG_BACKBONE_FINGERPRINT: self.backbone.fingerprint}
+        )
         messages = [
-            Message(RecordDict({keys.BACKBONE_RECORD: self._bundle, keys.CONFIG_RECORD: config}), node, BACKBONE_MESSAGE)
+            Message(
+                RecordDict(
+                    {keys.BACKBONE_RECORD: self._bundle, keys.CONFIG_RECORD: config}
+                ),
+                node,
+                BACKBONE_MESSAGE,
+            )
             for node in nodes
         ]
         report.bytes_backbone += self._bundle.count_bytes() * len(messages)
         stored = []
         for reply in grid.send_and_receive(messages, timeout=self.config.train.timeout):
             if reply.has_error():
-                log.warning("node %d could not store the backbone: %s", reply.metadata.src_node_id, reply.error.reason)
+                log.warning(
+                    "node %d could not store the backbone: %s",
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
             elif self._status(reply) == keys.STATUS_BACKBONE_STORED:
                 stored.append(reply.metadata.src_node_id)
         report.failed += len(nodes) - len(stored)
@@ -259,10 +298,16 @@ class FederatedLoRA:
         for reply in replies:
             if reply.has_error():
                 reason = (reply.error.reason or "no reason").strip().splitlines()
-                log.warning("node %d failed: %s", reply.metadata.src_node_id, reason[-1] if reason else "no reason")
+                log.warning(
+                    "node %d failed: %s",
+                    reply.metadata.src_node_id,
+                    reason[-1] if reason else "no reason",
+                )
                 report.failed += 1
                 continue
-            report.bytes_up += sum(record.count_bytes() for record in reply.content.array_records.values())
+            report.bytes_up += sum(
+                record.count_bytes() for record in reply.content.array_records.values()
+            )
             usable.append(reply)
         return usable
 
@@ -282,20 +327,30 @@ class FederatedLoRA:
     ) -> list[Message]:
         messages = []
         for node, extra in extras.items():
-            content = RecordDict({keys.ADAPTER_RECORD: adapter, keys.CONFIG_RECORD: instructions})
+            content = RecordDict(
+                {keys.ADAPTER_RECORD: adapter, keys.CONFIG_RECORD: instructions}
+            )
             if extra is not None:
                 content[keys.SECAGG_RECORD] = extra
             messages.append(Message(content, node, MessageType.TRAIN))
         report.bytes_down += adapter.count_bytes() * len(messages)
-        replies = list(grid.send_and_receive(messages, timeout=self.config.train.timeout))
+        replies = list(
+            grid.send_and_receive(messages, timeout=self.config.train.timeout)
+        )
         missing = set(extras) - {r.metadata.src_node_id for r in replies}
         report.failed += len(missing)
         for node in sorted(missing):
-            log.warning("node %d did not reply within train.timeout = %.0fs", node, self.config.train.timeout)
+            log.warning(
+                "node %d did not reply within train.timeout = %.0fs",
+                node,
+                self.config.train.timeout,
+            )
         return replies
 
     @staticmethod
     def _status(reply: Message) -> str | None:
         if reply.has_error() or keys.STATUS_RECORD not in reply.content.config_records:
             return None
-        return str(reply.content.config_records[keys.STATUS_RECORD].get(keys.STATUS_KIND, ""))
+        return str(
+            reply.content.config_records[keys.STATUS_RECORD].get(keys.STATUS_KIND, "")
+        )

@@ -17,8 +17,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common import keys
-from common.codec import Codec
-from common.codec import AdapterState
+from common.codec import AdapterState, Codec
 from server.contribution import Contribution
 from server.validation import RejectedUpdate, contribution_from_reply, log_rejection
 
@@ -59,11 +58,19 @@ class RoundStats(Protocol):
 class Summer(Protocol):
     """Adds a round's updates."""
 
-    def prepare(self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats) -> dict[int, ConfigRecord | None]:
+    def prepare(
+        self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats
+    ) -> dict[int, ConfigRecord | None]:
         """Nodes that go on to training, each with what its training message must carry."""
         ...
 
-    def collect(self, grid: Grid, replies: Sequence[Message], reference: Mapping[str, np.ndarray], stats: RoundStats) -> RoundSum | None:
+    def collect(
+        self,
+        grid: Grid,
+        replies: Sequence[Message],
+        reference: Mapping[str, np.ndarray],
+        stats: RoundStats,
+    ) -> RoundSum | None:
         """The round's sum from the training replies, or ``None`` when it cannot be formed."""
         ...
 
@@ -80,16 +87,26 @@ class PlainSum:
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
 
-    def prepare(self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats) -> dict[int, ConfigRecord | None]:
+    def prepare(
+        self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats
+    ) -> dict[int, ConfigRecord | None]:
         """Every sampled node trains; nothing extra to send."""
         return {node: None for node in nodes}
 
-    def collect(self, grid: Grid, replies: Sequence[Message], reference: Mapping[str, np.ndarray], stats: RoundStats) -> RoundSum | None:
+    def collect(
+        self,
+        grid: Grid,
+        replies: Sequence[Message],
+        reference: Mapping[str, np.ndarray],
+        stats: RoundStats,
+    ) -> RoundSum | None:
         """Validate each reply and add ``weight * delta`` in float64."""
         contributions = []
         for reply in replies:
             try:
-                contributions.append(contribution_from_reply(reply, reference, self.codec))
+                contributions.append(
+                    contribution_from_reply(reply, reference, self.codec)
+                )
             except RejectedUpdate as reason:
                 log_rejection(reply.metadata.src_node_id, reason)
                 stats.rejected += 1
@@ -98,7 +115,9 @@ class PlainSum:
         total = {k: np.zeros(v.shape, np.float64) for k, v in reference.items()}
         for contribution in contributions:
             for k in total:
-                total[k] += contribution.weight * contribution.change[k].astype(np.float64)
+                total[k] += contribution.weight * contribution.change[k].astype(
+                    np.float64
+                )
         return RoundSum(
             total={k: v.astype(np.float32) for k, v in total.items()},
             weight=float(sum(c.weight for c in contributions)),

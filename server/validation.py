@@ -14,7 +14,6 @@ from common.codec import Codec
 from common.wire import from_array_record
 from server.contribution import Contribution
 
-
 log = logging.getLogger(__name__)
 
 
@@ -46,19 +45,32 @@ def contribution_from_reply(
         raise RejectedUpdate(f"reply has no '{keys.ADAPTER_RECORD}' arrays")
     if keys.METRICS_RECORD not in content.metric_records:
         raise RejectedUpdate(f"reply has no '{keys.METRICS_RECORD}' metrics")
-    metrics = {k: float(v) for k, v in content.metric_records[keys.METRICS_RECORD].items()}  # type: ignore[arg-type]
+    metrics = {
+        k: float(v) for k, v in content.metric_records[keys.METRICS_RECORD].items()
+    }  # type: ignore[arg-type]
     weight = metrics.get(keys.NUM_EXAMPLES, 0.0)
     if not (math.isfinite(weight) and weight >= 1):
-        raise RejectedUpdate(f"'{keys.NUM_EXAMPLES}' must be a positive count, got {weight}")
+        raise RejectedUpdate(
+            f"'{keys.NUM_EXAMPLES}' must be a positive count, got {weight}"
+        )
     arrays = from_array_record(content.array_records[keys.ADAPTER_RECORD])
-    missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+    missing, extra = (
+        sorted(set(reference) - set(arrays)),
+        sorted(set(arrays) - set(reference)),
+    )
     if missing or extra:
-        raise RejectedUpdate(f"wrong tensor names: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise RejectedUpdate(
+            f"wrong tensor names: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     for name, array in arrays.items():
         if array.dtype != np.float32:
             raise RejectedUpdate(f"'{name}' has dtype {array.dtype}, expected float32")
         if array.shape != reference[name].shape:
-            raise RejectedUpdate(f"'{name}' has shape {array.shape}, expected {reference[name].shape}")
+            raise RejectedUpdate(
+                f"'{name}' has shape {array.shape}, expected {reference[name].shape}"
+            )
         if not np.isfinite(array).all():
             raise RejectedUpdate(f"'{name}' holds NaN or Inf")
-    return Contribution(reply.metadata.src_node_id, codec.decode(arrays), weight, metrics)
+    return Contribution(
+        reply.metadata.src_node_id, codec.decode(arrays), weight, metrics
+    )

@@ -16,7 +16,12 @@ from client.finetune import LocalTraining, finetune
 from common.config import RunConfig
 from common.outputs import RunOutputs, default_output_dir
 from common.reporting import RoundRecorder, print_table, summary_table, totals
-from common.splits import all_client_examples, default_num_clients, evaluation_examples, run_labels
+from common.splits import (
+    all_client_examples,
+    default_num_clients,
+    evaluation_examples,
+    run_labels,
+)
 from common.workbench import Workbench
 
 log = logging.getLogger(__name__)
@@ -30,7 +35,10 @@ def federated_samples_per_round(config: RunConfig, client_sizes: list[int]) -> i
     """
     per_client = [size * config.train.local_epochs for size in client_sizes]
     if config.train.max_steps:
-        per_client = [min(samples, config.train.max_steps * config.train.batch_size) for samples in per_client]
+        per_client = [
+            min(samples, config.train.max_steps * config.train.batch_size)
+            for samples in per_client
+        ]
     return round(sum(per_client) * config.train.fraction)
 
 
@@ -47,19 +55,34 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
         The output folder, holding the same files as a federated run.
     """
     started = time.perf_counter()
-    target = output_dir or (Path(config.output_dir) if config.output_dir else default_output_dir("centralized"))
+    target = output_dir or (
+        Path(config.output_dir)
+        if config.output_dir
+        else default_output_dir("centralized")
+    )
     num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
     clients = all_client_examples(config.data, config.seed, num_clients)
     union = [example for rows in clients for example in rows]
     labels = run_labels(config.data, config.seed)
-    bench = Workbench.open(config, labels, evaluation_examples(config.data, config.seed))
+    bench = Workbench.open(
+        config, labels, evaluation_examples(config.data, config.seed)
+    )
     encoded = bench.encode_examples(union)
     per_round = federated_samples_per_round(config, [len(rows) for rows in clients])
     outputs = RunOutputs(target)
     recorder = RoundRecorder(outputs, config.num_server_rounds)
     evaluation = bench.evaluate()
-    recorder.record({"round": 0, "clients": 1, "train_loss": None, "eval_loss": evaluation.loss,
-                     "eval_accuracy": evaluation.accuracy, "train_samples": 0, "seconds": 0.0})
+    recorder.record(
+        {
+            "round": 0,
+            "clients": 1,
+            "train_loss": None,
+            "eval_loss": evaluation.loss,
+            "eval_accuracy": evaluation.accuracy,
+            "train_samples": 0,
+            "seconds": 0.0,
+        }
+    )
     for server_round in range(1, config.num_server_rounds + 1):
         round_started = time.perf_counter()
         plan = LocalTraining(
@@ -72,21 +95,29 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
         )
         result = finetune(bench.model, encoded, bench.pad_id, plan)
         evaluation = bench.evaluate()
-        recorder.record({
-            "round": server_round, "clients": 1, "train_loss": result.train_loss,
-            "train_samples": result.samples, "eval_loss": evaluation.loss,
-            "eval_accuracy": evaluation.accuracy, "seconds": round(time.perf_counter() - round_started, 3),
-        })
+        recorder.record(
+            {
+                "round": server_round,
+                "clients": 1,
+                "train_loss": result.train_loss,
+                "train_samples": result.samples,
+                "eval_loss": evaluation.loss,
+                "eval_accuracy": evaluation.accuracy,
+                "seconds": round(time.perf_counter() - round_started, 3),
+            }
+        )
     bench.export(outputs, bench.state())
-    outputs.write_summary({
-        "kind": "centralized",
-        "config": config.as_dict(),
-        "backbone": bench.backbone_facts(),
-        "labels": list(labels),
-        "final": recorder.rows[-1],
-        "totals": totals(recorder.rows),
-        "wall_seconds": round(time.perf_counter() - started, 2),
-    })
+    outputs.write_summary(
+        {
+            "kind": "centralized",
+            "config": config.as_dict(),
+            "backbone": bench.backbone_facts(),
+            "labels": list(labels),
+            "final": recorder.rows[-1],
+            "totals": totals(recorder.rows),
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        }
+    )
     print_table(summary_table(f"centralised run: {target}", recorder.rows))
     return target
 
@@ -101,7 +132,9 @@ def local_only(config: RunConfig) -> list[dict[str, Any]]:
     num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
     clients = all_client_examples(config.data, config.seed, num_clients)
     labels = run_labels(config.data, config.seed)
-    bench = Workbench.open(config, labels, evaluation_examples(config.data, config.seed))
+    bench = Workbench.open(
+        config, labels, evaluation_examples(config.data, config.seed)
+    )
     initial = bench.state()
     results = []
     for client, rows in enumerate(clients):
@@ -116,6 +149,13 @@ def local_only(config: RunConfig) -> list[dict[str, Any]]:
         )
         finetune(bench.model, bench.encode_examples(rows), bench.pad_id, plan)
         evaluation = bench.evaluate()
-        results.append({"client": client, "rows": len(rows), "eval_accuracy": evaluation.accuracy})
-        log.info("client %d alone: eval_accuracy %.4f on %d rows", client, evaluation.accuracy, len(rows))
+        results.append(
+            {"client": client, "rows": len(rows), "eval_accuracy": evaluation.accuracy}
+        )
+        log.info(
+            "client %d alone: eval_accuracy %.4f on %d rows",
+            client,
+            evaluation.accuracy,
+            len(rows),
+        )
     return results

@@ -20,7 +20,12 @@ from typing import Any
 from common.config import DEFAULTS, ConfigError, RunConfig, parse_assignment
 from common.data import DataError, encode_labels
 from common.outputs import SUMMARY_FILE, default_output_dir
-from common.splits import all_client_examples, default_num_clients, describe_sizes, run_labels
+from common.splits import (
+    all_client_examples,
+    default_num_clients,
+    describe_sizes,
+    run_labels,
+)
 
 log = logging.getLogger("fedgraft")
 
@@ -45,11 +50,16 @@ def load_config(config_file: str | None, assignments: Sequence[str]) -> RunConfi
             raise ConfigError(f"{path}: config file not found") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: not valid TOML ({error})") from None
-        flat.update(document.get("tool", {}).get("flwr", {}).get("app", {}).get("config", document))
+        flat.update(
+            document.get("tool", {})
+            .get("flwr", {})
+            .get("app", {})
+            .get("config", document)
+        )
         nested = [key for key, value in flat.items() if isinstance(value, dict)]
         if nested:
             raise ConfigError(
-                f"{path}: use flat quoted keys such as \"train.lr\" = 0.001, not tables ({', '.join(nested)})"
+                f'{path}: use flat quoted keys such as "train.lr" = 0.001, not tables ({", ".join(nested)})'
             )
     for assignment in assignments:
         key, value = parse_assignment(assignment)
@@ -70,14 +80,21 @@ def check_data(config: RunConfig) -> int:
     labels = run_labels(config.data, config.seed)
     for rows in clients:
         encode_labels(rows, labels)
-    log.info("%d clients with %s rows; %d labels", num_clients, describe_sizes(clients), len(labels))
+    log.info(
+        "%d clients with %s rows; %d labels",
+        num_clients,
+        describe_sizes(clients),
+        len(labels),
+    )
     return num_clients
 
 
 def _prepare_environment(output_dir: Path) -> None:
     os.environ.setdefault("FLWR_HOME", str(output_dir / ".flwr"))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_TMPDIR", str(Path("/tmp") / f"fedgraft-ray-{os.getuid()}"))
+    os.environ.setdefault(
+        "RAY_TMPDIR", str(Path("/tmp") / f"fedgraft-ray-{os.getuid()}")
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.pop("RAY_ADDRESS", None)
 
@@ -96,8 +113,14 @@ def simulate(config: RunConfig) -> Path:
     from server.server_app import build_server_app
 
     num_clients = check_data(config)
-    output_dir = (Path(config.output_dir) if config.output_dir else default_output_dir("federated")).resolve()
-    config = config.with_overrides(**{"output.dir": str(output_dir), "sim.num-clients": num_clients})
+    output_dir = (
+        Path(config.output_dir)
+        if config.output_dir
+        else default_output_dir("federated")
+    ).resolve()
+    config = config.with_overrides(
+        **{"output.dir": str(output_dir), "sim.num-clients": num_clients}
+    )
     _prepare_environment(output_dir)
     run_simulation(
         server_app=build_server_app(config),
@@ -111,7 +134,9 @@ def simulate(config: RunConfig) -> Path:
         },
     )
     if not (output_dir / SUMMARY_FILE).exists():
-        raise RuntimeError(f"the simulation ended without writing {output_dir / SUMMARY_FILE}; see the log above")
+        raise RuntimeError(
+            f"the simulation ended without writing {output_dir / SUMMARY_FILE}; see the log above"
+        )
     if config.sim.local_baseline:
         _compare_with_local_training(config, output_dir)
     return output_dir
@@ -135,18 +160,28 @@ def _compare_with_local_training(config: RunConfig, output_dir: Path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedgraft", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fedgraft", description=__doc__.splitlines()[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("simulate", "federated simulation of several clients on one machine"),
         ("centralized", "the same config as one centralised run (the baseline)"),
     ):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--config", help="TOML file with flat keys (see `fedgraft keys`)")
         command.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)"
+            "--config", help="TOML file with flat keys (see `fedgraft keys`)"
         )
-    predict = commands.add_parser("predict", help="classify texts with a run's merged/ folder")
+        command.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one key (repeatable)",
+        )
+    predict = commands.add_parser(
+        "predict", help="classify texts with a run's merged/ folder"
+    )
     predict.add_argument("merged_dir")
     predict.add_argument("texts", nargs="+")
     commands.add_parser("keys", help="list every config key with its default")
@@ -156,7 +191,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedgraft`` console script."""
     arguments = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for name in ("fedgraft", "common", "client", "server", "simulations"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
@@ -167,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from common.inference import MergedClassifier
 
             classifier = MergedClassifier.load(arguments.merged_dir)
-            for text, (label, probability) in zip(arguments.texts, classifier.predict(arguments.texts), strict=True):
+            for text, (label, probability) in zip(
+                arguments.texts, classifier.predict(arguments.texts), strict=True
+            ):
                 print(f"{label}\t{probability:.3f}\t{text}")
         else:
             config = load_config(arguments.config, arguments.set)

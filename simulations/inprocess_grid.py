@@ -39,14 +39,25 @@ class InProcessGrid:
         Time spent inside the ClientApp (for benchmarks).
     """
 
-    def __init__(self, client_app: ClientApp, node_configs: Mapping[int, Mapping[str, Any]], tamper: Tamper | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: Mapping[int, Mapping[str, Any]],
+        tamper: Tamper | None = None,
+    ) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
         # Messages read the sender's identity from here; a real ServerApp process sets it.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.client_app = client_app
         self.contexts = {
-            node: Context(run_id=1, node_id=node, node_config=dict(config), state=RecordDict(), run_config={})
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config=dict(config),
+                state=RecordDict(),
+                run_config={},
+            )
             for node, config in node_configs.items()
         }
         self.tamper = tamper
@@ -59,11 +70,20 @@ class InProcessGrid:
         """Every node's id."""
         return list(self.contexts)
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         """What Flower's legacy workflows call to build a message."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
         """Deliver each message and collect the replies (errors become error replies)."""
         del timeout
         replies = []
@@ -74,7 +94,10 @@ class InProcessGrid:
             try:
                 reply = self.client_app(message, self.contexts[node])
             except Exception as error:  # the real engines turn this into an error reply
-                reply = Message(Error(code=1, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+                reply = Message(
+                    Error(code=1, reason=f"{type(error).__name__}: {error}"),
+                    reply_to=message,
+                )
             self.client_seconds += time.perf_counter() - started
             delivered = self.tamper(node, reply) if self.tamper is not None else reply
             if delivered is not None:

@@ -28,7 +28,9 @@ _WORDS = (
 ).split()
 
 
-def build_tiny_backbone(directory: Path, mean_pooling: bool = True, seed: int = 0) -> Path:
+def build_tiny_backbone(
+    directory: Path, mean_pooling: bool = True, seed: int = 0
+) -> Path:
     """Save a 2-layer, 32-wide BERT with a word-level vocabulary into ``directory``.
 
     With ``mean_pooling`` it also carries sentence-transformers' pooling config, like
@@ -40,7 +42,9 @@ def build_tiny_backbone(directory: Path, mean_pooling: bool = True, seed: int = 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(_WORDS))]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(
+        vocab_file=str(directory / "vocab.txt"), do_lower_case=True
+    )
     tokenizer.save_pretrained(str(directory))
     config = BertConfig(
         vocab_size=len(vocab),
@@ -56,14 +60,30 @@ def build_tiny_backbone(directory: Path, mean_pooling: bool = True, seed: int = 
         (directory / "modules.json").write_text(
             json.dumps(
                 [
-                    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                    {
+                        "idx": 0,
+                        "name": "0",
+                        "path": "",
+                        "type": "sentence_transformers.models.Transformer",
+                    },
+                    {
+                        "idx": 1,
+                        "name": "1",
+                        "path": "1_Pooling",
+                        "type": "sentence_transformers.models.Pooling",
+                    },
                 ]
             )
         )
         (directory / "1_Pooling").mkdir(exist_ok=True)
         (directory / "1_Pooling" / "config.json").write_text(
-            json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False})
+            json.dumps(
+                {
+                    "word_embedding_dimension": 32,
+                    "pooling_mode_mean_tokens": True,
+                    "pooling_mode_cls_token": False,
+                }
+            )
         )
     return directory
 
@@ -92,10 +112,19 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
 def small_jsonl(tmp_path: Path) -> Path:
     """Twelve rows in two domains with two labels each."""
     rows = []
-    for domain, labels in (("bank", ("send", "balance")), ("travel", ("flight", "hotel"))):
+    for domain, labels in (
+        ("bank", ("send", "balance")),
+        ("travel", ("flight", "hotel")),
+    ):
         for label in labels:
             for index in range(3):
-                rows.append({"text": f"please {label} number {index} my account", "label": label, "domain": domain})
+                rows.append(
+                    {
+                        "text": f"please {label} number {index} my account",
+                        "label": label,
+                        "domain": domain,
+                    }
+                )
     return write_jsonl(tmp_path / "small.jsonl", rows)
 
 
@@ -105,4 +134,3 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not available on this machine")
     return path
-

@@ -8,16 +8,25 @@ import pytest
 from common.config import RULES_NEEDING_INDIVIDUAL_UPDATES, ConfigError, RunConfig
 from server.aggregation import CoordinateMedian, FedAvg, TrimmedMean, build_rule
 from server.contribution import Contribution
-from server.summation import PlainSum, RoundSum
+from server.summation import RoundSum
 
-VALUES = [np.array([1.0, -4.0], np.float32), np.array([3.0, 0.0], np.float32), np.array([100.0, 2.0], np.float32)]
+VALUES = [
+    np.array([1.0, -4.0], np.float32),
+    np.array([3.0, 0.0], np.float32),
+    np.array([100.0, 2.0], np.float32),
+]
 WEIGHTS = [1.0, 3.0, 1.0]
 
 
 def round_sum() -> RoundSum:
-    contributions = [Contribution(i, {"w": v}, w) for i, (v, w) in enumerate(zip(VALUES, WEIGHTS, strict=True))]
+    contributions = [
+        Contribution(i, {"w": v}, w)
+        for i, (v, w) in enumerate(zip(VALUES, WEIGHTS, strict=True))
+    ]
     total = {"w": sum(w * v for v, w in zip(VALUES, WEIGHTS, strict=True))}
-    return RoundSum(total=total, weight=sum(WEIGHTS), count=3, contributions=contributions)
+    return RoundSum(
+        total=total, weight=sum(WEIGHTS), count=3, contributions=contributions
+    )
 
 
 def test_fedavg_is_the_example_weighted_mean() -> None:
@@ -26,24 +35,35 @@ def test_fedavg_is_the_example_weighted_mean() -> None:
 
 
 def test_median_is_the_coordinate_wise_median_and_ignores_one_outlier() -> None:
-    np.testing.assert_allclose(CoordinateMedian().aggregate(round_sum())["w"], [3.0, 0.0])
+    np.testing.assert_allclose(
+        CoordinateMedian().aggregate(round_sum())["w"], [3.0, 0.0]
+    )
 
 
 def test_trimmed_mean_drops_the_extremes_of_each_coordinate() -> None:
     # One value cut from each end of three: the middle value per coordinate.
-    np.testing.assert_allclose(TrimmedMean(0.34).aggregate(round_sum())["w"], [3.0, 0.0])
-    np.testing.assert_allclose(TrimmedMean(0.0).aggregate(round_sum())["w"], np.mean(VALUES, axis=0))
+    np.testing.assert_allclose(
+        TrimmedMean(0.34).aggregate(round_sum())["w"], [3.0, 0.0]
+    )
+    np.testing.assert_allclose(
+        TrimmedMean(0.0).aggregate(round_sum())["w"], np.mean(VALUES, axis=0)
+    )
 
 
 def test_the_rules_needing_updates_are_exactly_those_that_read_them() -> None:
     for name in ("fedavg", "median", "trimmed-mean"):
         rule = build_rule(RunConfig.from_flat({"aggregation": name}))
-        assert rule.needs_individual_updates == (name in RULES_NEEDING_INDIVIDUAL_UPDATES)
+        assert rule.needs_individual_updates == (
+            name in RULES_NEEDING_INDIVIDUAL_UPDATES
+        )
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
-def test_a_rule_needing_individual_updates_is_refused_with_secure_aggregation(rule: str) -> None:
-    with pytest.raises(ConfigError, match=f"aggregation = {rule} needs each client's update.*secagg.enabled"):
+def test_a_rule_needing_individual_updates_is_refused_with_secure_aggregation(
+    rule: str,
+) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=f"aggregation = {rule} needs each client's update.*secagg.enabled",
+    ):
         RunConfig.from_flat({"aggregation": rule, "secagg.enabled": True})
-
-

@@ -13,14 +13,16 @@ from simulations.cli import load_config, main
 def test_toml_file_and_set_overrides_combine_with_set_winning(tmp_path: Path) -> None:
     config_file = tmp_path / "run.toml"
     config_file.write_text('num-server-rounds = 5\n"train.lr" = 0.01\n')
-    config = load_config(str(config_file), ["train.lr=0.02", "lora.target-modules=query,key,value"])
+    config = load_config(
+        str(config_file), ["train.lr=0.02", "lora.target-modules=query,key,value"]
+    )
     assert config.num_server_rounds == 5 and config.train.lr == 0.02
     assert config.lora.target_modules == ("query", "key", "value")
 
 
 def test_a_pyproject_style_table_is_read_too(tmp_path: Path) -> None:
     config_file = tmp_path / "pyproject.toml"
-    config_file.write_text('[tool.flwr.app.config]\nnum-server-rounds = 7\n')
+    config_file.write_text("[tool.flwr.app.config]\nnum-server-rounds = 7\n")
     assert load_config(str(config_file), []).num_server_rounds == 7
 
 
@@ -51,16 +53,22 @@ def test_simulate_refuses_bad_config_before_anything_runs(
     assert code == 2 and message in capsys.readouterr().err
 
 
-def test_simulate_refuses_a_missing_data_file_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_simulate_refuses_a_missing_data_file_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["simulate", "--set", f"data.path={tmp_path / 'nope.jsonl'}"])
     assert code == 2 and "nope.jsonl: no such file" in capsys.readouterr().err
 
 
-def test_keys_lists_every_key_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+def test_keys_lists_every_key_with_its_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["keys"]) == 0
-    assert 'train.lr = 0.002' in capsys.readouterr().out
+    assert "train.lr = 0.002" in capsys.readouterr().out
 
 
-def test_predict_on_a_folder_without_a_head_says_what_to_point_at(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_on_a_folder_without_a_head_says_what_to_point_at(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["predict", str(tmp_path), "hello"]) == 2
     assert "point at the merged/ folder" in capsys.readouterr().err

@@ -192,7 +192,6 @@ def test_invalid_value_is_refused_naming_the_key(key: str, value: object) -> Non
     assert f"'{key}'" in str(caught.value)
 
 
-
 @pytest.mark.parametrize(
     "key",
     [
@@ -212,6 +211,7 @@ def test_infinite_value_is_refused_naming_the_key(key: str) -> None:
 
     # Assert
     assert f"'{key}'" in str(caught.value)
+
 
 @pytest.mark.parametrize(
     ("text", "expected"),

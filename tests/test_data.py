@@ -138,7 +138,6 @@ def test_tsv_rows_are_read(tmp_path: Path) -> None:
     assert examples == EXPECTED
 
 
-
 def test_tsv_text_with_double_quotes_is_read_verbatim(tmp_path: Path) -> None:
     # Prepare
     path = tmp_path / "rows.tsv"
@@ -173,6 +172,7 @@ def test_jsonl_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
 
     # Assert
     assert examples == EXPECTED[:1]
+
 
 def test_parquet_rows_are_read(tmp_path: Path) -> None:
     # Prepare

@@ -86,4 +86,3 @@ def test_texts_are_non_empty_and_trimmed() -> None:
 
     # Assert
     assert all(e.text and e.text == e.text.strip() for e in examples)
-

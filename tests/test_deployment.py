@@ -44,7 +44,9 @@ def wait_until(check: callable, timeout: float, what: str) -> None:  # type: ign
 def healthy(port: int) -> bool:
     """True when a Flower process answers /health on ``port``."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/health", timeout=1
+        ) as answer:
             return bool(answer.status == 200)
     except OSError:
         return False
@@ -61,7 +63,12 @@ class Processes:
     def start(self, name: str, *command: str) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("wb")
         process = subprocess.Popen(
-            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True
+            command,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            start_new_session=True,
         )
         self.started.append(process)
         return process
@@ -105,7 +112,9 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]
     finally:
         processes.stop_all()
         for log in sorted(logs.glob("*.log")):
-            sys.stderr.write(f"--- {log.name} (last 3000 bytes)\n{log.read_bytes()[-3000:].decode(errors='replace')}\n")
+            sys.stderr.write(
+                f"--- {log.name} (last 3000 bytes)\n{log.read_bytes()[-3000:].decode(errors='replace')}\n"
+            )
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
@@ -115,20 +124,37 @@ def test_two_sites_train_two_rounds_over_a_loopback_deployment(
     # Prepare: a tiny backbone only the coordinator has, two sites with their own rows
     processes, env, port = deployment
     backbone = build_tiny_backbone(tmp_path / "backbone")
-    rows = [e for e in demo_train_examples(seed=3) if e.extra["domain"] in ("banking", "travel")]
+    rows = [
+        e
+        for e in demo_train_examples(seed=3)
+        if e.extra["domain"] in ("banking", "travel")
+    ]
     sites = []
     for index, domain in enumerate(("banking", "travel")):
-        site_rows = [{"text": e.text, "label": e.label} for e in rows if e.extra["domain"] == domain][:24]
+        site_rows = [
+            {"text": e.text, "label": e.label}
+            for e in rows
+            if e.extra["domain"] == domain
+        ][:24]
         sites.append(write_jsonl(tmp_path / f"site{index}.jsonl", site_rows))
     test_rows = [
-        {"text": e.text, "label": e.label} for e in demo_test_examples(seed=3) if e.extra["domain"] in ("banking", "travel")
+        {"text": e.text, "label": e.label}
+        for e in demo_test_examples(seed=3)
+        if e.extra["domain"] in ("banking", "travel")
     ]
     test_file = write_jsonl(tmp_path / "test.jsonl", test_rows)
     output = tmp_path / "run-output"
     processes.start(
         "superlink",
-        str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-        "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation",
+        str(BIN / "flower-superlink"),
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(tmp_path / "state.db"),
+        "--disable-runtime-dependency-installation",
     )
     wait_until(lambda: healthy(port), 60, "the SuperLink")
     for index, site in enumerate(sites):
@@ -136,15 +162,27 @@ def test_two_sites_train_two_rounds_over_a_loopback_deployment(
         node_config = f'data-path="{site}" cache-dir="{tmp_path / f"cache{index}"}"'
         processes.start(
             f"supernode{index}",
-            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-            "--host", "127.0.0.1", "--port", str(node_port), "--node-config", node_config,
+            str(BIN / "flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(node_port),
+            "--node-config",
+            node_config,
         )
         wait_until(lambda p=node_port: healthy(p), 60, f"SuperNode {index}")  # type: ignore[misc]
 
     def online_nodes() -> int:
         listing = subprocess.run(
             [str(BIN / "flwr"), "supernode", "ls", "deploy", "--format", "json"],
-            env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=60,
         )
         return listing.stdout.count('"online"')
 
@@ -158,34 +196,62 @@ def test_two_sites_train_two_rounds_over_a_loopback_deployment(
     # Execute: submit the app as an operator would
     submitted = subprocess.run(
         [str(BIN / "flwr"), "run", ".", "deploy", "--format", "json", "-c", overrides],
-        env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     run_id = json.loads(submitted.stdout)["run-id"]
 
     def run_status() -> str:
         listing = subprocess.run(
-            [str(BIN / "flwr"), "ls", "deploy", "--run-id", str(run_id), "--format", "json"],
-            env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+            [
+                str(BIN / "flwr"),
+                "ls",
+                "deploy",
+                "--run-id",
+                str(run_id),
+                "--format",
+                "json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=60,
         )
         try:
             return str(json.loads(listing.stdout)["runs"][0]["status"])
         except (ValueError, KeyError, IndexError):
             return ""
 
-    wait_until(lambda: run_status().startswith("finished"), 420, f"run {run_id} to finish")
+    wait_until(
+        lambda: run_status().startswith("finished"), 420, f"run {run_id} to finish"
+    )
 
     # Assert: the run completed, both sites trained in both rounds, outputs are written
     if run_status() != "finished:completed":
         logs = subprocess.run(
             [str(BIN / "flwr"), "log", str(run_id), "deploy", "--show"],
-            env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=60,
         )
-        pytest.fail(f"run {run_id} ended {run_status()}:\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}")
-    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        pytest.fail(
+            f"run {run_id} ended {run_status()}:\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}"
+        )
+    metrics = [
+        json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [row["round"] for row in metrics] == [0, 1, 2]
     assert [row["clients"] for row in metrics[1:]] == [2, 2]
-    assert metrics[1]["bytes_backbone"] > 0, "sites without the backbone should have received it"
+    assert metrics[1]["bytes_backbone"] > 0, (
+        "sites without the backbone should have received it"
+    )
     assert metrics[2]["bytes_backbone"] == 0, "the backbone is handed over once"
     assert (output / "merged" / "head.safetensors").exists()
     assert any((tmp_path / "cache0" / "backbones").iterdir())

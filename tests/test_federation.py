@@ -25,7 +25,9 @@ from tests.conftest import InProcessGrid, build_tiny_backbone
 NODES = (101, 202)
 
 
-def make_config(backbone: Path, data: Path, output: Path, **overrides: object) -> RunConfig:
+def make_config(
+    backbone: Path, data: Path, output: Path, **overrides: object
+) -> RunConfig:
     return RunConfig.from_flat(
         {
             "model.name": str(backbone),
@@ -42,18 +44,29 @@ def make_config(backbone: Path, data: Path, output: Path, **overrides: object) -
     )
 
 
-def node_configs(cache: Path, **extra: dict[str, object]) -> dict[int, dict[str, object]]:
+def node_configs(
+    cache: Path, **extra: dict[str, object]
+) -> dict[int, dict[str, object]]:
     return {
-        node: {"partition-id": index, "num-partitions": len(NODES), "cache-dir": str(cache / str(node)), **extra.get(str(node), {})}
+        node: {
+            "partition-id": index,
+            "num-partitions": len(NODES),
+            "cache-dir": str(cache / str(node)),
+            **extra.get(str(node), {}),
+        }
         for index, node in enumerate(NODES)
     }
 
 
 def metrics_of(output: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
-def test_a_run_writes_metrics_summary_adapter_and_merged_model(tiny_backbone: Path, small_jsonl: Path, tmp_path: Path) -> None:
+def test_a_run_writes_metrics_summary_adapter_and_merged_model(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
     # Prepare
     output = tmp_path / "out"
     grid = InProcessGrid(client_app, node_configs(tmp_path))
@@ -69,13 +82,20 @@ def test_a_run_writes_metrics_summary_adapter_and_merged_model(tiny_backbone: Pa
         for key in ("train_loss", "eval_loss", "eval_accuracy", "seconds"):
             assert isinstance(row[key], float)
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["backbone"]["fingerprint"] and summary["config"]["num-server-rounds"] == 2
+    assert (
+        summary["backbone"]["fingerprint"]
+        and summary["config"]["num-server-rounds"] == 2
+    )
     assert summary["totals"]["bytes_up"] == sum(row["bytes_up"] for row in rows)
     assert (output / "adapter" / "adapter_config.json").exists()
-    assert (output / "merged" / "config.json").exists() and (output / "merged" / "1_Pooling").is_dir()
+    assert (output / "merged" / "config.json").exists() and (
+        output / "merged" / "1_Pooling"
+    ).is_dir()
 
 
-def test_exported_adapter_loads_with_peft_and_matches_the_merged_model(tiny_backbone: Path, small_jsonl: Path, tmp_path: Path) -> None:
+def test_exported_adapter_loads_with_peft_and_matches_the_merged_model(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
     # Prepare
     import torch
     from peft import PeftModel
@@ -86,18 +106,29 @@ def test_exported_adapter_loads_with_peft_and_matches_the_merged_model(tiny_back
     from common.model import TextClassifier
 
     output = tmp_path / "out"
-    coordinate(InProcessGrid(client_app, node_configs(tmp_path)), make_config(tiny_backbone, small_jsonl, output))  # type: ignore[arg-type]
+    coordinate(
+        InProcessGrid(client_app, node_configs(tmp_path)),
+        make_config(tiny_backbone, small_jsonl, output),
+    )  # type: ignore[arg-type]
 
     # Execute
-    with_adapter = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_backbone)), str(output / "adapter"))
+    with_adapter = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(str(tiny_backbone)), str(output / "adapter")
+    )
     head_meta = json.loads((output / "adapter" / "fedgraft_head.json").read_text())
-    reloaded = TextClassifier(with_adapter, head_meta["pooling"], len(head_meta["labels"]))
-    reloaded.head.load_state_dict(load_file(str(output / "adapter" / "head.safetensors")))
+    reloaded = TextClassifier(
+        with_adapter, head_meta["pooling"], len(head_meta["labels"])
+    )
+    reloaded.head.load_state_dict(
+        load_file(str(output / "adapter" / "head.safetensors"))
+    )
     reloaded.eval()
     merged = MergedClassifier.load(output / "merged")
 
     # Assert
-    batch = AutoTokenizer.from_pretrained(str(tiny_backbone))(["please send my account"], return_tensors="pt")
+    batch = AutoTokenizer.from_pretrained(str(tiny_backbone))(
+        ["please send my account"], return_tensors="pt"
+    )
     with torch.no_grad():
         expected = reloaded(batch["input_ids"], batch["attention_mask"])
         actual = merged.model(batch["input_ids"], batch["attention_mask"])
@@ -106,7 +137,9 @@ def test_exported_adapter_loads_with_peft_and_matches_the_merged_model(tiny_back
     assert merged.predict(["please send my account"])[0][0] in merged.labels
 
 
-def test_clients_send_only_the_adapter_delta_and_counts(tiny_backbone: Path, small_jsonl: Path, tmp_path: Path) -> None:
+def test_clients_send_only_the_adapter_delta_and_counts(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
     # Prepare
     grid = InProcessGrid(client_app, node_configs(tmp_path))
 
@@ -114,7 +147,9 @@ def test_clients_send_only_the_adapter_delta_and_counts(tiny_backbone: Path, sma
     coordinate(grid, make_config(tiny_backbone, small_jsonl, tmp_path / "out"))  # type: ignore[arg-type]
 
     # Assert: only adapter arrays and numeric metrics cross the wire, never text or base weights
-    trained = [r for r in grid.received if keys.ADAPTER_RECORD in r.content.array_records]
+    trained = [
+        r for r in grid.received if keys.ADAPTER_RECORD in r.content.array_records
+    ]
     assert len(trained) == 4
     for reply in trained:
         content = reply.content
@@ -124,11 +159,19 @@ def test_clients_send_only_the_adapter_delta_and_counts(tiny_backbone: Path, sma
         names = set(content.array_records[keys.ADAPTER_RECORD])
         assert all("lora_" in name or name.startswith(HEAD_PREFIX) for name in names)
         metrics = content.metric_records[keys.METRICS_RECORD]
-        assert set(metrics) == {keys.NUM_EXAMPLES, keys.TRAIN_LOSS, keys.TRAIN_SAMPLES, keys.TRAIN_SECONDS, keys.ON_CUDA}
+        assert set(metrics) == {
+            keys.NUM_EXAMPLES,
+            keys.TRAIN_LOSS,
+            keys.TRAIN_SAMPLES,
+            keys.TRAIN_SECONDS,
+            keys.ON_CUDA,
+        }
         assert all(isinstance(value, int | float) for value in metrics.values())
 
 
-def test_a_site_without_the_backbone_receives_it_once(tiny_backbone: Path, small_jsonl: Path, tmp_path: Path) -> None:
+def test_a_site_without_the_backbone_receives_it_once(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
     # Prepare: the client caches start empty and a directory reference means nothing at a site
     output = tmp_path / "out"
     grid = InProcessGrid(client_app, node_configs(tmp_path))
@@ -139,13 +182,20 @@ def test_a_site_without_the_backbone_receives_it_once(tiny_backbone: Path, small
     # Assert
     rows = metrics_of(output)
     assert rows[1]["bytes_backbone"] > 0 and rows[2]["bytes_backbone"] == 0
-    fingerprint = json.loads((output / "summary.json").read_text())["backbone"]["fingerprint"]
+    fingerprint = json.loads((output / "summary.json").read_text())["backbone"][
+        "fingerprint"
+    ]
     for node in NODES:
-        assert (tmp_path / str(node) / "backbones" / fingerprint / "model.safetensors").exists()
+        assert (
+            tmp_path / str(node) / "backbones" / fingerprint / "model.safetensors"
+        ).exists()
 
 
 def test_distribute_never_leaves_sites_without_backbone_out_and_keeps_running(
-    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_backbone: Path,
+    small_jsonl: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Prepare
     output = tmp_path / "out"
@@ -153,25 +203,42 @@ def test_distribute_never_leaves_sites_without_backbone_out_and_keeps_running(
 
     # Execute
     with caplog.at_level(logging.WARNING):
-        coordinate(grid, make_config(tiny_backbone, small_jsonl, output, **{"model.distribute": "never"}))  # type: ignore[arg-type]
+        coordinate(
+            grid,
+            make_config(
+                tiny_backbone, small_jsonl, output, **{"model.distribute": "never"}
+            ),
+        )  # type: ignore[arg-type]
 
     # Assert
     rows = metrics_of(output)
     assert [row["clients"] for row in rows[1:]] == [0, 0]
     assert [row["failed"] for row in rows[1:]] == [2, 2]
-    assert "model.distribute = never" in caplog.text and "round 1 skipped" in caplog.text
+    assert (
+        "model.distribute = never" in caplog.text and "round 1 skipped" in caplog.text
+    )
 
 
 def test_a_site_whose_backbone_differs_refuses_with_the_fingerprints(
-    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_backbone: Path,
+    small_jsonl: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Prepare: node 101 holds another model under its backbone-path
     other = build_tiny_backbone(tmp_path / "other-backbone", seed=7)
-    grid = InProcessGrid(client_app, node_configs(tmp_path, **{"101": {"backbone-path": str(other)}}))
+    grid = InProcessGrid(
+        client_app, node_configs(tmp_path, **{"101": {"backbone-path": str(other)}})
+    )
 
     # Execute
     with caplog.at_level(logging.WARNING):
-        coordinate(grid, make_config(tiny_backbone, small_jsonl, tmp_path / "out", **{"num-server-rounds": 1}))  # type: ignore[arg-type]
+        coordinate(
+            grid,
+            make_config(
+                tiny_backbone, small_jsonl, tmp_path / "out", **{"num-server-rounds": 1}
+            ),
+        )  # type: ignore[arg-type]
 
     # Assert
     rows = metrics_of(tmp_path / "out")
@@ -181,11 +248,17 @@ def test_a_site_whose_backbone_differs_refuses_with_the_fingerprints(
 
 def _replace_adapter(node: int, bad_node: int, change: callable) -> callable:  # type: ignore[valid-type]
     def tamper(sender: int, reply: Message) -> Message:
-        if sender != bad_node or reply.has_error() or keys.ADAPTER_RECORD not in reply.content.array_records:
+        if (
+            sender != bad_node
+            or reply.has_error()
+            or keys.ADAPTER_RECORD not in reply.content.array_records
+        ):
             return reply
         record = reply.content.array_records[keys.ADAPTER_RECORD]
         arrays = {name: change(array.numpy()) for name, array in record.items()}
-        reply.content.array_records[keys.ADAPTER_RECORD] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        reply.content.array_records[keys.ADAPTER_RECORD] = ArrayRecord(
+            {k: Array(v) for k, v in arrays.items()}
+        )
         return reply
 
     return tamper
@@ -201,43 +274,76 @@ def _replace_adapter(node: int, bad_node: int, change: callable) -> callable:  #
     ],
 )
 def test_a_bad_update_is_rejected_and_the_global_adapter_stays_finite(
-    case: str, change: callable, reason: str, tiny_backbone: Path, small_jsonl: Path, tmp_path: Path,  # type: ignore[valid-type]
+    case: str,
+    change: callable,
+    reason: str,
+    tiny_backbone: Path,
+    small_jsonl: Path,
+    tmp_path: Path,  # type: ignore[valid-type]
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Prepare
     output = tmp_path / "out"
-    grid = InProcessGrid(client_app, node_configs(tmp_path), tamper=_replace_adapter(0, 202, change))
+    grid = InProcessGrid(
+        client_app, node_configs(tmp_path), tamper=_replace_adapter(0, 202, change)
+    )
 
     # Execute
     with caplog.at_level(logging.WARNING):
-        coordinate(grid, make_config(tiny_backbone, small_jsonl, output, **{"num-server-rounds": 1}))  # type: ignore[arg-type]
+        coordinate(
+            grid,
+            make_config(tiny_backbone, small_jsonl, output, **{"num-server-rounds": 1}),
+        )  # type: ignore[arg-type]
 
     # Assert
     row = metrics_of(output)[1]
     assert row["rejected"] == 1 and row["clients"] == 1, case
     assert np.isfinite(row["eval_loss"])
-    assert f"node 202: update rejected" in caplog.text and reason in caplog.text
+    assert "node 202: update rejected" in caplog.text and reason in caplog.text
 
 
-def test_a_client_that_never_replies_is_left_out(tiny_backbone: Path, small_jsonl: Path, tmp_path: Path) -> None:
+def test_a_client_that_never_replies_is_left_out(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
     # Prepare: node 202's replies are lost (a timeout at the grid)
-    grid = InProcessGrid(client_app, node_configs(tmp_path), tamper=lambda node, reply: None if node == 202 else reply)
+    grid = InProcessGrid(
+        client_app,
+        node_configs(tmp_path),
+        tamper=lambda node, reply: None if node == 202 else reply,
+    )
 
     # Execute
-    coordinate(grid, make_config(tiny_backbone, small_jsonl, tmp_path / "out", **{"num-server-rounds": 1}))  # type: ignore[arg-type]
+    coordinate(
+        grid,
+        make_config(
+            tiny_backbone, small_jsonl, tmp_path / "out", **{"num-server-rounds": 1}
+        ),
+    )  # type: ignore[arg-type]
 
     # Assert
     row = metrics_of(tmp_path / "out")[1]
     assert (row["clients"], row["failed"]) == (1, 1)
 
 
-def test_too_few_clients_skip_the_round_without_changing_the_model(tiny_backbone: Path, small_jsonl: Path, tmp_path: Path) -> None:
+def test_too_few_clients_skip_the_round_without_changing_the_model(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
     # Prepare: one of two clients crashes on a missing data file; two are required
-    configs = node_configs(tmp_path, **{"202": {"data-path": str(tmp_path / "missing.jsonl")}})
+    configs = node_configs(
+        tmp_path, **{"202": {"data-path": str(tmp_path / "missing.jsonl")}}
+    )
     grid = InProcessGrid(client_app, configs)
 
     # Execute
-    coordinate(grid, make_config(tiny_backbone, small_jsonl, tmp_path / "out", **{"train.min-clients": 2, "num-server-rounds": 1}))  # type: ignore[arg-type]
+    coordinate(
+        grid,
+        make_config(
+            tiny_backbone,
+            small_jsonl,
+            tmp_path / "out",
+            **{"train.min-clients": 2, "num-server-rounds": 1},
+        ),
+    )  # type: ignore[arg-type]
 
     # Assert
     rows = metrics_of(tmp_path / "out")
@@ -246,35 +352,61 @@ def test_too_few_clients_skip_the_round_without_changing_the_model(tiny_backbone
 
 
 def test_a_label_outside_the_map_fails_the_client_naming_file_and_line(
-    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_backbone: Path,
+    small_jsonl: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Prepare: node 202's own file holds a label the coordinator's map lacks, on line 2
     site = tmp_path / "site.jsonl"
-    site.write_text('{"text": "please send", "label": "send"}\n{"text": "what now", "label": "mystery"}\n')
-    grid = InProcessGrid(client_app, node_configs(tmp_path, **{"202": {"data-path": str(site)}}))
+    site.write_text(
+        '{"text": "please send", "label": "send"}\n{"text": "what now", "label": "mystery"}\n'
+    )
+    grid = InProcessGrid(
+        client_app, node_configs(tmp_path, **{"202": {"data-path": str(site)}})
+    )
 
     # Execute
     with caplog.at_level(logging.WARNING):
-        coordinate(grid, make_config(tiny_backbone, small_jsonl, tmp_path / "out", **{"num-server-rounds": 1}))  # type: ignore[arg-type]
+        coordinate(
+            grid,
+            make_config(
+                tiny_backbone, small_jsonl, tmp_path / "out", **{"num-server-rounds": 1}
+            ),
+        )  # type: ignore[arg-type]
 
     # Assert
     assert f"{site}:2: label 'mystery'" in caplog.text
 
 
-def test_virtual_clients_sharing_a_process_do_not_leak_state(tiny_backbone: Path, small_jsonl: Path, tmp_path: Path) -> None:
+def test_virtual_clients_sharing_a_process_do_not_leak_state(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
     # Prepare: the same round trained by node 202 alone, and after node 101 in the same process
-    config = make_config(tiny_backbone, small_jsonl, tmp_path / "out", **{"num-server-rounds": 1})
+    config = make_config(
+        tiny_backbone, small_jsonl, tmp_path / "out", **{"num-server-rounds": 1}
+    )
     alone = InProcessGrid(client_app, {202: node_configs(tmp_path)[202]})
     after_other = InProcessGrid(client_app, node_configs(tmp_path))
 
     # Execute
     coordinate(alone, config)  # type: ignore[arg-type]
-    coordinate(after_other, config.with_overrides(**{"output.dir": str(tmp_path / "out2")}))  # type: ignore[arg-type]
+    coordinate(
+        after_other, config.with_overrides(**{"output.dir": str(tmp_path / "out2")})
+    )  # type: ignore[arg-type]
 
     # Assert
     def delta_of(grid: InProcessGrid, node: int) -> dict[str, np.ndarray]:
-        reply = [r for r in grid.received if r.metadata.src_node_id == node and keys.ADAPTER_RECORD in r.content.array_records][-1]
-        return {k: v.numpy() for k, v in reply.content.array_records[keys.ADAPTER_RECORD].items()}
+        reply = [
+            r
+            for r in grid.received
+            if r.metadata.src_node_id == node
+            and keys.ADAPTER_RECORD in r.content.array_records
+        ][-1]
+        return {
+            k: v.numpy()
+            for k, v in reply.content.array_records[keys.ADAPTER_RECORD].items()
+        }
 
     first, second = delta_of(alone, 202), delta_of(after_other, 202)
     for name in first:

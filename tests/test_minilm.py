@@ -26,16 +26,33 @@ def test_one_federated_round_on_minilm_beats_the_untrained_head(tmp_path: Path) 
     # Prepare: the demo corpus, four sites that all have the packaged backbone
     output = tmp_path / "out"
     config = RunConfig.from_flat(
-        {"num-server-rounds": 1, "train.max-steps": 8, "output.dir": str(output), "sim.num-clients": 4}
+        {
+            "num-server-rounds": 1,
+            "train.max-steps": 8,
+            "output.dir": str(output),
+            "sim.num-clients": 4,
+        }
     )
-    nodes = {100 + i: {"partition-id": i, "num-partitions": 4, "cache-dir": str(tmp_path / "cache")} for i in range(4)}
+    nodes = {
+        100 + i: {
+            "partition-id": i,
+            "num-partitions": 4,
+            "cache-dir": str(tmp_path / "cache"),
+        }
+        for i in range(4)
+    }
 
     # Execute
     coordinate(InProcessGrid(client_app, nodes), config)  # type: ignore[arg-type]
 
     # Assert
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows[1]["clients"] == 4 and rows[1]["bytes_backbone"] == 0
     assert rows[1]["eval_accuracy"] > rows[0]["eval_accuracy"] + 0.2
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["backbone"]["pooling"] == "mean" and summary["backbone"]["parameters"] > 22_000_000
+    assert (
+        summary["backbone"]["pooling"] == "mean"
+        and summary["backbone"]["parameters"] > 22_000_000
+    )

@@ -13,14 +13,23 @@ from common.backbone import fingerprint, pooling_mode
 from common.batching import bucketed_order, collate, encode
 from common.codec import Float32Codec, apply_delta, delta, l2_norm
 from common.config import LoraSettings
-from common.model import HEAD_PREFIX, adapter_state, attach_lora, load_adapter_state, load_encoder, pool
+from common.model import (
+    HEAD_PREFIX,
+    adapter_state,
+    attach_lora,
+    load_adapter_state,
+    load_encoder,
+    pool,
+)
 from tests.conftest import build_tiny_backbone
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("query", "value"))
 
 
 def classifier(backbone: Path, seed: int = 0, labels: int = 3):  # type: ignore[no-untyped-def]
-    return attach_lora(load_encoder(backbone), LORA, pooling_mode(backbone), labels, seed)
+    return attach_lora(
+        load_encoder(backbone), LORA, pooling_mode(backbone), labels, seed
+    )
 
 
 def test_mean_pooling_ignores_padding_tokens() -> None:
@@ -35,14 +44,18 @@ def test_mean_pooling_ignores_padding_tokens() -> None:
     torch.testing.assert_close(pooled, torch.tensor([[2.0, 3.0], [1.0, 1.0]]))
 
 
-@pytest.mark.parametrize(("mode", "expected"), [("cls", [[1.0, 9.0]]), ("max", [[3.0, 9.0]])])
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("cls", [[1.0, 9.0]]), ("max", [[3.0, 9.0]])]
+)
 def test_cls_and_max_pooling(mode: str, expected: list[list[float]]) -> None:
     hidden = torch.tensor([[[1.0, 9.0], [3.0, 4.0], [50.0, 50.0]]])
     pooled = pool(hidden, torch.tensor([[1, 1, 0]]), mode)
     torch.testing.assert_close(pooled, torch.tensor(expected))
 
 
-def test_backbone_pooling_is_read_from_the_sentence_transformers_config(tmp_path: Path) -> None:
+def test_backbone_pooling_is_read_from_the_sentence_transformers_config(
+    tmp_path: Path,
+) -> None:
     with_config = build_tiny_backbone(tmp_path / "st", mean_pooling=True)
     plain = build_tiny_backbone(tmp_path / "plain", mean_pooling=False)
     assert (pooling_mode(with_config), pooling_mode(plain)) == ("mean", "cls")
@@ -55,20 +68,29 @@ def test_fingerprint_changes_when_the_weights_change(tmp_path: Path) -> None:
     assert fingerprint(first) == fingerprint(same) != fingerprint(other)
 
 
-def test_the_initial_adapter_is_a_pure_function_of_the_seed(tiny_backbone: Path) -> None:
+def test_the_initial_adapter_is_a_pure_function_of_the_seed(
+    tiny_backbone: Path,
+) -> None:
     # Execute
-    first, again, other = (adapter_state(classifier(tiny_backbone, seed)) for seed in (3, 3, 4))
+    first, again, other = (
+        adapter_state(classifier(tiny_backbone, seed)) for seed in (3, 3, 4)
+    )
 
     # Assert
     assert all(np.array_equal(first[k], again[k]) for k in first)
     assert any(not np.array_equal(first[k], other[k]) for k in first if "lora_A" in k)
-    assert all(not v.any() for k, v in first.items() if "lora_B" in k), "LoRA B starts at zero"
+    assert all(not v.any() for k, v in first.items() if "lora_B" in k), (
+        "LoRA B starts at zero"
+    )
 
 
 def test_adapter_state_holds_only_lora_and_head_tensors(tiny_backbone: Path) -> None:
     state = adapter_state(classifier(tiny_backbone))
     assert state and all("lora_" in k or k.startswith(HEAD_PREFIX) for k in state)
-    assert {k for k in state if k.startswith(HEAD_PREFIX)} == {"head.weight", "head.bias"}
+    assert {k for k in state if k.startswith(HEAD_PREFIX)} == {
+        "head.weight",
+        "head.bias",
+    }
 
 
 def test_loading_an_adapter_state_round_trips(tiny_backbone: Path) -> None:
@@ -83,7 +105,9 @@ def test_loading_an_adapter_state_round_trips(tiny_backbone: Path) -> None:
     assert all(np.allclose(adapter_state(model)[k], changed[k]) for k in changed)
 
 
-def test_loading_an_adapter_state_with_wrong_names_is_refused(tiny_backbone: Path) -> None:
+def test_loading_an_adapter_state_with_wrong_names_is_refused(
+    tiny_backbone: Path,
+) -> None:
     model = classifier(tiny_backbone)
     state = adapter_state(model)
     state["head.extra"] = state.pop("head.bias")
@@ -91,7 +115,9 @@ def test_loading_an_adapter_state_with_wrong_names_is_refused(tiny_backbone: Pat
         load_adapter_state(model, state)
 
 
-def test_an_unknown_lora_target_names_the_key_and_the_choices(tiny_backbone: Path) -> None:
+def test_an_unknown_lora_target_names_the_key_and_the_choices(
+    tiny_backbone: Path,
+) -> None:
     settings = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("q_proj",))
     with pytest.raises(ValueError, match="lora.target-modules = q_proj.*query"):
         attach_lora(load_encoder(tiny_backbone), settings, "mean", 3, 0)
@@ -103,7 +129,9 @@ def test_delta_and_apply_are_inverse() -> None:
     change = delta(local, reference)
     restored = apply_delta(reference, change)
     assert all(np.array_equal(restored[k], local[k]) for k in local)
-    assert l2_norm(change) == pytest.approx(np.sqrt((4 * np.arange(4) ** 2).sum() + 4 * 4))
+    assert l2_norm(change) == pytest.approx(
+        np.sqrt((4 * np.arange(4) ** 2).sum() + 4 * 4)
+    )
 
 
 def test_float32_codec_is_lossless() -> None:
@@ -118,9 +146,14 @@ def test_batches_pad_to_their_longest_row_and_cover_every_row() -> None:
     assert sorted(r for b in batches for r in b) == list(range(len(lengths)))
     from common.batching import Encoded
 
-    encoded = Encoded(ids=[[1] * n for n in lengths], labels=np.zeros(len(lengths), np.int64))
+    encoded = Encoded(
+        ids=[[1] * n for n in lengths], labels=np.zeros(len(lengths), np.int64)
+    )
     batch = collate(encoded, [0, 1], pad_id=0)
-    assert batch["input_ids"].shape == (2, 9) and batch["attention_mask"].sum().item() == 12
+    assert (
+        batch["input_ids"].shape == (2, 9)
+        and batch["attention_mask"].sum().item() == 12
+    )
 
 
 def test_finetuning_lowers_the_training_loss(tiny_backbone: Path) -> None:
@@ -131,11 +164,15 @@ def test_finetuning_lowers_the_training_loss(tiny_backbone: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone))
     texts = ["good great love", "bad awful hate"] * 8
     encoded = encode(tokenizer, texts, [0, 1] * 8, 16)
-    plan = LocalTraining(epochs=1, max_steps=0, batch_size=4, lr=0.01, weight_decay=0.0, seed=0)
+    plan = LocalTraining(
+        epochs=1, max_steps=0, batch_size=4, lr=0.01, weight_decay=0.0, seed=0
+    )
 
     # Execute
     first = finetune(model, encoded, tokenizer.pad_token_id, plan)
-    later = [finetune(model, encoded, tokenizer.pad_token_id, plan) for _ in range(7)][-1]
+    later = [finetune(model, encoded, tokenizer.pad_token_id, plan) for _ in range(7)][
+        -1
+    ]
 
     # Assert
     assert later.train_loss < first.train_loss
@@ -147,6 +184,8 @@ def test_max_steps_caps_local_training(tiny_backbone: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone))
     encoded = encode(tokenizer, ["good film"] * 20, [0] * 20, 16)
-    plan = LocalTraining(epochs=2, max_steps=3, batch_size=4, lr=0.01, weight_decay=0.0, seed=0)
+    plan = LocalTraining(
+        epochs=2, max_steps=3, batch_size=4, lr=0.01, weight_decay=0.0, seed=0
+    )
     result = finetune(classifier(tiny_backbone, labels=2), encoded, 0, plan)
     assert (result.steps, result.samples) == (3, 12)

@@ -26,47 +26,88 @@ def six_site_data(tmp_path: Path) -> Path:
     rows = [
         {"text": f"{word} number {i} please", "label": label}
         for i in range(8)
-        for word, label in (("send money", "send"), ("book flight", "flight"), ("good film", "good"))
+        for word, label in (
+            ("send money", "send"),
+            ("book flight", "flight"),
+            ("good film", "good"),
+        )
     ]
     return write_jsonl(tmp_path / "six.jsonl", rows)
 
 
-def run(backbone: Path, data: Path, output: Path, nodes: tuple[int, ...], tamper=None, **overrides: object):  # type: ignore[no-untyped-def]
+def run(
+    backbone: Path,
+    data: Path,
+    output: Path,
+    nodes: tuple[int, ...],
+    tamper=None,
+    **overrides: object,
+):  # type: ignore[no-untyped-def]
     config = RunConfig.from_flat(
         {
-            "model.name": str(backbone), "data.path": str(data), "data.partition": "iid",
-            "sim.num-clients": len(nodes), "num-server-rounds": 1, "train.batch-size": 4,
-            "train.lr": 0.01, "lora.dropout": 0.0, "output.dir": str(output), "secagg.enabled": True,
+            "model.name": str(backbone),
+            "data.path": str(data),
+            "data.partition": "iid",
+            "sim.num-clients": len(nodes),
+            "num-server-rounds": 1,
+            "train.batch-size": 4,
+            "train.lr": 0.01,
+            "lora.dropout": 0.0,
+            "output.dir": str(output),
+            "secagg.enabled": True,
             # Four rows per client: a small max-weight keeps the fixed-point step fine.
             "secagg.max-weight": 10.0,
             **overrides,
         }
     )
     node_configs = {
-        node: {"partition-id": i, "num-partitions": len(nodes), "cache-dir": str(output.parent / "cache")}
+        node: {
+            "partition-id": i,
+            "num-partitions": len(nodes),
+            "cache-dir": str(output.parent / "cache"),
+        }
         for i, node in enumerate(nodes)
     }
     grid = InProcessGrid(client_app, node_configs, tamper=tamper)
     coordinate(grid, config)  # type: ignore[arg-type]
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
+    ]
     return grid, rows
 
 
 def final_adapter(output: Path) -> dict[str, np.ndarray]:
     state = load_file(str(output / "adapter" / "adapter_model.safetensors"))
-    state.update({f"head.{k}": v for k, v in load_file(str(output / "adapter" / "head.safetensors")).items()})
+    state.update(
+        {
+            f"head.{k}": v
+            for k, v in load_file(str(output / "adapter" / "head.safetensors")).items()
+        }
+    )
     return state
 
 
 def drop(node: int, message_type: str):  # type: ignore[no-untyped-def]
     """A tamper that loses ``node``'s replies to ``message_type`` (a dropout)."""
-    return lambda sender, reply: None if sender == node and reply.metadata.message_type == message_type else reply
+    return lambda sender, reply: (
+        None
+        if sender == node and reply.metadata.message_type == message_type
+        else reply
+    )
 
 
-def test_secure_and_plain_aggregates_agree_within_the_quantisation_error(tiny_backbone: Path, six_site_data: Path, tmp_path: Path) -> None:
+def test_secure_and_plain_aggregates_agree_within_the_quantisation_error(
+    tiny_backbone: Path, six_site_data: Path, tmp_path: Path
+) -> None:
     # Execute
     _, secure_rows = run(tiny_backbone, six_site_data, tmp_path / "secure", NODES)
-    _, plain_rows = run(tiny_backbone, six_site_data, tmp_path / "plain", NODES, **{"secagg.enabled": False})
+    _, plain_rows = run(
+        tiny_backbone,
+        six_site_data,
+        tmp_path / "plain",
+        NODES,
+        **{"secagg.enabled": False},
+    )
 
     # Assert: each client rounds w_i * x to half a step, so the mean moves by at most
     # n * step / 2 / sum(w_i) per coordinate (plus float32 rounding of the adapter)
@@ -74,9 +115,14 @@ def test_secure_and_plain_aggregates_agree_within_the_quantisation_error(tiny_ba
     step = 1 / FixedPoint.for_clients(6, clip_norm=10.0, max_weight=10.0).scale
     total_weight = 24 / 10.0
     bound = 6 * step / 2 / total_weight
-    secure, plain = final_adapter(tmp_path / "secure"), final_adapter(tmp_path / "plain")
+    secure, plain = (
+        final_adapter(tmp_path / "secure"),
+        final_adapter(tmp_path / "plain"),
+    )
     for name in plain:
-        np.testing.assert_allclose(secure[name], plain[name], rtol=1e-6, atol=bound, err_msg=name)
+        np.testing.assert_allclose(
+            secure[name], plain[name], rtol=1e-6, atol=bound, err_msg=name
+        )
 
 
 def test_clients_send_no_example_count_and_a_uint32_upload_within_5_percent_of_float32(
@@ -84,25 +130,54 @@ def test_clients_send_no_example_count_and_a_uint32_upload_within_5_percent_of_f
 ) -> None:
     # Execute
     secure_grid, _ = run(tiny_backbone, six_site_data, tmp_path / "secure", NODES)
-    plain_grid, _ = run(tiny_backbone, six_site_data, tmp_path / "plain", NODES, **{"secagg.enabled": False})
+    plain_grid, _ = run(
+        tiny_backbone,
+        six_site_data,
+        tmp_path / "plain",
+        NODES,
+        **{"secagg.enabled": False},
+    )
 
     # Assert
-    uploads = [r for r in secure_grid.received if keys.MASKED_RECORD in r.content.array_records]
+    uploads = [
+        r for r in secure_grid.received if keys.MASKED_RECORD in r.content.array_records
+    ]
     assert len(uploads) == 6
     for reply in uploads:
         assert keys.ADAPTER_RECORD not in reply.content.array_records
-        assert keys.NUM_EXAMPLES not in reply.content.metric_records[keys.METRICS_RECORD]
-        assert keys.TRAIN_SAMPLES not in reply.content.metric_records[keys.METRICS_RECORD]
-        vector = next(iter(reply.content.array_records[keys.MASKED_RECORD].values())).numpy()
+        assert (
+            keys.NUM_EXAMPLES not in reply.content.metric_records[keys.METRICS_RECORD]
+        )
+        assert (
+            keys.TRAIN_SAMPLES not in reply.content.metric_records[keys.METRICS_RECORD]
+        )
+        vector = next(
+            iter(reply.content.array_records[keys.MASKED_RECORD].values())
+        ).numpy()
         assert vector.dtype == np.uint32
-    plain_upload = next(r for r in plain_grid.received if keys.ADAPTER_RECORD in r.content.array_records)
-    float_bytes = sum(a.numpy().nbytes for a in plain_upload.content.array_records[keys.ADAPTER_RECORD].values())
-    masked_bytes = next(iter(uploads[0].content.array_records[keys.MASKED_RECORD].values())).numpy().nbytes
+    plain_upload = next(
+        r for r in plain_grid.received if keys.ADAPTER_RECORD in r.content.array_records
+    )
+    float_bytes = sum(
+        a.numpy().nbytes
+        for a in plain_upload.content.array_records[keys.ADAPTER_RECORD].values()
+    )
+    masked_bytes = (
+        next(iter(uploads[0].content.array_records[keys.MASKED_RECORD].values()))
+        .numpy()
+        .nbytes
+    )
     assert masked_bytes <= 1.05 * float_bytes
 
 
 @pytest.mark.parametrize(
-    "stage", [f"query.{keys.ACTION_SECAGG_ADVERTISE}", f"query.{keys.ACTION_SECAGG_SHARE}", "train", f"query.{keys.ACTION_SECAGG_UNMASK}"]
+    "stage",
+    [
+        f"query.{keys.ACTION_SECAGG_ADVERTISE}",
+        f"query.{keys.ACTION_SECAGG_SHARE}",
+        "train",
+        f"query.{keys.ACTION_SECAGG_UNMASK}",
+    ],
 )
 def test_a_dropout_at_any_stage_still_gives_the_exact_survivor_mean(
     stage: str, tiny_backbone: Path, six_site_data: Path, tmp_path: Path
@@ -112,27 +187,57 @@ def test_a_dropout_at_any_stage_still_gives_the_exact_survivor_mean(
     plain_tamper = None if stage.endswith("unmask") else drop(dropped_node, "train")
 
     # Execute
-    _, secure_rows = run(tiny_backbone, six_site_data, tmp_path / "secure", NODES, tamper=drop(dropped_node, stage))
-    _, plain_rows = run(tiny_backbone, six_site_data, tmp_path / "plain", NODES, tamper=plain_tamper, **{"secagg.enabled": False})
+    _, secure_rows = run(
+        tiny_backbone,
+        six_site_data,
+        tmp_path / "secure",
+        NODES,
+        tamper=drop(dropped_node, stage),
+    )
+    _, plain_rows = run(
+        tiny_backbone,
+        six_site_data,
+        tmp_path / "plain",
+        NODES,
+        tamper=plain_tamper,
+        **{"secagg.enabled": False},
+    )
 
     # Assert
     expected_clients = 6 if stage.endswith("unmask") else 5
     assert secure_rows[1]["clients"] == plain_rows[1]["clients"] == expected_clients
-    secure, plain = final_adapter(tmp_path / "secure"), final_adapter(tmp_path / "plain")
+    secure, plain = (
+        final_adapter(tmp_path / "secure"),
+        final_adapter(tmp_path / "plain"),
+    )
     for name in plain:
         np.testing.assert_allclose(secure[name], plain[name], atol=1e-6, err_msg=name)
 
 
 def test_too_many_dropouts_skip_the_round_and_the_run_goes_on(
-    tiny_backbone: Path, six_site_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_backbone: Path,
+    six_site_data: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Prepare: four of six clients vanish after sending their masked input
     gone = {11, 22, 33, 44}
-    tamper = lambda sender, reply: None if sender in gone and reply.metadata.message_type.endswith("unmask") else reply  # noqa: E731
+    tamper = lambda sender, reply: (
+        None
+        if sender in gone and reply.metadata.message_type.endswith("unmask")
+        else reply
+    )  # noqa: E731
 
     # Execute
     with caplog.at_level(logging.WARNING):
-        _, rows = run(tiny_backbone, six_site_data, tmp_path / "out", NODES, tamper=tamper, **{"num-server-rounds": 2})
+        _, rows = run(
+            tiny_backbone,
+            six_site_data,
+            tmp_path / "out",
+            NODES,
+            tamper=tamper,
+            **{"num-server-rounds": 2},
+        )
 
     # Assert
     assert [row["round"] for row in rows] == [0, 1, 2]
@@ -142,9 +247,17 @@ def test_too_many_dropouts_skip_the_round_and_the_run_goes_on(
 
 def _replace_upload(bad_node: int, make):  # type: ignore[no-untyped-def]
     def tamper(sender: int, reply: Message) -> Message:
-        if sender == bad_node and not reply.has_error() and keys.MASKED_RECORD in reply.content.array_records:
-            original = next(iter(reply.content.array_records[keys.MASKED_RECORD].values())).numpy()
-            reply.content.array_records[keys.MASKED_RECORD] = ArrayRecord({"update": Array(make(original))})
+        if (
+            sender == bad_node
+            and not reply.has_error()
+            and keys.MASKED_RECORD in reply.content.array_records
+        ):
+            original = next(
+                iter(reply.content.array_records[keys.MASKED_RECORD].values())
+            ).numpy()
+            reply.content.array_records[keys.MASKED_RECORD] = ArrayRecord(
+                {"update": Array(make(original))}
+            )
         return reply
 
     return tamper
@@ -158,21 +271,46 @@ def _replace_upload(bad_node: int, make):  # type: ignore[no-untyped-def]
     ],
 )
 def test_a_bad_masked_upload_is_dropped_and_the_rest_is_summed(
-    case: str, make, reason: str, tiny_backbone: Path, six_site_data: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+    case: str,
+    make,
+    reason: str,
+    tiny_backbone: Path,
+    six_site_data: Path,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.WARNING):
-        _, secure_rows = run(tiny_backbone, six_site_data, tmp_path / "secure", NODES, tamper=_replace_upload(22, make))
-    _, plain_rows = run(tiny_backbone, six_site_data, tmp_path / "plain", NODES, tamper=drop(22, "train"), **{"secagg.enabled": False})
+        _, secure_rows = run(
+            tiny_backbone,
+            six_site_data,
+            tmp_path / "secure",
+            NODES,
+            tamper=_replace_upload(22, make),
+        )
+    _, plain_rows = run(
+        tiny_backbone,
+        six_site_data,
+        tmp_path / "plain",
+        NODES,
+        tamper=drop(22, "train"),
+        **{"secagg.enabled": False},
+    )
     assert secure_rows[1]["rejected"] == 1 and secure_rows[1]["clients"] == 5, case
-    assert f"node 22: update rejected" in caplog.text and reason in caplog.text
-    secure, plain = final_adapter(tmp_path / "secure"), final_adapter(tmp_path / "plain")
+    assert "node 22: update rejected" in caplog.text and reason in caplog.text
+    secure, plain = (
+        final_adapter(tmp_path / "secure"),
+        final_adapter(tmp_path / "plain"),
+    )
     for name in plain:
         np.testing.assert_allclose(secure[name], plain[name], atol=1e-6, err_msg=name)
 
 
 def test_a_client_with_a_nan_delta_refuses_to_encode_and_is_dropped(
-    tiny_backbone: Path, six_site_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tiny_backbone: Path,
+    six_site_data: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Prepare: node 44's local training produces NaN
     import client.client_app as client_module
@@ -199,11 +337,16 @@ def test_a_client_with_a_nan_delta_refuses_to_encode_and_is_dropped(
 
 
 def test_a_client_whose_share_ciphertext_fails_authentication_is_dropped(
-    tiny_backbone: Path, six_site_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_backbone: Path,
+    six_site_data: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Prepare: one ciphertext that node 55 sends in the key-sharing stage is altered
     def corrupt(sender: int, reply: Message) -> Message:
-        if sender == 55 and reply.metadata.message_type.endswith(keys.ACTION_SECAGG_SHARE):
+        if sender == 55 and reply.metadata.message_type.endswith(
+            keys.ACTION_SECAGG_SHARE
+        ):
             record = reply.content.config_records[keys.SECAGG_RECORD]
             sealed = [bytes(b) for b in record[keys.SECAGG_SEALED]]  # type: ignore[union-attr]
             sealed[0] = sealed[0][:-1] + bytes([sealed[0][-1] ^ 1])
@@ -212,16 +355,27 @@ def test_a_client_whose_share_ciphertext_fails_authentication_is_dropped(
 
     # Execute
     with caplog.at_level(logging.WARNING):
-        _, rows = run(tiny_backbone, six_site_data, tmp_path / "out", NODES, tamper=corrupt)
+        _, rows = run(
+            tiny_backbone, six_site_data, tmp_path / "out", NODES, tamper=corrupt
+        )
 
     # Assert
     assert rows[1]["clients"] == 5 and rows[1]["rejected"] == 1
-    assert "node 55: update rejected: its encrypted key shares failed authentication" in caplog.text
+    assert (
+        "node 55: update rejected: its encrypted key shares failed authentication"
+        in caplog.text
+    )
 
 
-@pytest.mark.parametrize(("case", "expected_rejected"), [("malformed", 1), ("duplicate", 2)])
+@pytest.mark.parametrize(
+    ("case", "expected_rejected"), [("malformed", 1), ("duplicate", 2)]
+)
 def test_a_bad_public_key_removes_its_sender(
-    case: str, expected_rejected: int, tiny_backbone: Path, six_site_data: Path, tmp_path: Path
+    case: str,
+    expected_rejected: int,
+    tiny_backbone: Path,
+    six_site_data: Path,
+    tmp_path: Path,
 ) -> None:
     # Prepare: node 66 advertises a short key, or copies node 11's keys
     advertised: dict[int, ConfigRecord] = {}
@@ -234,7 +388,9 @@ def test_a_bad_public_key_removes_its_sender(
                 if case == "malformed":
                     record[keys.SECAGG_CIPHER_PK] = b"short"
                 else:
-                    record[keys.SECAGG_CIPHER_PK] = advertised[11][keys.SECAGG_CIPHER_PK]
+                    record[keys.SECAGG_CIPHER_PK] = advertised[11][
+                        keys.SECAGG_CIPHER_PK
+                    ]
                     record[keys.SECAGG_MASK_PK] = advertised[11][keys.SECAGG_MASK_PK]
         return reply
 

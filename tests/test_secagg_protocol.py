@@ -45,7 +45,9 @@ def test_both_peers_derive_the_same_pairwise_key_and_other_rounds_differ() -> No
 
 def test_the_prg_is_deterministic_per_seed_and_uniform_looking() -> None:
     first, again = prg(b"k" * 32, 100_000), prg(b"k" * 32, 100_000)
-    assert np.array_equal(first, again) and not np.array_equal(first, prg(b"j" * 32, 100_000))
+    assert np.array_equal(first, again) and not np.array_equal(
+        first, prg(b"j" * 32, 100_000)
+    )
     assert abs(first.astype(np.float64).mean() / 2**32 - 0.5) < 0.01
 
 
@@ -60,7 +62,9 @@ def test_the_neighbour_graph_is_symmetric_and_k_regular(count: int) -> None:
 
 
 def test_the_fixed_point_encoding_refuses_a_ring_too_small_for_the_clients() -> None:
-    with pytest.raises(HeadroomError, match="lower secagg.clip-norm or sample fewer clients"):
+    with pytest.raises(
+        HeadroomError, match="lower secagg.clip-norm or sample fewer clients"
+    ):
         FixedPoint.for_clients(num_clients=100_000, clip_norm=1000.0, max_weight=100.0)
 
 
@@ -82,7 +86,9 @@ def run_protocol(
     t = default_threshold(k)
     server = CoordinatorRound(neighbour_graph(nodes, k, seed=3), t, SALT)
     clients = {n: ClientRound(n, SALT, t) for n in nodes}
-    advertised = {n: clients[n].advertise() for n in nodes if drop_after.get(n) != "setup"}
+    advertised = {
+        n: clients[n].advertise() for n in nodes if drop_after.get(n) != "setup"
+    }
     server.accept_keys(advertised)
     live = server.prune(server.public_keys)
     sealed: dict[int, dict[int, bytes]] = {}
@@ -96,7 +102,11 @@ def run_protocol(
     for n in shared:
         if drop_after.get(n) == "mask":
             continue
-        inbox = {sender: blobs[n] for sender, blobs in sealed.items() if n in blobs and sender in shared}
+        inbox = {
+            sender: blobs[n]
+            for sender, blobs in sealed.items()
+            if n in blobs and sender in shared
+        }
         clients[n].receive_shares(inbox)
         masked[n] = clients[n].mask(inputs[n], server.live_neighbours(n, shared))
     survivors = sorted(masked)
@@ -116,7 +126,10 @@ def run_protocol(
 
 def integer_inputs(count: int, length: int = 257) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {1000 + i: rng.integers(0, 2**32, size=length, dtype=np.uint64).astype(np.uint32) for i in range(count)}
+    return {
+        1000 + i: rng.integers(0, 2**32, size=length, dtype=np.uint64).astype(np.uint32)
+        for i in range(count)
+    }
 
 
 def ring_sum(vectors: list[np.ndarray]) -> np.ndarray:
@@ -134,7 +147,9 @@ def test_without_dropouts_the_unmasked_sum_is_bit_exact() -> None:
 
 
 @pytest.mark.parametrize("stage", ["setup", "share", "mask", "unmask"])
-def test_unmask_recovers_the_survivors_sum_with_one_dropout_at_each_stage(stage: str) -> None:
+def test_unmask_recovers_the_survivors_sum_with_one_dropout_at_each_stage(
+    stage: str,
+) -> None:
     # Prepare
     inputs = integer_inputs(10)
     dropout = 1004
@@ -151,15 +166,21 @@ def test_unmask_recovers_the_survivors_sum_with_one_dropout_at_each_stage(stage:
 def test_too_many_dropouts_around_a_node_make_unmasking_fail_loudly() -> None:
     inputs = integer_inputs(5)
     with pytest.raises(ProtocolViolation, match="cannot rebuild"):
-        run_protocol(inputs, drop_after={n: "unmask" for n in list(inputs)[:3]}, neighbours=4)
+        run_protocol(
+            inputs, drop_after={n: "unmask" for n in list(inputs)[:3]}, neighbours=4
+        )
 
 
-def test_a_client_refuses_a_coordinator_that_lists_a_node_as_alive_and_dropped() -> None:
+def test_a_client_refuses_a_coordinator_that_lists_a_node_as_alive_and_dropped() -> (
+    None
+):
     client = ClientRound(1, SALT, 2)
     client.advertise()
     peers = {n: ClientRound(n, SALT, 2).advertise() for n in (2, 3, 4)}
     client.share_keys(peers)
-    with pytest.raises(ProtocolViolation, match=r"node\(s\) \[3\] as both alive and dropped"):
+    with pytest.raises(
+        ProtocolViolation, match=r"node\(s\) \[3\] as both alive and dropped"
+    ):
         client.unmask(survivors=[1, 2, 3], dropped=[3])
 
 
@@ -185,7 +206,10 @@ def test_secure_mean_matches_the_float_mean_within_the_quantisation_error() -> N
     deltas = [rng.normal(scale=0.01, size=500).astype(np.float32) for _ in range(8)]
     weights = [100, 250, 40, 77, 300, 12, 90, 60]
     encoding = FixedPoint.for_clients(len(deltas), clip_norm=10.0, max_weight=1000.0)
-    inputs = {2000 + i: encoding.encode(d, w) for i, (d, w) in enumerate(zip(deltas, weights, strict=True))}
+    inputs = {
+        2000 + i: encoding.encode(d, w)
+        for i, (d, w) in enumerate(zip(deltas, weights, strict=True))
+    }
 
     # Execute
     total, _ = run_protocol(inputs)
@@ -193,6 +217,8 @@ def test_secure_mean_matches_the_float_mean_within_the_quantisation_error() -> N
 
     # Assert: each client's rounding is at most half a step, so the sum is off by at most n/2 steps
     step = 1 / encoding.scale
-    exact = sum(w / 1000.0 * d.astype(np.float64) for d, w in zip(deltas, weights, strict=True))
+    exact = sum(
+        w / 1000.0 * d.astype(np.float64) for d, w in zip(deltas, weights, strict=True)
+    )
     assert np.abs(weighted_sum - exact).max() <= len(deltas) * step / 2
     assert weight == pytest.approx(sum(weights) / 1000.0, abs=len(deltas) * step)

@@ -22,7 +22,9 @@ def flower_env(tmp_path: Path) -> dict[str, str]:
     """A private FLWR_HOME, Ray folder and SuperLink port for one test."""
     home = tmp_path / "flwr-home"
     home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
     return {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -56,19 +58,41 @@ def test_fedgraft_simulate_runs_rounds_and_compares_with_clients_alone(
     # Prepare: with secure aggregation the client state lives in Flower's context.state
     output = tmp_path / "out"
     command = [
-        str(BIN / "fedgraft"), "simulate",
-        "--set", f"model.name={tiny_backbone}", "--set", f"data.path={small_jsonl}",
-        "--set", "num-server-rounds=2", "--set", "train.batch-size=4", "--set", f"output.dir={output}",
-        "--set", "data.holdout-fraction=0.25", "--set", f"secagg.enabled={str(secure).lower()}",
-        "--set", "secagg.max-weight=10",
+        str(BIN / "fedgraft"),
+        "simulate",
+        "--set",
+        f"model.name={tiny_backbone}",
+        "--set",
+        f"data.path={small_jsonl}",
+        "--set",
+        "num-server-rounds=2",
+        "--set",
+        "train.batch-size=4",
+        "--set",
+        f"output.dir={output}",
+        "--set",
+        "data.holdout-fraction=0.25",
+        "--set",
+        f"secagg.enabled={str(secure).lower()}",
+        "--set",
+        "secagg.max-weight=10",
     ]
 
     # Execute
-    finished = subprocess.run(command, env=flower_env(tmp_path), capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    finished = subprocess.run(
+        command,
+        env=flower_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+    )
 
     # Assert
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [row["round"] for row in rows] == [0, 1, 2]
     assert all(row["clients"] == 2 for row in rows[1:])
     summary = json.loads((output / "summary.json").read_text())
@@ -76,7 +100,9 @@ def test_fedgraft_simulate_runs_rounds_and_compares_with_clients_alone(
     assert "federated eval_accuracy" in finished.stdout
 
 
-def test_flwr_run_dot_runs_the_app_on_the_local_simulation_engine(tiny_backbone: Path, tmp_path: Path) -> None:
+def test_flwr_run_dot_runs_the_app_on_the_local_simulation_engine(
+    tiny_backbone: Path, tmp_path: Path
+) -> None:
     # Prepare: the demo corpus's four domains dealt to two SuperNodes
     env = flower_env(tmp_path)
     output = tmp_path / "out"
@@ -84,18 +110,39 @@ def test_flwr_run_dot_runs_the_app_on_the_local_simulation_engine(tiny_backbone:
     try:
         # Execute
         finished = subprocess.run(
-            [str(BIN / "flwr"), "run", ".", "--stream", "-c", overrides,
-             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-            env=env, capture_output=True, text=True, timeout=400, cwd=REPO_ROOT,
+            [
+                str(BIN / "flwr"),
+                "run",
+                ".",
+                "--stream",
+                "-c",
+                overrides,
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+            cwd=REPO_ROOT,
         )
         listing = subprocess.run(
-            [str(BIN / "flwr"), "ls", "--format", "json"], env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+            [str(BIN / "flwr"), "ls", "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO_ROOT,
         )
     finally:
         stop_local_superlinks(env["FLWR_HOME"])
 
     # Assert: flwr exits 0 even for a failed run, so read the run's status
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    assert [run["status"] for run in json.loads(listing.stdout)["runs"]] == ["finished:completed"]
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [run["status"] for run in json.loads(listing.stdout)["runs"]] == [
+        "finished:completed"
+    ]
+    rows = [
+        json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows[-1]["round"] == 1 and rows[-1]["clients"] == 2

@@ -15,7 +15,10 @@ from collections.abc import Mapping, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -36,13 +39,17 @@ def new_private_key() -> X25519PrivateKey:
 
 def public_bytes(key: X25519PrivateKey) -> bytes:
     """The raw 32-byte public key."""
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
 
 
 def private_bytes(key: X25519PrivateKey) -> bytes:
     """The raw 32-byte private key (for secret sharing and the client's round state)."""
     return key.private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
     )
 
 
@@ -60,7 +67,9 @@ def load_public_key(raw: bytes) -> X25519PublicKey:
         When ``raw`` is not 32 bytes or is a low-order point (all-zero shared secret).
     """
     if len(raw) != PUBLIC_KEY_BYTES:
-        raise SecAggCryptoError(f"public key has {len(raw)} bytes, expected {PUBLIC_KEY_BYTES}")
+        raise SecAggCryptoError(
+            f"public key has {len(raw)} bytes, expected {PUBLIC_KEY_BYTES}"
+        )
     key = X25519PublicKey.from_public_bytes(raw)
     try:
         X25519PrivateKey.generate().exchange(key)
@@ -69,7 +78,9 @@ def load_public_key(raw: bytes) -> X25519PublicKey:
     return key
 
 
-def agree(private: X25519PrivateKey, peer_public: bytes, salt: bytes, purpose: bytes) -> bytes:
+def agree(
+    private: X25519PrivateKey, peer_public: bytes, salt: bytes, purpose: bytes
+) -> bytes:
     """ECDH followed by HKDF-SHA256: a 32-byte key both peers derive alike.
 
     Parameters
@@ -87,7 +98,9 @@ def agree(private: X25519PrivateKey, peer_public: bytes, salt: bytes, purpose: b
         shared = private.exchange(load_public_key(peer_public))
     except ValueError as error:
         raise SecAggCryptoError(f"key agreement failed: {error}") from None
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"fedgraft/" + purpose).derive(shared)
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=salt, info=b"fedgraft/" + purpose
+    ).derive(shared)
 
 
 def round_salt(run_id: int, server_round: int) -> bytes:
@@ -117,7 +130,9 @@ def decrypt(key: bytes, sealed: bytes, associated: bytes) -> bytes:
         raise SecAggCryptoError("ciphertext failed authentication") from None
 
 
-def share_secret(secret: bytes, threshold: int, holders: Sequence[int]) -> dict[int, int]:
+def share_secret(
+    secret: bytes, threshold: int, holders: Sequence[int]
+) -> dict[int, int]:
     """Split ``secret`` into one share per holder; any ``threshold`` of them rebuild it.
 
     Shares are evaluations of a random degree ``threshold - 1`` polynomial at
@@ -130,7 +145,9 @@ def share_secret(secret: bytes, threshold: int, holders: Sequence[int]) -> dict[
     """
     if not 1 <= threshold <= len(holders):
         raise ValueError(f"threshold {threshold} must be in 1..{len(holders)} holders")
-    coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(FIELD_PRIME) for _ in range(threshold - 1)]
+    coefficients = [int.from_bytes(secret, "big")] + [
+        secrets.randbelow(FIELD_PRIME) for _ in range(threshold - 1)
+    ]
     shares = {}
     for holder in holders:
         x, value = holder + 1, 0
@@ -149,7 +166,9 @@ def recover_secret(shares: Mapping[int, int], threshold: int) -> bytes:
         When fewer than ``threshold`` shares are given.
     """
     if len(shares) < threshold:
-        raise SecAggCryptoError(f"{len(shares)} shares cannot rebuild a secret that needs {threshold}")
+        raise SecAggCryptoError(
+            f"{len(shares)} shares cannot rebuild a secret that needs {threshold}"
+        )
     points = [(holder + 1, value) for holder, value in list(shares.items())[:threshold]]
     secret = 0
     for i, (xi, yi) in enumerate(points):
@@ -158,9 +177,13 @@ def recover_secret(shares: Mapping[int, int], threshold: int) -> bytes:
             if i != j:
                 numerator = numerator * (-xj) % FIELD_PRIME
                 denominator = denominator * (xi - xj) % FIELD_PRIME
-        secret = (secret + yi * numerator * pow(denominator, -1, FIELD_PRIME)) % FIELD_PRIME
+        secret = (
+            secret + yi * numerator * pow(denominator, -1, FIELD_PRIME)
+        ) % FIELD_PRIME
     if secret >= 1 << (8 * SECRET_BYTES):
-        raise SecAggCryptoError("shares are inconsistent: the rebuilt value is not a 32-byte secret")
+        raise SecAggCryptoError(
+            "shares are inconsistent: the rebuilt value is not a 32-byte secret"
+        )
     return secret.to_bytes(SECRET_BYTES, "big")
 
 

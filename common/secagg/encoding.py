@@ -45,7 +45,13 @@ class FixedPoint:
     max_weight: float
 
     @classmethod
-    def for_clients(cls, num_clients: int, clip_norm: float, max_weight: float, min_step: float = 1e-6) -> FixedPoint:
+    def for_clients(
+        cls,
+        num_clients: int,
+        clip_norm: float,
+        max_weight: float,
+        min_step: float = 1e-6,
+    ) -> FixedPoint:
         """The finest encoding whose sum over ``num_clients`` cannot overflow.
 
         Raises
@@ -54,7 +60,9 @@ class FixedPoint:
             When even that encoding is coarser than ``min_step``, saying what to change.
         """
         if clip_norm <= 0 or max_weight < 1:
-            raise HeadroomError("secagg.clip-norm must be > 0 and secagg.max-weight >= 1")
+            raise HeadroomError(
+                "secagg.clip-norm must be > 0 and secagg.max-weight >= 1"
+            )
         # |sum_i w_i x_ik| <= n * clip; the weight coordinate sums to <= n <= n * clip when clip >= 1.
         bound = num_clients * max(clip_norm, 1.0)
         scale = math.floor(_SIGNED_LIMIT / bound)
@@ -77,27 +85,41 @@ class FixedPoint:
         if not np.isfinite(flat_delta).all():
             raise ValueError("delta holds NaN or Inf: refusing to encode it")
         norm = float(np.linalg.norm(flat_delta.astype(np.float64)))
-        clipped = flat_delta * min(1.0, self.clip_norm / norm) if norm > 0 else flat_delta
+        clipped = (
+            flat_delta * min(1.0, self.clip_norm / norm) if norm > 0 else flat_delta
+        )
         weight = min(num_examples, self.max_weight) / self.max_weight
-        values = np.append(clipped.astype(np.float64) * weight, weight)  # (P + 1,) float64
+        values = np.append(
+            clipped.astype(np.float64) * weight, weight
+        )  # (P + 1,) float64
         return np.round(values * self.scale).astype(np.int64).astype(np.uint32)
 
     def decode_sum(self, ring_sum: np.ndarray) -> tuple[np.ndarray, float]:
         """Signed decoding of an unmasked sum: (sum of weighted deltas ``(P,) float64``, total weight)."""
-        signed = ring_sum.astype(np.uint32).view(np.int32).astype(np.float64) / self.scale
+        signed = (
+            ring_sum.astype(np.uint32).view(np.int32).astype(np.float64) / self.scale
+        )
         return signed[:-1], float(signed[-1])
 
 
 def flatten(state: Mapping[str, np.ndarray]) -> np.ndarray:
     """All tensors in sorted-name order as one float32 vector."""
-    return np.concatenate([np.asarray(state[k], np.float32).ravel() for k in sorted(state)])
+    return np.concatenate(
+        [np.asarray(state[k], np.float32).ravel() for k in sorted(state)]
+    )
 
 
-def unflatten(vector: np.ndarray, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def unflatten(
+    vector: np.ndarray, reference: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Inverse of :func:`flatten` with the shapes of ``reference``."""
     out, offset = {}, 0
     for name in sorted(reference):
         size = reference[name].size
-        out[name] = vector[offset : offset + size].reshape(reference[name].shape).astype(np.float32)
+        out[name] = (
+            vector[offset : offset + size]
+            .reshape(reference[name].shape)
+            .astype(np.float32)
+        )
         offset += size
     return out

@@ -6,14 +6,18 @@ from __future__ import annotations
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-_NONCE = bytes(16)  # every seed is used for exactly one stream, so a fixed nonce is safe
+_NONCE = bytes(
+    16
+)  # every seed is used for exactly one stream, so a fixed nonce is safe
 
 
 def prg(seed: bytes, length: int) -> np.ndarray:
     """``length`` pseudo-random uint32 values from a 32-byte seed."""
     zeros = bytes(4 * length)
     stream = bytearray(4 * length)
-    Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update_into(zeros, stream)
+    Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update_into(
+        zeros, stream
+    )
     return np.frombuffer(stream, dtype=np.uint32)  # (length,) uint32
 
 

@@ -49,7 +49,9 @@ def default_threshold(neighbours: int) -> int:
     return neighbours // 2 + 1
 
 
-def neighbour_graph(nodes: Sequence[int], neighbours: int, seed: int) -> dict[int, list[int]]:
+def neighbour_graph(
+    nodes: Sequence[int], neighbours: int, seed: int
+) -> dict[int, list[int]]:
     """A k-regular (Harary) graph over a seeded permutation of ``nodes``.
 
     Node at position ``p`` is linked to positions ``p +- 1 .. p +- k/2``; with an odd
@@ -75,7 +77,9 @@ def _associated(sender: int, receiver: int, salt: bytes) -> bytes:
     return salt + sender.to_bytes(8, "big") + receiver.to_bytes(8, "big")
 
 
-def _share_plaintext(sender: int, receiver: int, seed_share: int, key_share: int) -> bytes:
+def _share_plaintext(
+    sender: int, receiver: int, seed_share: int, key_share: int
+) -> bytes:
     return (
         sender.to_bytes(8, "big")
         + receiver.to_bytes(8, "big")
@@ -104,16 +108,25 @@ class ClientRound:
     cipher_key: bytes = b""
     mask_key: bytes = b""
     self_seed: bytes = b""
-    peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # node -> (c_pk, s_pk)
-    held_shares: dict[int, tuple[int, int]] = field(default_factory=dict)  # sender -> (b share, s_sk share)
+    peers: dict[int, tuple[bytes, bytes]] = field(
+        default_factory=dict
+    )  # node -> (c_pk, s_pk)
+    held_shares: dict[int, tuple[int, int]] = field(
+        default_factory=dict
+    )  # sender -> (b share, s_sk share)
 
     def advertise(self) -> tuple[bytes, bytes]:
         """Fresh key pairs for this round; returns the public keys (c, s)."""
         cipher, mask = crypto.new_private_key(), crypto.new_private_key()
-        self.cipher_key, self.mask_key = crypto.private_bytes(cipher), crypto.private_bytes(mask)
+        self.cipher_key, self.mask_key = (
+            crypto.private_bytes(cipher),
+            crypto.private_bytes(mask),
+        )
         return crypto.public_bytes(cipher), crypto.public_bytes(mask)
 
-    def share_keys(self, peer_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+    def share_keys(
+        self, peer_keys: Mapping[int, tuple[bytes, bytes]]
+    ) -> dict[int, bytes]:
         """Split the self-mask seed and the mask key among the live neighbours.
 
         Raises
@@ -126,15 +139,22 @@ class ClientRound:
                 f"node {self.node} has {len(peer_keys)} live neighbours, fewer than the threshold {self.threshold}"
             )
         seen: dict[bytes, int] = {}
-        own = {crypto.public_bytes(crypto.private_from_bytes(k)) for k in (self.cipher_key, self.mask_key)}
+        own = {
+            crypto.public_bytes(crypto.private_from_bytes(k))
+            for k in (self.cipher_key, self.mask_key)
+        }
         for peer, keys in peer_keys.items():
             for key in keys:
                 try:
                     crypto.load_public_key(key)
                 except (crypto.SecAggCryptoError, ValueError) as error:
-                    raise ProtocolViolation(f"node {peer} sent a malformed public key: {error}") from None
+                    raise ProtocolViolation(
+                        f"node {peer} sent a malformed public key: {error}"
+                    ) from None
                 if key in seen or key in own:
-                    raise ProtocolViolation(f"node {peer} reuses a public key of node {seen.get(key, self.node)}")
+                    raise ProtocolViolation(
+                        f"node {peer} reuses a public key of node {seen.get(key, self.node)}"
+                    )
                 seen[key] = peer
         self.peers = dict(peer_keys)
         self.self_seed = secrets.token_bytes(crypto.SECRET_BYTES)
@@ -145,8 +165,12 @@ class ClientRound:
         sealed = {}
         for peer in holders:
             key = crypto.agree(cipher, peer_keys[peer][0], self.salt, _SHARE_PURPOSE)
-            plaintext = _share_plaintext(self.node, peer, seed_shares[peer], key_shares[peer])
-            sealed[peer] = crypto.encrypt(key, plaintext, _associated(self.node, peer, self.salt))
+            plaintext = _share_plaintext(
+                self.node, peer, seed_shares[peer], key_shares[peer]
+            )
+            sealed[peer] = crypto.encrypt(
+                key, plaintext, _associated(self.node, peer, self.salt)
+            )
         return sealed
 
     def receive_shares(self, sealed: Mapping[int, bytes]) -> list[int]:
@@ -158,12 +182,19 @@ class ClientRound:
                 failed.append(sender)
                 continue
             try:
-                key = crypto.agree(cipher, self.peers[sender][0], self.salt, _SHARE_PURPOSE)
-                plaintext = crypto.decrypt(key, blob, _associated(sender, self.node, self.salt))
+                key = crypto.agree(
+                    cipher, self.peers[sender][0], self.salt, _SHARE_PURPOSE
+                )
+                plaintext = crypto.decrypt(
+                    key, blob, _associated(sender, self.node, self.salt)
+                )
             except crypto.SecAggCryptoError:
                 failed.append(sender)
                 continue
-            if int.from_bytes(plaintext[:8], "big") != sender or int.from_bytes(plaintext[8:16], "big") != self.node:
+            if (
+                int.from_bytes(plaintext[:8], "big") != sender
+                or int.from_bytes(plaintext[8:16], "big") != self.node
+            ):
                 failed.append(sender)
                 continue
             self.held_shares[sender] = (
@@ -183,9 +214,13 @@ class ClientRound:
         live = sorted(live_peers)
         unknown = [peer for peer in live if peer not in self.peers]
         if unknown:
-            raise ProtocolViolation(f"coordinator lists node(s) {unknown} that were not neighbours of node {self.node}")
+            raise ProtocolViolation(
+                f"coordinator lists node(s) {unknown} that were not neighbours of node {self.node}"
+            )
         if len(live) < self.threshold:
-            raise ProtocolViolation(f"node {self.node} has {len(live)} live neighbours, threshold is {self.threshold}")
+            raise ProtocolViolation(
+                f"node {self.node} has {len(live)} live neighbours, threshold is {self.threshold}"
+            )
         masked = np.array(encoded, dtype=np.uint32, copy=True)  # (P + 1,) uint32
         add_mask(masked, self.self_seed, +1)
         mask_key = crypto.private_from_bytes(self.mask_key)
@@ -194,7 +229,9 @@ class ClientRound:
             add_mask(masked, seed, pair_sign(self.node, peer))
         return masked
 
-    def unmask(self, survivors: Iterable[int], dropped: Iterable[int]) -> tuple[dict[int, int], dict[int, int]]:
+    def unmask(
+        self, survivors: Iterable[int], dropped: Iterable[int]
+    ) -> tuple[dict[int, int], dict[int, int]]:
         """Shares for the coordinator: ``b`` of surviving neighbours, ``s_sk`` of dropped ones.
 
         Raises
@@ -206,13 +243,23 @@ class ClientRound:
         alive, gone = set(survivors), set(dropped)
         both = sorted(alive & gone)
         if both:
-            raise ProtocolViolation(f"coordinator lists node(s) {both} as both alive and dropped; refusing to answer")
+            raise ProtocolViolation(
+                f"coordinator lists node(s) {both} as both alive and dropped; refusing to answer"
+            )
         if self.node not in alive:
-            raise ProtocolViolation(f"coordinator asks node {self.node} to unmask but lists it as not surviving")
+            raise ProtocolViolation(
+                f"coordinator asks node {self.node} to unmask but lists it as not surviving"
+            )
         if len(alive & set(self.peers)) + 1 < self.threshold:
-            raise ProtocolViolation(f"too few survivors around node {self.node} to unmask safely")
-        seed_shares = {j: shares[0] for j, shares in self.held_shares.items() if j in alive}
-        key_shares = {j: shares[1] for j, shares in self.held_shares.items() if j in gone}
+            raise ProtocolViolation(
+                f"too few survivors around node {self.node} to unmask safely"
+            )
+        seed_shares = {
+            j: shares[0] for j, shares in self.held_shares.items() if j in alive
+        }
+        key_shares = {
+            j: shares[1] for j, shares in self.held_shares.items() if j in gone
+        }
         return seed_shares, key_shares
 
 
@@ -255,7 +302,9 @@ class CoordinatorRound:
         """Drop, until stable, nodes with fewer than ``threshold`` live neighbours."""
         alive = set(live)
         while True:
-            weak = {n for n in alive if len(self.live_neighbours(n, alive)) < self.threshold}
+            weak = {
+                n for n in alive if len(self.live_neighbours(n, alive)) < self.threshold
+            }
             if not weak:
                 return sorted(alive)
             alive -= weak
@@ -296,15 +345,23 @@ class CoordinatorRound:
             affected = [i for i in self.live_neighbours(gone, shared) if i in alive]
             if not affected:
                 continue
-            mask_key = crypto.private_from_bytes(self._rebuild(gone, key_shares, "mask key"))
+            mask_key = crypto.private_from_bytes(
+                self._rebuild(gone, key_shares, "mask key")
+            )
             for survivor in affected:
-                seed = crypto.agree(mask_key, self.public_keys[survivor][1], self.salt, _MASK_PURPOSE)
+                seed = crypto.agree(
+                    mask_key, self.public_keys[survivor][1], self.salt, _MASK_PURPOSE
+                )
                 # The survivor added sign(survivor, gone) * PRG(seed); take it back out.
                 add_mask(total, seed, -pair_sign(survivor, gone))
         return total
 
-    def _rebuild(self, owner: int, shares: Mapping[int, Mapping[int, int]], what: str) -> bytes:
+    def _rebuild(
+        self, owner: int, shares: Mapping[int, Mapping[int, int]], what: str
+    ) -> bytes:
         try:
             return crypto.recover_secret(shares.get(owner, {}), self.threshold)
         except crypto.SecAggCryptoError as error:
-            raise ProtocolViolation(f"cannot rebuild the {what} of node {owner}: {error}") from None
+            raise ProtocolViolation(
+                f"cannot rebuild the {what} of node {owner}: {error}"
+            ) from None

@@ -19,4 +19,7 @@ class FedAvg:
         """The mean delta: sum(w_i * delta_i) / sum(w_i)."""
         if summed.weight <= 0:
             raise ValueError("total example weight of the round is zero")
-        return {k: (v / np.float32(summed.weight)).astype(np.float32) for k, v in summed.total.items()}
+        return {
+            k: (v / np.float32(summed.weight)).astype(np.float32)
+            for k, v in summed.total.items()
+        }

@@ -20,4 +20,7 @@ class CoordinateMedian:
     def aggregate(self, summed: RoundSum) -> AdapterState:
         """Median over clients, per coordinate."""
         changes = [c.change for c in summed.contributions]
-        return {k: np.median(np.stack([c[k] for c in changes]), axis=0).astype(np.float32) for k in changes[0]}
+        return {
+            k: np.median(np.stack([c[k] for c in changes]), axis=0).astype(np.float32)
+            for k in changes[0]
+        }

@@ -31,6 +31,10 @@ class TrimmedMean:
         cut = math.floor(self.fraction * len(changes))
         out = {}
         for name in changes[0]:
-            ordered = np.sort(np.stack([c[name] for c in changes]), axis=0)  # (clients, *shape)
-            out[name] = ordered[cut : len(changes) - cut].mean(axis=0).astype(np.float32)
+            ordered = np.sort(
+                np.stack([c[name] for c in changes]), axis=0
+            )  # (clients, *shape)
+            out[name] = (
+                ordered[cut : len(changes) - cut].mean(axis=0).astype(np.float32)
+            )
         return out
