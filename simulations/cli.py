@@ -20,6 +20,7 @@ from typing import Any
 from common.config import DEFAULTS, ConfigError, RunConfig, parse_assignment
 from common.data import DataError, encode_labels
 from common.outputs import SUMMARY_FILE, default_output_dir
+from common.secagg.encoding import FixedPoint, HeadroomError
 from common.splits import (
     all_client_examples,
     default_num_clients,
@@ -74,12 +75,16 @@ def check_data(config: RunConfig) -> int:
     ------
     DataError
         For a missing or malformed file, an empty client, or an unknown label.
+    HeadroomError
+        When secure aggregation's fixed point cannot fit this many clients.
     """
     num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
     clients = all_client_examples(config.data, config.seed, num_clients)
     labels = run_labels(config.data, config.seed)
     for rows in clients:
         encode_labels(rows, labels)
+    if config.secagg.enabled:
+        FixedPoint.for_clients(num_clients, config.secagg.clip_norm, config.secagg.max_weight)
     log.info(
         "%d clients with %s rows; %d labels",
         num_clients,
@@ -217,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 check_data(config)
                 print(f"outputs: {train_centralized(config)}")
-    except (ConfigError, DataError, FileNotFoundError) as error:
+    except (ConfigError, DataError, HeadroomError, FileNotFoundError) as error:
         print(f"fedgraft: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -72,3 +72,8 @@ def test_predict_on_a_folder_without_a_head_says_what_to_point_at(
 ) -> None:
     assert main(["predict", str(tmp_path), "hello"]) == 2
     assert "point at the merged/ folder" in capsys.readouterr().err
+
+
+def test_simulate_refuses_secure_aggregation_that_would_overflow(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["simulate", "--set", "secagg.enabled=true", "--set", "secagg.clip-norm=1000000"])
+    assert code == 2 and "lower secagg.clip-norm or sample fewer clients" in capsys.readouterr().err
