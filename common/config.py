@@ -55,7 +55,11 @@ DEFAULTS: dict[str, ConfigValue] = {
     "secagg.max-weight": 10000.0,
     "secagg.timeout": 120.0,
     "output.dir": "",
+    "resume": False,
 }
+
+#: Keys a resumed run may change; every other key must match the checkpoint's.
+RESUMABLE_CHANGES = ("num-server-rounds", "output.dir", "resume", "train.timeout", "secagg.timeout")
 
 PARTITION_KINDS = ("iid", "dirichlet", "column:<name>")
 AGGREGATION_RULES = ("fedavg", "median", "trimmed-mean")
@@ -263,6 +267,7 @@ class RunConfig:
     aggregation: AggregationConfig
     secagg: SecAggConfig
     output_dir: str
+    resume: bool
     flat: Mapping[str, ConfigValue]
 
     @classmethod
@@ -340,6 +345,7 @@ class RunConfig:
                 timeout=v["secagg.timeout"],
             ),
             output_dir=v["output.dir"],
+            resume=v["resume"],
             flat=values,
         )
         config._validate()
@@ -432,6 +438,26 @@ class RunConfig:
         _require(secagg.clip_norm > 0, "secagg.clip-norm", "must be > 0")
         _require(secagg.max_weight >= 1, "secagg.max-weight", "must be >= 1")
         _require(secagg.timeout > 0, "secagg.timeout", "must be > 0 seconds")
+
+    def check_resumable_from(self, saved: Mapping[str, Any]) -> None:
+        """Refuse to resume a checkpoint written under different settings.
+
+        Raises
+        ------
+        ConfigError
+            Naming every key whose value differs from the checkpoint's.
+        """
+        changed = [
+            f"{key} ({saved.get(key)!r} -> {value!r})"
+            for key, value in self.flat.items()
+            if key not in RESUMABLE_CHANGES and saved.get(key, DEFAULTS[key]) != value
+        ]
+        if changed:
+            raise ConfigError(
+                "cannot resume: the checkpoint was written with other settings: "
+                + ", ".join(changed)
+                + f"; only {', '.join(RESUMABLE_CHANGES)} may change"
+            )
 
     def with_overrides(self, **flat: ConfigValue) -> RunConfig:
         """Return a new validated config with some flat keys replaced."""

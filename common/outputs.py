@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,13 +59,19 @@ class RunOutputs:
     Parameters
     ----------
     directory : Path
-        Created if missing. An existing ``metrics.jsonl`` is replaced by a new run.
+        Created if missing. An existing ``metrics.jsonl`` is replaced.
+    rows : Sequence[Mapping], optional
+        Metrics lines to start from (a resumed run's completed rounds).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, rows: Sequence[Mapping[str, Any]] = ()) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / METRICS_FILE).write_text("")
+        lines = "".join(json.dumps(dict(row), sort_keys=True) + "\n" for row in rows)
+        handle, staging = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", dir=directory)
+        with os.fdopen(handle, "w") as stream:
+            stream.write(lines)
+        os.replace(staging, directory / METRICS_FILE)
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         """Append one round's metrics as one JSON line, synced to disk."""

@@ -33,10 +33,10 @@ class RoundRecorder:
         For the ``round i/n`` progress display.
     """
 
-    def __init__(self, outputs: RunOutputs, total_rounds: int) -> None:
+    def __init__(self, outputs: RunOutputs, total_rounds: int, rows: Sequence[Mapping[str, Any]] = ()) -> None:
         self.outputs = outputs
         self.total_rounds = total_rounds
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = [dict(row) for row in rows]
 
     def record(self, metrics: Mapping[str, Any], *_: object) -> None:
         """Append ``metrics`` to ``metrics.jsonl`` and log a one-line summary."""

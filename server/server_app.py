@@ -2,8 +2,9 @@
 
 A run, as data::
 
-    run config -> label map + evaluation rows -> backbone (fingerprint, pooling)
-    -> seeded initial global adapter -> FederatedLoRA rounds (see server.strategy)
+    run config -> (checkpoint to resume) -> label map + evaluation rows -> backbone
+    (fingerprint, pooling) -> seeded initial global adapter -> FederatedLoRA rounds
+    (see server.strategy), each followed by a metrics line and a checkpoint
     -> adapter/ + merged/ + summary.json
 """
 
@@ -17,13 +18,14 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.codec import Float32Codec
+from common.codec import AdapterState, Float32Codec
 from common.config import RunConfig
 from common.outputs import RunOutputs, default_output_dir
 from common.reporting import RoundRecorder, print_table, summary_table, totals
 from common.splits import evaluation_examples, run_labels
 from common.workbench import Workbench
 from server.aggregation import build_rule
+from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.secagg import SecureSum
 from server.strategy import BackboneOffer, FederatedLoRA
 from server.summation import PlainSum
@@ -45,12 +47,22 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         if config.output_dir
         else default_output_dir("federated")
     )
+    resumed = load_checkpoint(output_dir) if config.resume else None
+    if resumed is not None:
+        config.check_resumable_from(resumed.config)
+        log.info("resuming %s after round %d", output_dir, resumed.server_round)
     labels = run_labels(config.data, config.seed)
     bench = Workbench.open(
         config, labels, evaluation_examples(config.data, config.seed)
     )
-    outputs = RunOutputs(output_dir)
-    recorder = RoundRecorder(outputs, config.num_server_rounds)
+    completed = resumed.rows if resumed else ()
+    outputs = RunOutputs(output_dir, completed)
+    recorder = RoundRecorder(outputs, config.num_server_rounds, completed)
+
+    def after_round(metrics: dict[str, Any], state: AdapterState) -> None:
+        recorder.record(metrics)
+        checkpoint = Checkpoint(metrics["round"], state, config.as_dict(), recorder.rows)
+        save_checkpoint(output_dir, checkpoint)
     strategy = FederatedLoRA(
         config=config,
         backbone=BackboneOffer(
@@ -62,9 +74,12 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         else PlainSum(Float32Codec()),
         rule=build_rule(config),
         evaluate=bench.evaluate,
-        on_round=recorder.record,
+        on_round=after_round,
     )
-    final = strategy.start(grid, bench.state())
+    if resumed is None:
+        final = strategy.start(grid, bench.state())
+    else:
+        final = strategy.start(grid, resumed.state, completed_rounds=resumed.server_round)
     bench.export(outputs, final)
     summary: dict[str, Any] = {
         "kind": "federated",

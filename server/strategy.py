@@ -141,13 +141,15 @@ class FederatedLoRA:
         self.rule = rule
         self.evaluate = evaluate
         self.on_round = on_round
-        self._rng = np.random.default_rng(config.seed)
         self._bundle: ArrayRecord | None = None
 
     # -- the run ------------------------------------------------------------------------
 
-    def start(self, grid: Grid, initial: AdapterState) -> AdapterState:
-        """Evaluate the initial adapter as round 0, then run every round.
+    def start(
+        self, grid: Grid, initial: AdapterState, completed_rounds: int = 0
+    ) -> AdapterState:
+        """Run the rounds after ``completed_rounds``; a fresh run (0) first evaluates
+        the initial adapter as round 0.
 
         Returns
         -------
@@ -155,12 +157,13 @@ class FederatedLoRA:
             The final global adapter.
         """
         state = initial
-        started = time.perf_counter()
-        self.on_round(
-            RoundReport(0).metrics(self.evaluate(state), time.perf_counter() - started),
-            state,
-        )
-        for server_round in range(1, self.config.num_server_rounds + 1):
+        if completed_rounds == 0:
+            started = time.perf_counter()
+            self.on_round(
+                RoundReport(0).metrics(self.evaluate(state), time.perf_counter() - started),
+                state,
+            )
+        for server_round in range(completed_rounds + 1, self.config.num_server_rounds + 1):
             started = time.perf_counter()
             report = RoundReport(server_round)
             state = self.run_round(grid, server_round, state, report)
@@ -174,7 +177,7 @@ class FederatedLoRA:
         self, grid: Grid, server_round: int, state: AdapterState, report: RoundReport
     ) -> AdapterState:
         """One round: configure, train, aggregate. Returns the new global adapter."""
-        nodes = self.configure_train(grid)
+        nodes = self.configure_train(grid, server_round)
         report.sampled = len(nodes)
         extras = self.summer.prepare(grid, nodes, server_round, report)
         replies = self.train(grid, extras, server_round, state, report)
@@ -193,8 +196,12 @@ class FederatedLoRA:
 
     # -- the steps ----------------------------------------------------------------------
 
-    def configure_train(self, grid: Grid) -> list[int]:
-        """Wait for enough nodes, then sample ``train.fraction`` of them (seeded)."""
+    def configure_train(self, grid: Grid, server_round: int) -> list[int]:
+        """Wait for enough nodes, then sample ``train.fraction`` of them.
+
+        The sample is a pure function of the seed, the round and the node ids, so a
+        resumed run samples exactly as an uninterrupted one.
+        """
         needed = self.config.train.min_clients
         deadline = time.monotonic() + self.config.train.timeout
         nodes = sorted(grid.get_node_ids())
@@ -205,7 +212,8 @@ class FederatedLoRA:
             len(nodes), max(needed, math.ceil(self.config.train.fraction * len(nodes)))
         )
         # Sample positions, not ids: node ids are uint64 and numpy would turn them to floats.
-        chosen = self._rng.choice(len(nodes), size=count, replace=False)
+        rng = np.random.default_rng([self.config.seed, server_round])
+        chosen = rng.choice(len(nodes), size=count, replace=False)
         return [nodes[int(position)] for position in sorted(chosen)]
 
     def instructions(self, server_round: int) -> ConfigRecord:

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from common.config import DEFAULTS, ConfigError, RunConfig, parse_assignment
 from common.data import DataError, encode_labels
 from common.outputs import SUMMARY_FILE, default_output_dir
 from common.secagg.encoding import FixedPoint, HeadroomError
+from server.checkpoint import CheckpointError, load_checkpoint
 from common.splits import (
     all_client_examples,
     default_num_clients,
@@ -31,8 +32,10 @@ from common.splits import (
 log = logging.getLogger("fedgraft")
 
 
-def load_config(config_file: str | None, assignments: Sequence[str]) -> RunConfig:
-    """Defaults, then the TOML file, then ``--set`` overrides; validated.
+def load_config(
+    config_file: str | None, assignments: Sequence[str], base: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """Defaults (or ``base``), then the TOML file, then ``--set`` overrides; validated.
 
     A TOML file may hold the flat keys at its top level or under
     ``[tool.flwr.app.config]`` (so a pyproject.toml works too).
@@ -42,7 +45,7 @@ def load_config(config_file: str | None, assignments: Sequence[str]) -> RunConfi
     ConfigError
         Naming the file or the key that is wrong.
     """
-    flat: dict[str, Any] = {}
+    flat: dict[str, Any] = dict(base or {})
     if config_file:
         path = Path(config_file)
         try:
@@ -184,6 +187,12 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override one key (repeatable)",
         )
+        if name == "simulate":
+            command.add_argument(
+                "--resume",
+                metavar="DIR",
+                help="continue the run in DIR from its last complete round",
+            )
     predict = commands.add_parser(
         "predict", help="classify texts with a run's merged/ folder"
     )
@@ -214,7 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ):
                 print(f"{label}\t{probability:.3f}\t{text}")
         else:
-            config = load_config(arguments.config, arguments.set)
+            if getattr(arguments, "resume", None):
+                saved = load_checkpoint(Path(arguments.resume)).config
+                resume = {"output.dir": str(Path(arguments.resume).resolve()), "resume": "true"}
+                config = load_config(arguments.config, arguments.set, base={**saved, **resume})
+            else:
+                config = load_config(arguments.config, arguments.set)
             if arguments.command == "simulate":
                 print(f"outputs: {simulate(config)}")
             else:
@@ -222,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 check_data(config)
                 print(f"outputs: {train_centralized(config)}")
-    except (ConfigError, DataError, HeadroomError, FileNotFoundError) as error:
+    except (ConfigError, DataError, HeadroomError, CheckpointError, FileNotFoundError) as error:
         print(f"fedgraft: error: {error}", file=sys.stderr)
         return 2
     return 0
