@@ -9,6 +9,7 @@ out; when the survivors cannot be unmasked the round is skipped, never crashed.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -303,14 +304,24 @@ class SecureSum:
 
     @staticmethod
     def _masked_vector(reply: Message, length: int) -> np.ndarray:
+        """The upload as a read-only uint32 view, checked before it is decoded."""
         records = reply.content.array_records
         if keys.MASKED_RECORD not in records or len(records[keys.MASKED_RECORD]) != 1:
             raise ValueError(f"reply has no single '{keys.MASKED_RECORD}' array")
-        vector = next(iter(records[keys.MASKED_RECORD].values())).numpy()
-        if vector.dtype != np.uint32:
-            raise ValueError(f"masked upload has dtype {vector.dtype}, expected uint32")
-        if vector.shape != (length,):
-            raise ValueError(
-                f"masked upload has shape {vector.shape}, expected ({length},)"
-            )
-        return vector
+        array = next(iter(records[keys.MASKED_RECORD].values()))
+        if array.stype != "numpy.ndarray" or np.dtype(array.dtype) != np.uint32:
+            raise ValueError(f"masked upload has dtype {array.dtype}, expected uint32")
+        if tuple(array.shape) != (length,):
+            raise ValueError(f"masked upload has shape {tuple(array.shape)}, expected ({length},)")
+        # Skip np.load's copy: read the .npy header, then view the payload in place.
+        stream = io.BytesIO(array.data)
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"masked upload uses .npy format {version}, expected 1.0 or 2.0")
+        if shape != (length,) or dtype != np.dtype("<u4") or fortran:
+            raise ValueError("masked upload's payload does not match its declared shape and dtype")
+        return np.frombuffer(array.data, dtype="<u4", count=length, offset=stream.tell())

@@ -84,15 +84,14 @@ class FixedPoint:
         """
         if not np.isfinite(flat_delta).all():
             raise ValueError("delta holds NaN or Inf: refusing to encode it")
-        norm = float(np.linalg.norm(flat_delta.astype(np.float64)))
-        clipped = (
-            flat_delta * min(1.0, self.clip_norm / norm) if norm > 0 else flat_delta
-        )
+        norm = float(np.linalg.norm(flat_delta))
         weight = min(num_examples, self.max_weight) / self.max_weight
-        values = np.append(
-            clipped.astype(np.float64) * weight, weight
-        )  # (P + 1,) float64
-        return np.round(values * self.scale).astype(np.int64).astype(np.uint32)
+        clip = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
+        values = np.empty(flat_delta.size + 1, dtype=np.float64)  # (P + 1,) float64
+        np.multiply(flat_delta, clip * weight * self.scale, out=values[:-1])
+        values[-1] = weight * self.scale
+        np.rint(values, out=values)
+        return values.astype(np.int64).astype(np.uint32)
 
     def decode_sum(self, ring_sum: np.ndarray) -> tuple[np.ndarray, float]:
         """Signed decoding of an unmasked sum: (sum of weighted deltas ``(P,) float64``, total weight)."""
