@@ -96,7 +96,8 @@ def train(message: Message, context: Context) -> Message:
         if config.model.distribute == "never":
             raise BackboneError(
                 f"this site has no copy of backbone {task.backbone_ref!r} "
-                f"({task.fingerprint[:12]}) and model.distribute = never; install it or "
+                f"({task.fingerprint[:12]}) and model.distribute = never; "
+                "install it or "
                 "set the node config backbone-path"
             )
         return _status_reply(message, keys.STATUS_NEEDS_BACKBONE)

@@ -50,7 +50,8 @@ def _load(context: Context, server_round: int) -> ClientRound:
     record = context.state.config_records[keys.SECAGG_STATE]
     if int(record["round"]) != server_round:  # type: ignore[arg-type]
         raise ProtocolViolation(
-            f"secure-aggregation state is for round {record['round']}, not {server_round}"
+            f"secure-aggregation state is for round {record['round']}, "
+            f"not {server_round}"
         )
     state = ClientRound(
         int(record["node"]), bytes(record["salt"]), int(record["threshold"])
@@ -94,7 +95,8 @@ def advertise(message: Message, context: Context) -> Message:
 
 
 def share_keys(message: Message, context: Context) -> Message:
-    """Stage 2: secret-share the self-mask seed and the mask key among live neighbours."""
+    """Stage 2: secret-share the self-mask seed and the mask key among live
+    neighbours."""
     request = message.content.config_records[keys.SECAGG_RECORD]
     server_round = int(request[keys.CFG_ROUND])  # type: ignore[arg-type]
     state = _load(context, server_round)

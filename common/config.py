@@ -59,7 +59,13 @@ DEFAULTS: dict[str, ConfigValue] = {
 }
 
 #: Keys a resumed run may change; every other key must match the checkpoint's.
-RESUMABLE_CHANGES = ("num-server-rounds", "output.dir", "resume", "train.timeout", "secagg.timeout")
+RESUMABLE_CHANGES = (
+    "num-server-rounds",
+    "output.dir",
+    "resume",
+    "train.timeout",
+    "secagg.timeout",
+)
 
 PARTITION_KINDS = ("iid", "dirichlet", "column:<name>")
 AGGREGATION_RULES = ("fedavg", "median", "trimmed-mean")
@@ -73,7 +79,8 @@ class ConfigError(ValueError):
 
 
 def _coerce(key: str, value: Any) -> ConfigValue:
-    """Return ``value`` as the type of ``DEFAULTS[key]`` or raise :class:`ConfigError`."""
+    """Return ``value`` as the type of ``DEFAULTS[key]`` or raise
+    :class:`ConfigError`."""
     expected = type(DEFAULTS[key])
     if expected is bool:
         if isinstance(value, bool):
@@ -102,7 +109,8 @@ def _coerce(key: str, value: Any) -> ConfigValue:
     elif isinstance(value, str):
         return value
     raise ConfigError(
-        f"config key '{key}' expects a {'finite ' if expected is float else ''}{expected.__name__} "
+        f"config key '{key}' expects a "
+        f"{'finite ' if expected is float else ''}{expected.__name__} "
         f"(default {DEFAULTS[key]!r}) but got {value!r}"
     )
 
@@ -433,7 +441,8 @@ class RunConfig:
             not (secagg.neighbours and secagg.threshold)
             or secagg.neighbours / 2 < secagg.threshold <= secagg.neighbours,
             "secagg.threshold",
-            f"must be above secagg.neighbours / 2 and at most secagg.neighbours ({secagg.neighbours})",
+            "must be above secagg.neighbours / 2 and at most secagg.neighbours "
+            f"({secagg.neighbours})",
         )
         _require(secagg.clip_norm > 0, "secagg.clip-norm", "must be > 0")
         _require(secagg.max_weight >= 1, "secagg.max-weight", "must be >= 1")

@@ -62,13 +62,15 @@ def _records_to_examples(
         for column in (text_column, label_column):
             if column not in record:
                 raise DataError(
-                    f"{where}: no column '{column}' (columns: {', '.join(map(str, record))}); "
+                    f"{where}: no column '{column}' "
+                    f"(columns: {', '.join(map(str, record))}); "
                     f"set data.text-column / data.label-column to the right names"
                 )
         text, label = record[text_column], record[label_column]
         if not isinstance(text, str) or not text.strip():
             raise DataError(
-                f"{where}: column '{text_column}' must be non-empty text, got {text!r:.80}"
+                f"{where}: column '{text_column}' must be non-empty text, "
+                f"got {text!r:.80}"
             )
         if label is None or (isinstance(label, str) and not label.strip()):
             raise DataError(f"{where}: column '{label_column}' is empty")
@@ -235,7 +237,8 @@ def encode_labels(examples: Sequence[Example], labels: Sequence[str]) -> list[in
         if example.label not in index:
             shown = ", ".join(list(labels)[:10]) + (", ..." if len(labels) > 10 else "")
             raise DataError(
-                f"{example.where}: label '{example.label}' is not in the run's label map "
+                f"{example.where}: label '{example.label}' is not in the run's "
+                "label map "
                 f"({shown}); add it to data.labels or to the coordinator's test set"
             )
         encoded.append(index[example.label])

@@ -4,7 +4,8 @@ Usage::
 
     from common.inference import MergedClassifier
     classifier = MergedClassifier.load("runs/demo/merged")
-    classifier.predict(["send money to my savings account"])  # [("transfer_money", 0.97)]
+    classifier.predict(["send money to my savings account"])
+    # [("transfer_money", 0.97)]
 """
 
 from __future__ import annotations

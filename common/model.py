@@ -126,7 +126,8 @@ def attach_lora(
                 }
             )
             raise ValueError(
-                f"lora.target-modules = {','.join(settings.target_modules)} matches no layer "
+                f"lora.target-modules = {','.join(settings.target_modules)} "
+                "matches no layer "
                 f"of this backbone ({error}); linear layers here: {', '.join(names)}, "
                 "or use all-linear"
             ) from None
@@ -139,7 +140,8 @@ def attach_lora(
 
 
 def adapter_state(model: TextClassifier) -> AdapterState:
-    """The trainable state: LoRA weights (PEFT's names) and the head, as float32 numpy."""
+    """The trainable state: LoRA weights (PEFT's names) and the head, as float32
+    numpy."""
     state = get_peft_model_state_dict(model.encoder)
     state.update({HEAD_PREFIX + k: v for k, v in model.head.state_dict().items()})
     return {

@@ -1,4 +1,5 @@
-"""A run's output folder: ``metrics.jsonl``, ``summary.json``, ``adapter/``, ``merged/``.
+"""A run's output folder: ``metrics.jsonl``, ``summary.json``, ``adapter/``,
+``merged/``.
 
 Every file is written so that a crash never leaves a half-written one behind: metrics
 lines are flushed and synced one by one, and everything else is written to a temporary

@@ -1,4 +1,5 @@
-"""Splitting rows into clients: IID, Dirichlet label skew, or one client per column value.
+"""Splitting rows into clients: IID, Dirichlet label skew, or one client per column
+value.
 
 Every function is pure and seeded: the coordinator and each simulated client compute
 the same split independently, so no row ever travels between them.
@@ -113,7 +114,8 @@ def partition_indices(
             raise DataError(
                 f"data.partition = {kind} gives {len(groups)} clients "
                 f"({', '.join(names[:12])}) but the run has {num_clients}; run "
-                f"{len(groups)} clients (sim.num-clients, or num-supernodes for flwr run)"
+                f"{len(groups)} clients "
+                "(sim.num-clients, or num-supernodes for flwr run)"
             )
         # Fewer clients than values: deal the values out, so client i holds values
         # i, i + n, i + 2n, ... and each value still lives at exactly one client.
@@ -123,7 +125,8 @@ def partition_indices(
         ]
     else:
         raise DataError(
-            f"data.partition: unknown kind {kind!r}; use iid, dirichlet or column:<name>"
+            f"data.partition: unknown kind {kind!r}; "
+            "use iid, dirichlet or column:<name>"
         )
     for client, part in enumerate(parts):
         if not part:

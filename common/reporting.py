@@ -33,7 +33,12 @@ class RoundRecorder:
         For the ``round i/n`` progress display.
     """
 
-    def __init__(self, outputs: RunOutputs, total_rounds: int, rows: Sequence[Mapping[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        outputs: RunOutputs,
+        total_rounds: int,
+        rows: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
         self.outputs = outputs
         self.total_rounds = total_rounds
         self.rows: list[dict[str, Any]] = [dict(row) for row in rows]
@@ -47,7 +52,8 @@ class RoundRecorder:
             f"clients {row['clients']}/{row['sampled']}" if row.get("sampled") else ""
         )
         log.info(
-            "round %d/%d %s train_loss %s eval_loss %.4f eval_accuracy %.4f up %s MB %.1fs",
+            "round %d/%d %s train_loss %s eval_loss %.4f eval_accuracy %.4f "
+            "up %s MB %.1fs",
             row["round"],
             self.total_rounds,
             clients,

@@ -68,18 +68,21 @@ def pools(data: DataConfig, seed: int) -> Pools:
 
 
 def evaluation_examples(data: DataConfig, seed: int) -> list[Example]:
-    """The rows the coordinator evaluates on, without reading ``data.path`` if avoidable."""
+    """The rows the coordinator evaluates on, without reading ``data.path`` if
+    avoidable."""
     if data.test_path:
         return read_examples(data.test_path, data.text_column, data.label_column)
     return pools(data, seed).test
 
 
 def run_labels(data: DataConfig, seed: int) -> tuple[str, ...]:
-    """The run's label map: ``data.labels`` if given, else every label the coordinator sees."""
+    """The run's label map: ``data.labels`` if given, else every label the
+    coordinator sees."""
     if data.labels:
         return data.labels
     if data.test_path and data.path:
-        # Both sides exist: the map must cover training labels missing from the test set.
+        # Both sides exist: the map must cover training labels missing from the test
+        # set.
         both = pools(data, seed)
         return label_set([*both.train, *both.test])
     if data.test_path:

@@ -4,6 +4,7 @@ initial adapter, evaluate and export) and the centralised baseline (to train too
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from common.model import (
     trainable_parameter_count,
 )
 from common.outputs import RunOutputs
+from common.reporting import RoundRecorder, print_table, summary_table, totals
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,8 @@ class Workbench:
             test,
         )
         log.info(
-            "backbone %s (%s, %s pooling): %d trainable parameters, %d labels, %d test rows",
+            "backbone %s (%s, %s pooling): %d trainable parameters, %d labels, "
+            "%d test rows",
             config.model.name,
             bench.fingerprint[:12],
             pooling,
@@ -117,6 +120,37 @@ class Workbench:
         load_adapter_state(self.model, state)
         outputs.save_adapter(self.model, self.labels)
         outputs.save_merged(self.model, self.tokenizer, self.labels, self.backbone_dir)
+
+    def finish_run(
+        self,
+        kind: str,
+        outputs: RunOutputs,
+        recorder: RoundRecorder,
+        state: AdapterState,
+        started: float,
+    ) -> None:
+        """Export ``state``, write ``summary.json`` and print the per-round table.
+
+        Parameters
+        ----------
+        kind : str
+            ``federated`` or ``centralized``.
+        started : float
+            ``time.perf_counter()`` at the start of the run.
+        """
+        self.export(outputs, state)
+        outputs.write_summary(
+            {
+                "kind": kind,
+                "config": self.config.as_dict(),
+                "backbone": self.backbone_facts(),
+                "labels": list(self.labels),
+                "final": recorder.rows[-1],
+                "totals": totals(recorder.rows),
+                "wall_seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+        print_table(summary_table(f"{kind} run: {outputs.directory}", recorder.rows))
 
     def backbone_facts(self) -> dict[str, object]:
         """Name, fingerprint, pooling and sizes for ``summary.json``."""

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from common.codec import AdapterState
 
@@ -42,7 +42,9 @@ class Checkpoint:
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` atomically into ``directory``."""
     target = directory / CHECKPOINT_FILE
-    handle, staging = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
+    handle, staging = tempfile.mkstemp(
+        prefix=".checkpoint-", suffix=".tmp", dir=directory
+    )
     os.close(handle)
     metadata = {
         "server_round": str(checkpoint.server_round),
@@ -66,7 +68,10 @@ def load_checkpoint(directory: Path) -> Checkpoint:
     """
     path = directory / CHECKPOINT_FILE
     if not path.exists():
-        raise CheckpointError(f"{path}: no checkpoint to resume from (was the run started with this output.dir?)")
+        raise CheckpointError(
+            f"{path}: no checkpoint to resume from "
+            "(was the run started with this output.dir?)"
+        )
     try:
         with safe_open(str(path), framework="numpy") as reader:
             metadata = reader.metadata() or {}

@@ -56,12 +56,13 @@ class SecureSum:
         self._shared: list[int] = []
         self._encoding: FixedPoint | None = None
 
-    # -- key stages ----------------------------------------------------------------------
+    # -- key stages --------------------------------------------------------------------
 
     def prepare(
         self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats
     ) -> dict[int, ConfigRecord | None]:
-        """Advertise and share keys; returns the clients that go on, with their inbox."""
+        """Advertise and share keys; returns the clients that go on, with their
+        inbox."""
         self._round = None
         if len(nodes) < 2:
             log.warning(
@@ -75,7 +76,8 @@ class SecureSum:
         t = self.settings.threshold or default_threshold(k)
         if not k / 2 < t <= k:
             log.warning(
-                "round %d skipped: threshold %d must be in (k/2, k] for k = %d neighbours",
+                "round %d skipped: threshold %d must be in (k/2, k] "
+                "for k = %d neighbours",
                 server_round,
                 t,
                 k,
@@ -181,7 +183,7 @@ class SecureSum:
 
         return {node: inbox(node) for node in participants}
 
-    # -- masked input and unmasking -------------------------------------------------------
+    # -- masked input and unmasking ----------------------------------------------------
 
     def collect(
         self,
@@ -253,7 +255,8 @@ class SecureSum:
             ring_sum = protocol.unmask(masked, self._shared, seed_shares, key_shares)
         except ProtocolViolation as error:
             log.warning(
-                "secure aggregation could not unmask this round (%s); the round is skipped",
+                "secure aggregation could not unmask this round (%s); "
+                "the round is skipped",
                 error,
             )
             return None
@@ -265,7 +268,7 @@ class SecureSum:
             client_metrics=[metrics[n] for n in survivors],
         )
 
-    # -- helpers --------------------------------------------------------------------------
+    # -- helpers -----------------------------------------------------------------------
 
     def _stage(
         self,
@@ -312,7 +315,9 @@ class SecureSum:
         if array.stype != "numpy.ndarray" or np.dtype(array.dtype) != np.uint32:
             raise ValueError(f"masked upload has dtype {array.dtype}, expected uint32")
         if tuple(array.shape) != (length,):
-            raise ValueError(f"masked upload has shape {tuple(array.shape)}, expected ({length},)")
+            raise ValueError(
+                f"masked upload has shape {tuple(array.shape)}, expected ({length},)"
+            )
         # Skip np.load's copy: read the .npy header, then view the payload in place.
         stream = io.BytesIO(array.data)
         version = np.lib.format.read_magic(stream)
@@ -321,7 +326,13 @@ class SecureSum:
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
-            raise ValueError(f"masked upload uses .npy format {version}, expected 1.0 or 2.0")
+            raise ValueError(
+                f"masked upload uses .npy format {version}, expected 1.0 or 2.0"
+            )
         if shape != (length,) or dtype != np.dtype("<u4") or fortran:
-            raise ValueError("masked upload's payload does not match its declared shape and dtype")
-        return np.frombuffer(array.data, dtype="<u4", count=length, offset=stream.tell())
+            raise ValueError(
+                "masked upload's payload does not match its declared shape and dtype"
+            )
+        return np.frombuffer(
+            array.data, dtype="<u4", count=length, offset=stream.tell()
+        )

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.codec import AdapterState, Float32Codec
 from common.config import RunConfig
 from common.outputs import RunOutputs, default_output_dir
-from common.reporting import RoundRecorder, print_table, summary_table, totals
+from common.reporting import RoundRecorder
 from common.splits import evaluation_examples, run_labels
 from common.workbench import Workbench
 from server.aggregation import build_rule
@@ -61,8 +61,11 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
 
     def after_round(metrics: dict[str, Any], state: AdapterState) -> None:
         recorder.record(metrics)
-        checkpoint = Checkpoint(metrics["round"], state, config.as_dict(), recorder.rows)
+        checkpoint = Checkpoint(
+            metrics["round"], state, config.as_dict(), recorder.rows
+        )
         save_checkpoint(output_dir, checkpoint)
+
     strategy = FederatedLoRA(
         config=config,
         backbone=BackboneOffer(
@@ -79,19 +82,10 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
     if resumed is None:
         final = strategy.start(grid, bench.state())
     else:
-        final = strategy.start(grid, resumed.state, completed_rounds=resumed.server_round)
-    bench.export(outputs, final)
-    summary: dict[str, Any] = {
-        "kind": "federated",
-        "config": config.as_dict(),
-        "backbone": bench.backbone_facts(),
-        "labels": list(labels),
-        "final": recorder.rows[-1],
-        "totals": totals(recorder.rows),
-        "wall_seconds": round(time.perf_counter() - started, 2),
-    }
-    outputs.write_summary(summary)
-    print_table(summary_table(f"federated run: {output_dir}", recorder.rows))
+        final = strategy.start(
+            grid, resumed.state, completed_rounds=resumed.server_round
+        )
+    bench.finish_run("federated", outputs, recorder, final, started)
     return output_dir
 
 

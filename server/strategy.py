@@ -143,7 +143,7 @@ class FederatedLoRA:
         self.on_round = on_round
         self._bundle: ArrayRecord | None = None
 
-    # -- the run ------------------------------------------------------------------------
+    # -- the run -----------------------------------------------------------------------
 
     def start(
         self, grid: Grid, initial: AdapterState, completed_rounds: int = 0
@@ -160,10 +160,14 @@ class FederatedLoRA:
         if completed_rounds == 0:
             started = time.perf_counter()
             self.on_round(
-                RoundReport(0).metrics(self.evaluate(state), time.perf_counter() - started),
+                RoundReport(0).metrics(
+                    self.evaluate(state), time.perf_counter() - started
+                ),
                 state,
             )
-        for server_round in range(completed_rounds + 1, self.config.num_server_rounds + 1):
+        for server_round in range(
+            completed_rounds + 1, self.config.num_server_rounds + 1
+        ):
             started = time.perf_counter()
             report = RoundReport(server_round)
             state = self.run_round(grid, server_round, state, report)
@@ -186,7 +190,8 @@ class FederatedLoRA:
             report.clients, report.client_metrics = summed.count, summed.client_metrics
         if summed is None or summed.count < self.config.train.min_clients:
             log.warning(
-                "round %d skipped: %d client(s) replied usefully, train.min-clients = %d",
+                "round %d skipped: %d client(s) replied usefully, "
+                "train.min-clients = %d",
                 server_round,
                 report.clients,
                 self.config.train.min_clients,
@@ -194,7 +199,7 @@ class FederatedLoRA:
             return state
         return self.aggregate_train(summed, state)
 
-    # -- the steps ----------------------------------------------------------------------
+    # -- the steps ---------------------------------------------------------------------
 
     def configure_train(self, grid: Grid, server_round: int) -> list[int]:
         """Wait for enough nodes, then sample ``train.fraction`` of them.
@@ -211,7 +216,8 @@ class FederatedLoRA:
         count = min(
             len(nodes), max(needed, math.ceil(self.config.train.fraction * len(nodes)))
         )
-        # Sample positions, not ids: node ids are uint64 and numpy would turn them to floats.
+        # Sample positions, not ids: node ids are uint64 and numpy would turn them to
+        # floats.
         rng = np.random.default_rng([self.config.seed, server_round])
         chosen = rng.choice(len(nodes), size=count, replace=False)
         return [nodes[int(position)] for position in sorted(chosen)]
@@ -323,7 +329,7 @@ class FederatedLoRA:
         """Combine the round's sum with the rule and apply the result."""
         return apply_delta(state, self.rule.aggregate(summed))
 
-    # -- helpers ------------------------------------------------------------------------
+    # -- helpers -----------------------------------------------------------------------
 
     def _send(
         self,

@@ -61,7 +61,8 @@ class Summer(Protocol):
     def prepare(
         self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats
     ) -> dict[int, ConfigRecord | None]:
-        """Nodes that go on to training, each with what its training message must carry."""
+        """Nodes that go on to training, each with what its training message must
+        carry."""
         ...
 
     def collect(
@@ -71,7 +72,8 @@ class Summer(Protocol):
         reference: Mapping[str, np.ndarray],
         stats: RoundStats,
     ) -> RoundSum | None:
-        """The round's sum from the training replies, or ``None`` when it cannot be formed."""
+        """The round's sum from the training replies, or ``None`` when it cannot be
+        formed."""
         ...
 
 

@@ -1,5 +1,5 @@
-"""Baselines in the same harness: centralised training on the union of the clients' rows,
-and each client training alone.
+"""Baselines in the same harness: centralised training on the union of the clients'
+rows, and each client training alone.
 
 Both train the same model from the same seeded initial adapter, and both see as many
 training samples as the federated run they are compared with.
@@ -15,7 +15,7 @@ from typing import Any
 from client.finetune import LocalTraining, finetune
 from common.config import RunConfig
 from common.outputs import RunOutputs, default_output_dir
-from common.reporting import RoundRecorder, print_table, summary_table, totals
+from common.reporting import RoundRecorder
 from common.splits import (
     all_client_examples,
     default_num_clients,
@@ -106,19 +106,7 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
                 "seconds": round(time.perf_counter() - round_started, 3),
             }
         )
-    bench.export(outputs, bench.state())
-    outputs.write_summary(
-        {
-            "kind": "centralized",
-            "config": config.as_dict(),
-            "backbone": bench.backbone_facts(),
-            "labels": list(labels),
-            "final": recorder.rows[-1],
-            "totals": totals(recorder.rows),
-            "wall_seconds": round(time.perf_counter() - started, 2),
-        }
-    )
-    print_table(summary_table(f"centralised run: {target}", recorder.rows))
+    bench.finish_run("centralized", outputs, recorder, bench.state(), started)
     return target
 
 

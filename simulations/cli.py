@@ -21,19 +21,21 @@ from common.config import DEFAULTS, ConfigError, RunConfig, parse_assignment
 from common.data import DataError, encode_labels
 from common.outputs import SUMMARY_FILE, default_output_dir
 from common.secagg.encoding import FixedPoint, HeadroomError
-from server.checkpoint import CheckpointError, load_checkpoint
 from common.splits import (
     all_client_examples,
     default_num_clients,
     describe_sizes,
     run_labels,
 )
+from server.checkpoint import CheckpointError, load_checkpoint
 
 log = logging.getLogger("fedgraft")
 
 
 def load_config(
-    config_file: str | None, assignments: Sequence[str], base: Mapping[str, Any] | None = None
+    config_file: str | None,
+    assignments: Sequence[str],
+    base: Mapping[str, Any] | None = None,
 ) -> RunConfig:
     """Defaults (or ``base``), then the TOML file, then ``--set`` overrides; validated.
 
@@ -63,7 +65,8 @@ def load_config(
         nested = [key for key, value in flat.items() if isinstance(value, dict)]
         if nested:
             raise ConfigError(
-                f'{path}: use flat quoted keys such as "train.lr" = 0.001, not tables ({", ".join(nested)})'
+                f'{path}: use flat quoted keys such as "train.lr" = 0.001, '
+                f"not tables ({', '.join(nested)})"
             )
     for assignment in assignments:
         key, value = parse_assignment(assignment)
@@ -87,7 +90,9 @@ def check_data(config: RunConfig) -> int:
     for rows in clients:
         encode_labels(rows, labels)
     if config.secagg.enabled:
-        FixedPoint.for_clients(num_clients, config.secagg.clip_norm, config.secagg.max_weight)
+        FixedPoint.for_clients(
+            num_clients, config.secagg.clip_norm, config.secagg.max_weight
+        )
     log.info(
         "%d clients with %s rows; %d labels",
         num_clients,
@@ -143,7 +148,8 @@ def simulate(config: RunConfig) -> Path:
     )
     if not (output_dir / SUMMARY_FILE).exists():
         raise RuntimeError(
-            f"the simulation ended without writing {output_dir / SUMMARY_FILE}; see the log above"
+            f"the simulation ended without writing {output_dir / SUMMARY_FILE}; "
+            "see the log above"
         )
     if config.sim.local_baseline:
         _compare_with_local_training(config, output_dir)
@@ -225,8 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if getattr(arguments, "resume", None):
                 saved = load_checkpoint(Path(arguments.resume)).config
-                resume = {"output.dir": str(Path(arguments.resume).resolve()), "resume": "true"}
-                config = load_config(arguments.config, arguments.set, base={**saved, **resume})
+                resume = {
+                    "output.dir": str(Path(arguments.resume).resolve()),
+                    "resume": "true",
+                }
+                config = load_config(
+                    arguments.config, arguments.set, base={**saved, **resume}
+                )
             else:
                 config = load_config(arguments.config, arguments.set)
             if arguments.command == "simulate":
@@ -236,7 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 check_data(config)
                 print(f"outputs: {train_centralized(config)}")
-    except (ConfigError, DataError, HeadroomError, CheckpointError, FileNotFoundError) as error:
+    except (
+        ConfigError,
+        DataError,
+        HeadroomError,
+        CheckpointError,
+        FileNotFoundError,
+    ) as error:
         print(f"fedgraft: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -47,7 +47,8 @@ class InProcessGrid:
     ) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
-        # Messages read the sender's identity from here; a real ServerApp process sets it.
+        # Messages read the sender's identity from here; a real ServerApp process
+        # sets it.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.client_app = client_app
         self.contexts = {
@@ -84,7 +85,8 @@ class InProcessGrid:
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
-        """Deliver each message and collect the replies (errors become error replies)."""
+        """Deliver each message and collect the replies (errors become error
+        replies)."""
         del timeout
         replies = []
         for message in messages:

@@ -1,4 +1,5 @@
-"""Aggregation rules against their formulas, and which combine with secure aggregation."""
+"""Aggregation rules against their formulas, and which combine with secure
+aggregation."""
 
 from __future__ import annotations
 

@@ -15,7 +15,12 @@ import pytest
 from safetensors.numpy import load_file
 
 from common.config import ConfigError, RunConfig
-from server.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tests.conftest import REPO_ROOT
 
 # The coordinator with two in-process clients; the fifth training reply (round 3)
@@ -34,32 +39,58 @@ def stall(node, reply):
     if os.environ.get("FEDGRAFT_TEST_STALL") and len(replies) == 5:
         time.sleep(600)
     return reply
-nodes = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
+nodes = {
+    101: {"partition-id": 0, "num-partitions": 2},
+    202: {"partition-id": 1, "num-partitions": 2},
+}
 coordinate(InProcessGrid(app, nodes, tamper=stall), RunConfig.from_flat(flat))
 """
 
 
-def run_config(backbone: Path, data: Path, output: Path, **overrides: object) -> dict[str, object]:
+def run_config(
+    backbone: Path, data: Path, output: Path, **overrides: object
+) -> dict[str, object]:
     return {
-        "model.name": str(backbone), "data.path": str(data), "data.partition": "column:domain",
-        "sim.num-clients": 2, "num-server-rounds": 4, "train.batch-size": 4, "train.lr": 0.01,
-        "data.holdout-fraction": 0.25, "output.dir": str(output), **overrides,
+        "model.name": str(backbone),
+        "data.path": str(data),
+        "data.partition": "column:domain",
+        "sim.num-clients": 2,
+        "num-server-rounds": 4,
+        "train.batch-size": 4,
+        "train.lr": 0.01,
+        "data.holdout-fraction": 0.25,
+        "output.dir": str(output),
+        **overrides,
     }
 
 
-def drive(flat: dict[str, object], tmp_path: Path, stall: bool = False) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "FEDGRAFT_CACHE_DIR": str(tmp_path / "cache")}
+def drive(
+    flat: dict[str, object], tmp_path: Path, stall: bool = False
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "FEDGRAFT_CACHE_DIR": str(tmp_path / "cache"),
+    }
     if stall:
         env["FEDGRAFT_TEST_STALL"] = "1"
     return subprocess.Popen(
-        [sys.executable, "-c", DRIVER, json.dumps(flat)], env=env, cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-c", DRIVER, json.dumps(flat)],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
 def adapter_files(output: Path) -> dict[str, np.ndarray]:
     state = load_file(str(output / "adapter" / "adapter_model.safetensors"))
-    state.update({f"head.{k}": v for k, v in load_file(str(output / "adapter" / "head.safetensors")).items()})
+    state.update(
+        {
+            f"head.{k}": v
+            for k, v in load_file(str(output / "adapter" / "head.safetensors")).items()
+        }
+    )
     return state
 
 
@@ -67,7 +98,11 @@ def test_a_checkpoint_round_trips(tmp_path: Path) -> None:
     state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
     save_checkpoint(tmp_path, Checkpoint(3, state, {"seed": 1}, [{"round": 3}]))
     loaded = load_checkpoint(tmp_path)
-    assert loaded.server_round == 3 and loaded.config == {"seed": 1} and loaded.rows == [{"round": 3}]
+    assert (
+        loaded.server_round == 3
+        and loaded.config == {"seed": 1}
+        and loaded.rows == [{"round": 3}]
+    )
     np.testing.assert_array_equal(loaded.state["a"], state["a"])
 
 
@@ -88,21 +123,32 @@ def test_a_run_killed_mid_round_resumes_to_the_same_adapter_bit_for_bit(
 ) -> None:
     # Prepare: an uninterrupted reference run
     reference = tmp_path / "reference"
-    assert drive(run_config(tiny_backbone, small_jsonl, reference), tmp_path).wait(timeout=300) == 0
+    assert (
+        drive(run_config(tiny_backbone, small_jsonl, reference), tmp_path).wait(
+            timeout=300
+        )
+        == 0
+    )
 
     # Execute: SIGKILL while round 3 trains, then resume from the checkpoint
     interrupted = tmp_path / "interrupted"
-    process = drive(run_config(tiny_backbone, small_jsonl, interrupted), tmp_path, stall=True)
+    process = drive(
+        run_config(tiny_backbone, small_jsonl, interrupted), tmp_path, stall=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if (interrupted / "checkpoint.safetensors").exists() and load_checkpoint(interrupted).server_round == 2:
+        if (interrupted / "checkpoint.safetensors").exists() and load_checkpoint(
+            interrupted
+        ).server_round == 2:
             break
         time.sleep(0.2)
     time.sleep(1.0)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (interrupted / "summary.json").exists()
-    resumed = drive(run_config(tiny_backbone, small_jsonl, interrupted, resume=True), tmp_path)
+    resumed = drive(
+        run_config(tiny_backbone, small_jsonl, interrupted, resume=True), tmp_path
+    )
     assert resumed.wait(timeout=300) == 0
 
     # Assert
@@ -110,5 +156,8 @@ def test_a_run_killed_mid_round_resumes_to_the_same_adapter_bit_for_bit(
     assert expected.keys() == actual.keys()
     for name in expected:
         assert np.array_equal(expected[name], actual[name]), name
-    rows = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (interrupted / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [row["round"] for row in rows] == [0, 1, 2, 3, 4]

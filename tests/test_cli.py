@@ -74,11 +74,29 @@ def test_predict_on_a_folder_without_a_head_says_what_to_point_at(
     assert "point at the merged/ folder" in capsys.readouterr().err
 
 
-def test_simulate_refuses_secure_aggregation_that_would_overflow(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["simulate", "--set", "secagg.enabled=true", "--set", "secagg.clip-norm=1000000"])
-    assert code == 2 and "lower secagg.clip-norm or sample fewer clients" in capsys.readouterr().err
+def test_simulate_refuses_secure_aggregation_that_would_overflow(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(
+        [
+            "simulate",
+            "--set",
+            "secagg.enabled=true",
+            "--set",
+            "secagg.clip-norm=1000000",
+        ]
+    )
+    assert (
+        code == 2
+        and "lower secagg.clip-norm or sample fewer clients" in capsys.readouterr().err
+    )
 
 
-def test_resume_without_a_checkpoint_names_the_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_without_a_checkpoint_names_the_missing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["simulate", "--resume", str(tmp_path)]) == 2
-    assert "checkpoint.safetensors: no checkpoint to resume from" in capsys.readouterr().err
+    assert (
+        "checkpoint.safetensors: no checkpoint to resume from"
+        in capsys.readouterr().err
+    )

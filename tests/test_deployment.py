@@ -92,7 +92,8 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]
     home.mkdir()
     port = free_port()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        '[superlink]\ndefault = "deploy"\n\n'
+        f'[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     env = {
         **os.environ,
@@ -113,7 +114,8 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]
         processes.stop_all()
         for log in sorted(logs.glob("*.log")):
             sys.stderr.write(
-                f"--- {log.name} (last 3000 bytes)\n{log.read_bytes()[-3000:].decode(errors='replace')}\n"
+                f"--- {log.name} (last 3000 bytes)\n"
+                f"{log.read_bytes()[-3000:].decode(errors='replace')}\n"
             )
 
 
@@ -189,7 +191,8 @@ def test_two_sites_train_two_rounds_over_a_loopback_deployment(
     wait_until(lambda: online_nodes() >= 2, 90, "two SuperNodes online")
     overrides = (
         f'num-server-rounds=2 model.name="{backbone}" data.test-path="{test_file}" '
-        f'output.dir="{output}" train.min-clients=2 train.batch-size=8 train.timeout=300.0 '
+        f'output.dir="{output}" train.min-clients=2 train.batch-size=8 '
+        "train.timeout=300.0 "
         f"secagg.enabled={str(secure).lower()} secagg.max-weight=24.0"
     )
 
@@ -242,7 +245,8 @@ def test_two_sites_train_two_rounds_over_a_loopback_deployment(
             timeout=60,
         )
         pytest.fail(
-            f"run {run_id} ended {run_status()}:\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}"
+            f"run {run_id} ended {run_status()}:\n"
+            f"{logs.stdout[-4000:]}{logs.stderr[-2000:]}"
         )
     metrics = [
         json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()

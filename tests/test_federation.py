@@ -146,7 +146,8 @@ def test_clients_send_only_the_adapter_delta_and_counts(
     # Execute
     coordinate(grid, make_config(tiny_backbone, small_jsonl, tmp_path / "out"))  # type: ignore[arg-type]
 
-    # Assert: only adapter arrays and numeric metrics cross the wire, never text or base weights
+    # Assert: only adapter arrays and numeric metrics cross the wire, never text or
+    # base weights
     trained = [
         r for r in grid.received if keys.ADAPTER_RECORD in r.content.array_records
     ]
@@ -172,7 +173,8 @@ def test_clients_send_only_the_adapter_delta_and_counts(
 def test_a_site_without_the_backbone_receives_it_once(
     tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
 ) -> None:
-    # Prepare: the client caches start empty and a directory reference means nothing at a site
+    # Prepare: the client caches start empty and a directory reference means nothing
+    # at a site
     output = tmp_path / "out"
     grid = InProcessGrid(client_app, node_configs(tmp_path))
 
@@ -360,7 +362,8 @@ def test_a_label_outside_the_map_fails_the_client_naming_file_and_line(
     # Prepare: node 202's own file holds a label the coordinator's map lacks, on line 2
     site = tmp_path / "site.jsonl"
     site.write_text(
-        '{"text": "please send", "label": "send"}\n{"text": "what now", "label": "mystery"}\n'
+        '{"text": "please send", "label": "send"}\n'
+        '{"text": "what now", "label": "mystery"}\n'
     )
     grid = InProcessGrid(
         client_app, node_configs(tmp_path, **{"202": {"data-path": str(site)}})
@@ -382,7 +385,8 @@ def test_a_label_outside_the_map_fails_the_client_naming_file_and_line(
 def test_virtual_clients_sharing_a_process_do_not_leak_state(
     tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
 ) -> None:
-    # Prepare: the same round trained by node 202 alone, and after node 101 in the same process
+    # Prepare: the same round trained by node 202 alone, and after node 101 in the
+    # same process
     config = make_config(
         tiny_backbone, small_jsonl, tmp_path / "out", **{"num-server-rounds": 1}
     )

@@ -182,7 +182,8 @@ def test_clients_send_no_example_count_and_a_uint32_upload_within_5_percent_of_f
 def test_a_dropout_at_any_stage_still_gives_the_exact_survivor_mean(
     stage: str, tiny_backbone: Path, six_site_data: Path, tmp_path: Path
 ) -> None:
-    # Prepare: the plain run loses the same client's training reply (unless it dropped only at unmask)
+    # Prepare: the plain run loses the same client's training reply (unless it
+    # dropped only at unmask)
     dropped_node = 33
     plain_tamper = None if stage.endswith("unmask") else drop(dropped_node, "train")
 

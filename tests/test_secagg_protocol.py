@@ -79,7 +79,8 @@ def run_protocol(
     drop_after: dict[int, str] | None = None,
     neighbours: int | None = None,
 ) -> tuple[np.ndarray, list[int]]:
-    """Drive all four stages in memory; ``drop_after[node]`` names the stage it misses."""
+    """Drive all four stages in memory; ``drop_after[node]`` names the stage it
+    misses."""
     drop_after = drop_after or {}
     nodes = sorted(inputs)
     k = neighbours or default_neighbours(len(nodes))
@@ -215,7 +216,8 @@ def test_secure_mean_matches_the_float_mean_within_the_quantisation_error() -> N
     total, _ = run_protocol(inputs)
     weighted_sum, weight = encoding.decode_sum(total)
 
-    # Assert: each client's rounding is at most half a step, so the sum is off by at most n/2 steps
+    # Assert: each client's rounding is at most half a step, so the sum is off by at
+    # most n/2 steps
     step = 1 / encoding.scale
     exact = sum(
         w / 1000.0 * d.astype(np.float64) for d, w in zip(deltas, weights, strict=True)

@@ -1,4 +1,5 @@
-"""Flower's Simulation Engine (Ray) driven two ways: ``fedgraft simulate`` and ``flwr run .``."""
+"""Flower's Simulation Engine (Ray) driven two ways: ``fedgraft simulate`` and
+``flwr run .``."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def flower_env(tmp_path: Path) -> dict[str, str]:
 
 
 def stop_local_superlinks(home: str) -> None:
-    """SIGTERM the detached simulation SuperLinks that ``flwr run`` started for ``home``."""
+    """SIGTERM the detached simulation SuperLinks that ``flwr run`` started for
+    ``home``."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -106,7 +108,10 @@ def test_flwr_run_dot_runs_the_app_on_the_local_simulation_engine(
     # Prepare: the demo corpus's four domains dealt to two SuperNodes
     env = flower_env(tmp_path)
     output = tmp_path / "out"
-    overrides = f'num-server-rounds=1 model.name="{tiny_backbone}" output.dir="{output}" train.max-steps=3'
+    overrides = (
+        f'num-server-rounds=1 model.name="{tiny_backbone}" output.dir="{output}" '
+        "train.max-steps=3"
+    )
     try:
         # Execute
         finished = subprocess.run(

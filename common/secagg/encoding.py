@@ -63,12 +63,14 @@ class FixedPoint:
             raise HeadroomError(
                 "secagg.clip-norm must be > 0 and secagg.max-weight >= 1"
             )
-        # |sum_i w_i x_ik| <= n * clip; the weight coordinate sums to <= n <= n * clip when clip >= 1.
+        # |sum_i w_i x_ik| <= n * clip; the weight coordinate sums to <= n <= n * clip
+        # when clip >= 1.
         bound = num_clients * max(clip_norm, 1.0)
         scale = math.floor(_SIGNED_LIMIT / bound)
         if scale < 1 / min_step:
             raise HeadroomError(
-                f"{num_clients} clients with secagg.clip-norm = {clip_norm} leave a quantisation "
+                f"{num_clients} clients with secagg.clip-norm = {clip_norm} "
+                "leave a quantisation "
                 f"step of {1 / max(scale, 1):.2e} (> {min_step:.0e}) in 32 bits; lower "
                 "secagg.clip-norm or sample fewer clients per round"
             )
@@ -94,7 +96,8 @@ class FixedPoint:
         return values.astype(np.int64).astype(np.uint32)
 
     def decode_sum(self, ring_sum: np.ndarray) -> tuple[np.ndarray, float]:
-        """Signed decoding of an unmasked sum: (sum of weighted deltas ``(P,) float64``, total weight)."""
+        """Signed decoding of an unmasked sum: (sum of weighted deltas
+        ``(P,) float64``, total weight)."""
         signed = (
             ring_sum.astype(np.uint32).view(np.int32).astype(np.float64) / self.scale
         )

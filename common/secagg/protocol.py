@@ -6,9 +6,9 @@ One round, with ``N(i)`` the neighbours of client ``i`` in a k-regular graph:
 
 1. advertise: every client makes fresh X25519 key pairs ``c`` (share encryption) and
    ``s`` (pairwise masks) and sends the public halves.
-2. share keys: with the live neighbours' public keys, client ``i`` draws a self-mask seed
-   ``b_i``, splits ``b_i`` and ``s_sk_i`` t-of-|N(i)| (Shamir) and sends each share to
-   its neighbour encrypted with AES-GCM under ``HKDF(ECDH(c_i, c_j))``.
+2. share keys: with the live neighbours' public keys, client ``i`` draws a self-mask
+   seed ``b_i``, splits ``b_i`` and ``s_sk_i`` t-of-|N(i)| (Shamir) and sends each
+   share to its neighbour encrypted with AES-GCM under ``HKDF(ECDH(c_i, c_j))``.
 3. masked input: ``y_i = x_i + PRG(b_i) + sum_j sign(i, j) PRG(HKDF(ECDH(s_i, s_j)))``
    over the neighbours that completed step 2, in Z_(2^32).
 4. unmask: survivors return, per neighbour, the share of ``b_j`` (if ``j`` survived) or
@@ -136,7 +136,8 @@ class ClientRound:
         """
         if len(peer_keys) < self.threshold:
             raise ProtocolViolation(
-                f"node {self.node} has {len(peer_keys)} live neighbours, fewer than the threshold {self.threshold}"
+                f"node {self.node} has {len(peer_keys)} live neighbours, "
+                f"fewer than the threshold {self.threshold}"
             )
         seen: dict[bytes, int] = {}
         own = {
@@ -153,7 +154,8 @@ class ClientRound:
                     ) from None
                 if key in seen or key in own:
                     raise ProtocolViolation(
-                        f"node {peer} reuses a public key of node {seen.get(key, self.node)}"
+                        f"node {peer} reuses a public key of node "
+                        f"{seen.get(key, self.node)}"
                     )
                 seen[key] = peer
         self.peers = dict(peer_keys)
@@ -174,7 +176,8 @@ class ClientRound:
         return sealed
 
     def receive_shares(self, sealed: Mapping[int, bytes]) -> list[int]:
-        """Decrypt the shares neighbours sent; returns senders whose ciphertext failed."""
+        """Decrypt the shares neighbours sent; returns senders whose ciphertext
+        failed."""
         cipher = crypto.private_from_bytes(self.cipher_key)
         failed = []
         for sender, blob in sealed.items():
@@ -204,7 +207,8 @@ class ClientRound:
         return sorted(failed)
 
     def mask(self, encoded: np.ndarray, live_peers: Iterable[int]) -> np.ndarray:
-        """Add the self mask and the pairwise masks with ``live_peers`` (uint32, mod 2^32).
+        """Add the self mask and the pairwise masks with ``live_peers``
+        (uint32, mod 2^32).
 
         Raises
         ------
@@ -215,11 +219,13 @@ class ClientRound:
         unknown = [peer for peer in live if peer not in self.peers]
         if unknown:
             raise ProtocolViolation(
-                f"coordinator lists node(s) {unknown} that were not neighbours of node {self.node}"
+                f"coordinator lists node(s) {unknown} that were not neighbours "
+                f"of node {self.node}"
             )
         if len(live) < self.threshold:
             raise ProtocolViolation(
-                f"node {self.node} has {len(live)} live neighbours, threshold is {self.threshold}"
+                f"node {self.node} has {len(live)} live neighbours, "
+                f"threshold is {self.threshold}"
             )
         masked = np.array(encoded, dtype=np.uint32, copy=True)  # (P + 1,) uint32
         add_mask(masked, self.self_seed, +1)
@@ -232,7 +238,8 @@ class ClientRound:
     def unmask(
         self, survivors: Iterable[int], dropped: Iterable[int]
     ) -> tuple[dict[int, int], dict[int, int]]:
-        """Shares for the coordinator: ``b`` of surviving neighbours, ``s_sk`` of dropped ones.
+        """Shares for the coordinator: ``b`` of surviving neighbours, ``s_sk`` of
+        dropped ones.
 
         Raises
         ------
@@ -244,11 +251,13 @@ class ClientRound:
         both = sorted(alive & gone)
         if both:
             raise ProtocolViolation(
-                f"coordinator lists node(s) {both} as both alive and dropped; refusing to answer"
+                f"coordinator lists node(s) {both} as both alive and dropped; "
+                "refusing to answer"
             )
         if self.node not in alive:
             raise ProtocolViolation(
-                f"coordinator asks node {self.node} to unmask but lists it as not surviving"
+                f"coordinator asks node {self.node} to unmask "
+                "but lists it as not surviving"
             )
         if len(alive & set(self.peers)) + 1 < self.threshold:
             raise ProtocolViolation(
@@ -273,7 +282,8 @@ class CoordinatorRound:
     public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
 
     def accept_keys(self, advertised: Mapping[int, tuple[bytes, bytes]]) -> list[int]:
-        """Keep well-formed, unique keys; returns the nodes refused (logged by the caller)."""
+        """Keep well-formed, unique keys; returns the nodes refused (logged by the
+        caller)."""
         owners: dict[bytes, list[int]] = {}
         refused = set()
         for node, keys in advertised.items():
@@ -325,7 +335,8 @@ class CoordinatorRound:
         shared : Iterable[int]
             Nodes that completed key sharing (their pairwise masks are in the inputs).
         seed_shares, key_shares : Mapping[int, Mapping[int, int]]
-            Owner -> {holder: share} of self-mask seeds (survivors) and mask keys (dropped).
+            Owner -> {holder: share} of self-mask seeds (survivors) and mask keys
+            (dropped).
 
         Raises
         ------

@@ -1,4 +1,5 @@
-"""Aggregation rules: one small module per rule, selected with ``aggregation = name``."""
+"""Aggregation rules: one small module per rule, selected with
+``aggregation = name``."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ from server.summation import RoundSum
 
 
 class TrimmedMean:
-    """Per coordinate, drop the ``fraction`` largest and smallest values, average the rest.
+    """Per coordinate, drop the ``fraction`` largest and smallest values, average the
+    rest.
 
     Parameters
     ----------
