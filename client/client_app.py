@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -186,6 +187,11 @@ def train(message: Message, context: Context) -> Message:
             keys.METRICS_RECORD: MetricRecord(metrics),
         }
     )
+    if config.aggregation.rule == "fedavg-per-label":
+        counts = np.bincount(encoded.labels, minlength=len(task.labels))
+        content[keys.LABEL_COUNTS_RECORD] = to_array_record(
+            {"counts": counts.astype(np.float32)}
+        )
     return Message(content, reply_to=message)
 
 

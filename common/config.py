@@ -68,9 +68,9 @@ RESUMABLE_CHANGES = (
 )
 
 PARTITION_KINDS = ("iid", "dirichlet", "column:<name>")
-AGGREGATION_RULES = ("fedavg", "median", "trimmed-mean")
+AGGREGATION_RULES = ("fedavg", "fedavg-per-label", "median", "trimmed-mean")
 #: Rules that read each client's update and so cannot run behind secure aggregation.
-RULES_NEEDING_INDIVIDUAL_UPDATES = ("median", "trimmed-mean")
+RULES_NEEDING_INDIVIDUAL_UPDATES = ("fedavg-per-label", "median", "trimmed-mean")
 DISTRIBUTE_MODES = ("auto", "never")
 
 

@@ -15,6 +15,7 @@ STATUS_RECORD = "status"  # ConfigRecord: a client's answer that is not a result
 BACKBONE_RECORD = "backbone"  # ArrayRecord: backbone files as uint8 arrays
 SECAGG_RECORD = "secagg"  # ConfigRecord: secure aggregation stage data
 MASKED_RECORD = "masked"  # ArrayRecord: a masked, encoded update (uint32)
+LABEL_COUNTS_RECORD = "label-counts"  # ArrayRecord: rows per label (fedavg-per-label)
 
 # Keys of the round instructions (CONFIG_RECORD).
 CFG_BACKBONE_REF = "backbone-ref"

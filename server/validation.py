@@ -72,5 +72,25 @@ def contribution_from_reply(
         if not np.isfinite(array).all():
             raise RejectedUpdate(f"'{name}' holds NaN or Inf")
     return Contribution(
-        reply.metadata.src_node_id, codec.decode(arrays), weight, metrics
+        reply.metadata.src_node_id,
+        codec.decode(arrays),
+        weight,
+        metrics,
+        _label_counts(reply, reference),
     )
+
+
+def _label_counts(
+    reply: Message, reference: Mapping[str, np.ndarray]
+) -> np.ndarray | None:
+    """The optional per-label row counts, checked against the head's size."""
+    if keys.LABEL_COUNTS_RECORD not in reply.content.array_records:
+        return None
+    arrays = from_array_record(reply.content.array_records[keys.LABEL_COUNTS_RECORD])
+    counts = arrays.get("counts")
+    num_labels = reference["head.bias"].shape[0]
+    if counts is None or counts.shape != (num_labels,):
+        raise RejectedUpdate(f"label counts must have shape ({num_labels},)")
+    if not (np.isfinite(counts).all() and (counts >= 0).all()):
+        raise RejectedUpdate("label counts must be finite and non-negative")
+    return counts.astype(np.float64)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import RULES_NEEDING_INDIVIDUAL_UPDATES, ConfigError, RunConfig
+from common.config import (
+    AGGREGATION_RULES,
+    RULES_NEEDING_INDIVIDUAL_UPDATES,
+    ConfigError,
+    RunConfig,
+)
 from server.aggregation import CoordinateMedian, FedAvg, TrimmedMean, build_rule
 from server.contribution import Contribution
 from server.summation import RoundSum
@@ -52,7 +57,7 @@ def test_trimmed_mean_drops_the_extremes_of_each_coordinate() -> None:
 
 
 def test_the_rules_needing_updates_are_exactly_those_that_read_them() -> None:
-    for name in ("fedavg", "median", "trimmed-mean"):
+    for name in AGGREGATION_RULES:
         rule = build_rule(RunConfig.from_flat({"aggregation": name}))
         assert rule.needs_individual_updates == (
             name in RULES_NEEDING_INDIVIDUAL_UPDATES
@@ -68,3 +73,41 @@ def test_a_rule_needing_individual_updates_is_refused_with_secure_aggregation(
         match=f"aggregation = {rule} needs each client's update.*secagg.enabled",
     ):
         RunConfig.from_flat({"aggregation": rule, "secagg.enabled": True})
+
+
+def test_fedavg_per_label_averages_each_head_row_over_its_label_holders() -> None:
+    # Prepare: label 0 only at client 0, label 1 only at client 1, label 2 at both
+    from server.aggregation import FedAvgPerLabel
+
+    head_a = np.array([[1.0, 1.0], [9.0, 9.0], [2.0, 0.0]], np.float32)
+    head_b = np.array([[7.0, 7.0], [3.0, 3.0], [4.0, 6.0]], np.float32)
+    lora_a, lora_b = np.array([1.0], np.float32), np.array([4.0], np.float32)
+    contributions = [
+        Contribution(
+            1,
+            {"head.weight": head_a, "head.bias": head_a[:, 0], "lora": lora_a},
+            2.0,
+            label_counts=np.array([2.0, 0.0, 1.0]),
+        ),
+        Contribution(
+            2,
+            {"head.weight": head_b, "head.bias": head_b[:, 0], "lora": lora_b},
+            4.0,
+            label_counts=np.array([0.0, 3.0, 1.0]),
+        ),
+    ]
+    total = {
+        k: 2.0 * contributions[0].change[k] + 4.0 * contributions[1].change[k]
+        for k in contributions[0].change
+    }
+    summed = RoundSum(total=total, weight=6.0, count=2, contributions=contributions)
+
+    # Execute
+    mean = FedAvgPerLabel().aggregate(summed)
+
+    # Assert: rows follow their owners; the shared label is the count-weighted mean
+    np.testing.assert_allclose(
+        mean["head.weight"], [[1.0, 1.0], [3.0, 3.0], [3.0, 3.0]]
+    )
+    np.testing.assert_allclose(mean["head.bias"], [1.0, 3.0, 3.0])
+    np.testing.assert_allclose(mean["lora"], [(2.0 * 1.0 + 4.0 * 4.0) / 6.0])

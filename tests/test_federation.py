@@ -415,3 +415,25 @@ def test_virtual_clients_sharing_a_process_do_not_leak_state(
     first, second = delta_of(alone, 202), delta_of(after_other, 202)
     for name in first:
         np.testing.assert_array_equal(first[name], second[name])
+
+
+def test_fedavg_per_label_clients_send_label_counts_only_when_asked(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    config = make_config(
+        tiny_backbone, small_jsonl, tmp_path / "out", aggregation="fedavg-per-label"
+    )
+    grid = InProcessGrid(client_app, node_configs(tmp_path))
+
+    # Execute
+    coordinate(grid, config)  # type: ignore[arg-type]
+
+    # Assert
+    trained = [
+        r for r in grid.received if keys.ADAPTER_RECORD in r.content.array_records
+    ]
+    assert trained and all(
+        keys.LABEL_COUNTS_RECORD in r.content.array_records for r in trained
+    )
+    assert [row["clients"] for row in metrics_of(tmp_path / "out")[1:]] == [2, 2]
