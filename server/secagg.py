@@ -266,6 +266,7 @@ class SecureSum:
             weight=weight,
             count=len(survivors),
             client_metrics=[metrics[n] for n in survivors],
+            nodes=survivors,
         )
 
     # -- helpers -----------------------------------------------------------------------

@@ -59,6 +59,7 @@ class RoundReport:
     sampled: int = 0
     clients: int = 0
     client_metrics: list[dict[str, float]] = field(default_factory=list)
+    participants: list[int] = field(default_factory=list)
     failed: int = 0
     rejected: int = 0
     bytes_up: int = 0
@@ -75,6 +76,8 @@ class RoundReport:
             "round": self.server_round,
             "sampled": self.sampled,
             "clients": self.clients,
+            # Node ids as text: they are uint64 and JSON readers often use doubles.
+            "participants": [str(node) for node in self.participants],
             "failed": self.failed,
             "rejected": self.rejected,
             "train_loss": train_loss,
@@ -188,6 +191,7 @@ class FederatedLoRA:
         summed = self.summer.collect(grid, self.usable(replies, report), state, report)
         if summed is not None:
             report.clients, report.client_metrics = summed.count, summed.client_metrics
+            report.participants = summed.nodes
         if summed is None or summed.count < self.config.train.min_clients:
             log.warning(
                 "round %d skipped: %d client(s) replied usefully, "

@@ -36,6 +36,8 @@ class RoundSum:
         Clients whose update is in ``total``.
     client_metrics : list[dict[str, float]]
         Training metrics of those clients.
+    nodes : list[int]
+        Their node ids.
     contributions : list[Contribution]
         The individual updates, for rules that need them; empty behind secure
         aggregation.
@@ -45,6 +47,7 @@ class RoundSum:
     weight: float
     count: int
     client_metrics: list[dict[str, float]] = field(default_factory=list)
+    nodes: list[int] = field(default_factory=list)
     contributions: list[Contribution] = field(default_factory=list)
 
 
@@ -125,6 +128,7 @@ class PlainSum:
             weight=float(sum(c.weight for c in contributions)),
             count=len(contributions),
             client_metrics=[c.metrics for c in contributions],
+            nodes=[c.node_id for c in contributions],
             contributions=contributions,
         )
 

@@ -79,6 +79,7 @@ def test_a_run_writes_metrics_summary_adapter_and_merged_model(
     assert [row["round"] for row in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert row["clients"] == 2 and row["bytes_up"] > 0 and row["bytes_down"] > 0
+        assert sorted(row["participants"]) == ["101", "202"]
         for key in ("train_loss", "eval_loss", "eval_accuracy", "seconds"):
             assert isinstance(row[key], float)
     summary = json.loads((output / "summary.json").read_text())
