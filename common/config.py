@@ -46,6 +46,7 @@ DEFAULTS: dict[str, ConfigValue] = {
     "train.lr": 0.002,
     "train.weight-decay": 0.0,
     "train.timeout": 600.0,
+    "train.max-update-norm": 0.0,
     "aggregation": "fedavg",
     "aggregation.trim-fraction": 0.1,
     "secagg.enabled": False,
@@ -211,6 +212,7 @@ class TrainConfig:
     lr: float
     weight_decay: float
     timeout: float
+    max_update_norm: float
 
 
 @dataclass(frozen=True)
@@ -340,6 +342,7 @@ class RunConfig:
                 lr=v["train.lr"],
                 weight_decay=v["train.weight-decay"],
                 timeout=v["train.timeout"],
+                max_update_norm=v["train.max-update-norm"],
             ),
             aggregation=AggregationConfig(
                 v["aggregation"], v["aggregation.trim-fraction"]
@@ -410,6 +413,11 @@ class RunConfig:
         )
         _require(self.train.weight_decay >= 0, "train.weight-decay", "must be >= 0")
         _require(self.train.timeout > 0, "train.timeout", "must be > 0 seconds")
+        _require(
+            self.train.max_update_norm >= 0,
+            "train.max-update-norm",
+            "must be >= 0 (0 = no bound)",
+        )
         rule = self.aggregation.rule
         _require(
             rule in AGGREGATION_RULES,

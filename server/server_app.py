@@ -74,7 +74,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         labels=labels,
         summer=SecureSum(config.secagg, config.seed)
         if config.secagg.enabled
-        else PlainSum(Float32Codec()),
+        else PlainSum(Float32Codec(), config.train.max_update_norm),
         rule=build_rule(config),
         evaluate=bench.evaluate,
         on_round=after_round,

@@ -87,10 +87,13 @@ class PlainSum:
     ----------
     codec : Codec
         Decodes each reply's arrays.
+    max_norm : float
+        Replies whose delta has a larger L2 norm are rejected; 0 turns the check off.
     """
 
-    def __init__(self, codec: Codec) -> None:
+    def __init__(self, codec: Codec, max_norm: float = 0.0) -> None:
         self.codec = codec
+        self.max_norm = max_norm
 
     def prepare(
         self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats
@@ -110,7 +113,7 @@ class PlainSum:
         for reply in replies:
             try:
                 contributions.append(
-                    contribution_from_reply(reply, reference, self.codec)
+                    contribution_from_reply(reply, reference, self.codec, self.max_norm)
                 )
             except RejectedUpdate as reason:
                 log_rejection(reply.metadata.src_node_id, reason)

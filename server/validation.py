@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Message
 
 from common import keys
-from common.codec import Codec
+from common.codec import Codec, l2_norm
 from common.wire import from_array_record
 from server.contribution import Contribution
 
@@ -27,13 +27,16 @@ def log_rejection(node: int, reason: Exception) -> None:
 
 
 def contribution_from_reply(
-    reply: Message, reference: Mapping[str, np.ndarray], codec: Codec
+    reply: Message,
+    reference: Mapping[str, np.ndarray],
+    codec: Codec,
+    max_norm: float = 0.0,
 ) -> Contribution:
     """Decode and validate one training reply.
 
     Checks that the reply carries the adapter and metrics records, a positive
-    ``num-examples``, exactly the expected tensor names, their shapes and dtype, and
-    only finite values.
+    ``num-examples``, exactly the expected tensor names, their shapes and dtype, only
+    finite values, and (when ``max_norm`` > 0) an L2 norm of at most ``max_norm``.
 
     Raises
     ------
@@ -71,9 +74,15 @@ def contribution_from_reply(
             )
         if not np.isfinite(array).all():
             raise RejectedUpdate(f"'{name}' holds NaN or Inf")
+    change = codec.decode(arrays)
+    norm = l2_norm(change)
+    if max_norm > 0 and norm > max_norm:
+        raise RejectedUpdate(
+            f"update norm {norm:.4g} is above train.max-update-norm = {max_norm:g}"
+        )
     return Contribution(
         reply.metadata.src_node_id,
-        codec.decode(arrays),
+        change,
         weight,
         metrics,
         _label_counts(reply, reference),

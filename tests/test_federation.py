@@ -438,3 +438,31 @@ def test_fedavg_per_label_clients_send_label_counts_only_when_asked(
         keys.LABEL_COUNTS_RECORD in r.content.array_records for r in trained
     )
     assert [row["clients"] for row in metrics_of(tmp_path / "out")[1:]] == [2, 2]
+
+
+def test_an_update_above_the_norm_bound_is_rejected_naming_the_node(
+    tiny_backbone: Path,
+    small_jsonl: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: node 202 inflates its delta a million times
+    output = tmp_path / "out"
+    tamper = _replace_adapter(0, 202, lambda a: a * 1e6)
+    grid = InProcessGrid(client_app, node_configs(tmp_path), tamper=tamper)
+    config = make_config(
+        tiny_backbone,
+        small_jsonl,
+        output,
+        **{"num-server-rounds": 1, "train.max-update-norm": 100.0},
+    )
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        coordinate(grid, config)  # type: ignore[arg-type]
+
+    # Assert
+    row = metrics_of(output)[1]
+    assert (row["rejected"], row["clients"]) == (1, 1)
+    assert "node 202: update rejected: update norm" in caplog.text
+    assert "above train.max-update-norm = 100" in caplog.text
