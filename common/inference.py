@@ -21,6 +21,9 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.model import TextClassifier
 
+#: Files beside an exported encoder that describe the head.
+HEAD_FILES = ("head.safetensors", "fedgraft_head.json")
+
 
 @dataclass
 class MergedClassifier:
@@ -73,3 +76,53 @@ class MergedClassifier:
             (self.labels[int(i)], float(p))
             for p, i in zip(best.values, best.indices, strict=True)
         ]
+
+
+@dataclass
+class OnnxClassifier:
+    """An ONNX export (``fedgraft export --format onnx``) run with onnxruntime."""
+
+    session: object
+    tokenizer: PreTrainedTokenizerBase
+    labels: tuple[str, ...]
+
+    @classmethod
+    def load(cls, directory: str | Path) -> OnnxClassifier:
+        """Load ``model.onnx`` with its tokenizer and labels."""
+        import onnxruntime
+
+        folder = Path(directory)
+        meta = json.loads((folder / "fedgraft_head.json").read_text())
+        session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return cls(session, tokenizer, tuple(meta["labels"]))
+
+    def predict(
+        self, texts: Sequence[str], max_length: int = 128
+    ) -> list[tuple[str, float]]:
+        """The most likely label and its probability for each text."""
+        import numpy as np
+
+        batch = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="np",
+        )
+        inputs = {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+        (logits,) = self.session.run(None, inputs)  # type: ignore[attr-defined]
+        shifted = np.exp(logits - logits.max(-1, keepdims=True))
+        probabilities = shifted / shifted.sum(-1, keepdims=True)
+        best = probabilities.argmax(-1)
+        return [
+            (self.labels[int(i)], float(probabilities[row, i]))
+            for row, i in enumerate(best)
+        ]
+
+
+def load_classifier(directory: str | Path) -> MergedClassifier | OnnxClassifier:
+    """A merged folder or an ONNX export, whichever ``directory`` holds."""
+    if (Path(directory) / "model.onnx").exists():
+        return OnnxClassifier.load(directory)
+    return MergedClassifier.load(directory)

@@ -28,6 +28,7 @@ from common.splits import (
     run_labels,
 )
 from server.checkpoint import CheckpointError, load_checkpoint
+from simulations.export import ExportError
 
 log = logging.getLogger("fedgraft")
 
@@ -200,12 +201,84 @@ def _parser() -> argparse.ArgumentParser:
                 help="continue the run in DIR from its last complete round",
             )
     predict = commands.add_parser(
-        "predict", help="classify texts with a run's merged/ folder"
+        "predict", help="classify texts with a merged/ folder or an export"
     )
-    predict.add_argument("merged_dir")
+    predict.add_argument("model_dir", help="a run's merged/ folder or an export")
     predict.add_argument("texts", nargs="+")
+    export = commands.add_parser("export", help="write a run's merged model elsewhere")
+    export.add_argument("run_dir", help="a run's output.dir (or its merged/ folder)")
+    export.add_argument("--format", choices=("hf", "onnx"), default="hf")
+    export.add_argument("--out", required=True, help="folder to write")
+    for name, help_text in (
+        ("inspect", "print a run's config, per-round table and totals"),
+        ("report", "write PNG plots of a run into DIR/report/"),
+    ):
+        commands.add_parser(name, help=help_text).add_argument("run_dir")
     commands.add_parser("keys", help="list every config key with its default")
     return parser
+
+
+def _keys(arguments: argparse.Namespace) -> None:
+    for key, value in DEFAULTS.items():
+        print(f"{key} = {json.dumps(value)}")
+
+
+def _predict(arguments: argparse.Namespace) -> None:
+    from common.inference import load_classifier
+
+    classifier = load_classifier(arguments.model_dir)
+    predictions = classifier.predict(arguments.texts)
+    for text, (label, probability) in zip(arguments.texts, predictions, strict=True):
+        print(f"{label}\t{probability:.3f}\t{text}")
+
+
+def _export(arguments: argparse.Namespace) -> None:
+    from simulations.export import export_run
+
+    out = export_run(Path(arguments.run_dir), arguments.format, Path(arguments.out))
+    print(f"exported ({arguments.format}): {out}")
+
+
+def _inspect(arguments: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from simulations.inspection import inspect_run
+
+    inspect_run(Path(arguments.run_dir), Console(width=120))
+
+
+def _report(arguments: argparse.Namespace) -> None:
+    from simulations.report import write_report
+
+    for path in write_report(Path(arguments.run_dir)):
+        print(path)
+
+
+def _train(arguments: argparse.Namespace) -> None:
+    if getattr(arguments, "resume", None):
+        saved = load_checkpoint(Path(arguments.resume)).config
+        resume = {"output.dir": str(Path(arguments.resume).resolve()), "resume": "true"}
+        config = load_config(arguments.config, arguments.set, base={**saved, **resume})
+    else:
+        config = load_config(arguments.config, arguments.set)
+    if arguments.command == "simulate":
+        print(f"outputs: {simulate(config)}")
+    else:
+        from simulations.baselines import train_centralized
+
+        check_data(config)
+        print(f"outputs: {train_centralized(config)}")
+
+
+_COMMANDS = {
+    "keys": _keys,
+    "predict": _predict,
+    "export": _export,
+    "inspect": _inspect,
+    "report": _report,
+    "simulate": _train,
+    "centralized": _train,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,41 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("fedgraft", "common", "client", "server", "simulations"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
-        if arguments.command == "keys":
-            for key, value in DEFAULTS.items():
-                print(f"{key} = {json.dumps(value)}")
-        elif arguments.command == "predict":
-            from common.inference import MergedClassifier
-
-            classifier = MergedClassifier.load(arguments.merged_dir)
-            for text, (label, probability) in zip(
-                arguments.texts, classifier.predict(arguments.texts), strict=True
-            ):
-                print(f"{label}\t{probability:.3f}\t{text}")
-        else:
-            if getattr(arguments, "resume", None):
-                saved = load_checkpoint(Path(arguments.resume)).config
-                resume = {
-                    "output.dir": str(Path(arguments.resume).resolve()),
-                    "resume": "true",
-                }
-                config = load_config(
-                    arguments.config, arguments.set, base={**saved, **resume}
-                )
-            else:
-                config = load_config(arguments.config, arguments.set)
-            if arguments.command == "simulate":
-                print(f"outputs: {simulate(config)}")
-            else:
-                from simulations.baselines import train_centralized
-
-                check_data(config)
-                print(f"outputs: {train_centralized(config)}")
+        _COMMANDS[arguments.command](arguments)
     except (
         ConfigError,
         DataError,
         HeadroomError,
         CheckpointError,
+        ExportError,
         FileNotFoundError,
     ) as error:
         print(f"fedgraft: error: {error}", file=sys.stderr)
