@@ -7,6 +7,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from common.outputs import RunOutputs
@@ -23,14 +31,19 @@ def _number(value: Any, digits: int = 4) -> str:
 
 
 class RoundRecorder:
-    """Writes each round's metrics line and prints a progress line.
+    """Writes each round's metrics line, logs it, and drives a live progress bar.
 
     Parameters
     ----------
     outputs : RunOutputs
         Where ``metrics.jsonl`` goes.
     total_rounds : int
-        For the ``round i/n`` progress display.
+        For the ``round i/n`` display.
+    rows : Sequence[Mapping], optional
+        Rounds already done (a resumed run).
+    console : Console, optional
+        Where the live display goes; it is shown only when this is a terminal, so
+        logs and CI output stay free of it.
     """
 
     def __init__(
@@ -38,16 +51,50 @@ class RoundRecorder:
         outputs: RunOutputs,
         total_rounds: int,
         rows: Sequence[Mapping[str, Any]] = (),
+        console: Console | None = None,
     ) -> None:
         self.outputs = outputs
         self.total_rounds = total_rounds
         self.rows: list[dict[str, Any]] = [dict(row) for row in rows]
+        console = console or Console()
+        self._progress: Progress | None = None
+        if console.is_terminal:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            done = self.rows[-1]["round"] if self.rows else 0
+            self._task = self._progress.add_task(
+                "waiting for round 1", total=total_rounds, completed=done
+            )
+            self._progress.start()
+
+    def close(self) -> None:
+        """Stop the live display (idempotent)."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
     def record(self, metrics: Mapping[str, Any], *_: object) -> None:
-        """Append ``metrics`` to ``metrics.jsonl`` and log a one-line summary."""
+        """Append ``metrics`` to ``metrics.jsonl``, log it, update the display."""
         row = dict(metrics)
         self.rows.append(row)
         self.outputs.append_metrics(row)
+        if self._progress is not None:
+            self._progress.update(
+                self._task,
+                completed=row["round"],
+                description=(
+                    f"round {row['round']}/{self.total_rounds} "
+                    f"clients {row.get('clients', 0)}/{row.get('sampled', 0)} "
+                    f"eval_accuracy {row['eval_accuracy']:.4f}"
+                ),
+            )
         clients = (
             f"clients {row['clients']}/{row['sampled']}" if row.get("sampled") else ""
         )

@@ -138,6 +138,7 @@ class Workbench:
         started : float
             ``time.perf_counter()`` at the start of the run.
         """
+        recorder.close()
         self.export(outputs, state)
         outputs.write_summary(
             {

@@ -79,12 +79,13 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         evaluate=bench.evaluate,
         on_round=after_round,
     )
-    if resumed is None:
-        final = strategy.start(grid, bench.state())
-    else:
+    initial = bench.state() if resumed is None else resumed.state
+    try:
         final = strategy.start(
-            grid, resumed.state, completed_rounds=resumed.server_round
+            grid, initial, completed_rounds=resumed.server_round if resumed else 0
         )
+    finally:
+        recorder.close()
     bench.finish_run("federated", outputs, recorder, final, started)
     return output_dir
 

@@ -466,3 +466,32 @@ def test_an_update_above_the_norm_bound_is_rejected_naming_the_node(
     assert (row["rejected"], row["clients"]) == (1, 1)
     assert "node 202: update rejected: update norm" in caplog.text
     assert "above train.max-update-norm = 100" in caplog.text
+
+
+def test_the_live_progress_shows_rounds_on_a_terminal_and_nothing_otherwise(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    import io
+
+    from rich.console import Console
+
+    from common.outputs import RunOutputs
+    from common.reporting import RoundRecorder
+
+    row = {"round": 1, "clients": 2, "sampled": 2, "eval_loss": 0.5}
+    row |= {"eval_accuracy": 0.75, "seconds": 1.0, "train_loss": 0.4}
+    terminal, pipe = io.StringIO(), io.StringIO()
+
+    # Execute
+    for stream, is_terminal in ((terminal, True), (pipe, False)):
+        console = Console(file=stream, force_terminal=is_terminal, width=120)
+        recorder = RoundRecorder(
+            RunOutputs(tmp_path / str(is_terminal)), 3, console=console
+        )
+        recorder.record(row)
+        recorder.close()
+
+    # Assert
+    assert "round 1/3 clients 2/2 eval_accuracy 0.7500" in terminal.getvalue()
+    assert pipe.getvalue() == ""
