@@ -495,3 +495,37 @@ def test_the_live_progress_shows_rounds_on_a_terminal_and_nothing_otherwise(
     # Assert
     assert "round 1/3 clients 2/2 eval_accuracy 0.7500" in terminal.getvalue()
     assert pipe.getvalue() == ""
+
+
+def test_an_update_with_wrong_tensor_names_is_rejected(
+    tiny_backbone: Path,
+    small_jsonl: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: node 101 renames one tensor of its reply
+    def rename(sender: int, reply: Message) -> Message:
+        records = reply.content.array_records
+        if sender == 101 and not reply.has_error() and keys.ADAPTER_RECORD in records:
+            arrays = {k: v.numpy() for k, v in records[keys.ADAPTER_RECORD].items()}
+            arrays["head.surprise"] = arrays.pop("head.bias")
+            records[keys.ADAPTER_RECORD] = ArrayRecord(
+                {k: Array(v) for k, v in arrays.items()}
+            )
+        return reply
+
+    grid = InProcessGrid(client_app, node_configs(tmp_path), tamper=rename)
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        coordinate(
+            grid,  # type: ignore[arg-type]
+            make_config(
+                tiny_backbone, small_jsonl, tmp_path / "out", **{"num-server-rounds": 1}
+            ),
+        )
+
+    # Assert
+    row = metrics_of(tmp_path / "out")[1]
+    assert (row["rejected"], row["clients"]) == (1, 1)
+    assert "node 101: update rejected: wrong tensor names" in caplog.text
