@@ -16,11 +16,12 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # torch and transformers load only when a model is written
+    from transformers import PreTrainedTokenizerBase
 
-from common.model import TextClassifier, save_head
+    from common.model import TextClassifier
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -88,6 +89,8 @@ class RunOutputs:
     def save_adapter(self, model: TextClassifier, labels: tuple[str, ...]) -> Path:
         """PEFT-format adapter (``PeftModel.from_pretrained(backbone, dir)`` loads it)
         with the head, pooling mode and label map beside it."""
+        from common.model import save_head
+
         staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=self.directory))
         model.encoder.save_pretrained(str(staging))
         save_head(model, staging, labels)
@@ -104,6 +107,8 @@ class RunOutputs:
     ) -> Path:
         """The backbone with the adapter merged in (``AutoModel`` loads it), the head,
         the pooling config, the tokenizer and the label map."""
+        from common.model import save_head
+
         staging = Path(tempfile.mkdtemp(prefix=".merged-", dir=self.directory))
         merged = copy.deepcopy(model.encoder).merge_and_unload()
         merged.save_pretrained(str(staging))
