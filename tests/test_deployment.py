@@ -31,13 +31,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_until(check: callable, timeout: float, what: str) -> None:  # type: ignore[valid-type]
-    """Poll ``check`` until it is true or fail the test naming ``what``."""
+def wait_until(
+    check: callable,  # type: ignore[valid-type]
+    timeout: float,
+    what: str,
+    interval: float = 0.5,
+) -> None:
+    """Poll ``check`` every ``interval`` seconds until it is true, or fail naming
+    ``what``. Checks that start a ``flwr`` CLI process cost about a second of CPU
+    each: poll those slowly so they do not starve the run on two cores."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(0.5)
+        time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
@@ -195,7 +202,7 @@ def test_two_sites_train_over_a_loopback_deployment(
         )
         return listing.stdout.count('"online"')
 
-    wait_until(lambda: online_nodes() >= 2, 90, "two SuperNodes online")
+    wait_until(lambda: online_nodes() >= 2, 90, "two SuperNodes online", interval=2.0)
     overrides = (
         f'num-server-rounds={rounds} model.name="{backbone}" '
         f'data.test-path="{test_file}" '
@@ -239,7 +246,10 @@ def test_two_sites_train_over_a_loopback_deployment(
             return ""
 
     wait_until(
-        lambda: run_status().startswith("finished"), 420, f"run {run_id} to finish"
+        lambda: run_status().startswith("finished"),
+        420,
+        f"run {run_id} to finish",
+        interval=3.0,
     )
 
     # Assert: the run completed, both sites trained in both rounds, outputs are written

@@ -309,7 +309,7 @@ def test_registered_supernode_trains_and_unregistered_is_refused(
     assert node_statuses() == ["registered"]
     sn0, sn0_port = start_supernode(0)
     wait_until(lambda: healthy(sn0_port), 60, "SuperNode sn0's runtime API")
-    wait_until(lambda: "online" in node_statuses(), 90, "sn0 online")
+    wait_until(lambda: "online" in node_statuses(), 90, "sn0 online", interval=2.0)
 
     # sn1's key was never registered: the SuperLink refuses it and it exits by itself
     sn1, _ = start_supernode(1)
@@ -347,7 +347,10 @@ def test_registered_supernode_trains_and_unregistered_is_refused(
             return ""
 
     wait_until(
-        lambda: run_status().startswith("finished"), 420, f"run {run_id} to finish"
+        lambda: run_status().startswith("finished"),
+        420,
+        f"run {run_id} to finish",
+        interval=3.0,
     )
 
     # Assert: the run completed and the one registered site trained in round 1
