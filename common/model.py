@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
@@ -202,7 +202,3 @@ def save_head(model: TextClassifier, directory: Path, labels: tuple[str, ...]) -
         json.dumps({"pooling": model.pooling, "labels": list(labels)}, indent=2)
     )
 
-
-def is_peft(model: TextClassifier) -> bool:
-    """True when the encoder carries PEFT adapters."""
-    return isinstance(model.encoder, PeftModel)

@@ -126,8 +126,3 @@ class RunOutputs:
         _replace_dir(staging, target)
         return target
 
-
-def read_metrics(directory: Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.jsonl``."""
-    path = directory / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

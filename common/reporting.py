@@ -80,7 +80,7 @@ class RoundRecorder:
             self._progress.stop()
             self._progress = None
 
-    def record(self, metrics: Mapping[str, Any], *_: object) -> None:
+    def record(self, metrics: Mapping[str, Any]) -> None:
         """Append ``metrics`` to ``metrics.jsonl``, log it, update the display."""
         row = dict(metrics)
         self.rows.append(row)

@@ -30,8 +30,8 @@ _POINT_AT_RUN = "point at a run's output.dir (the folder holding metrics.jsonl)"
 def read_run_metrics(directory: Path) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl``, checked line by line.
 
-    Unlike :func:`common.outputs.read_metrics` this names the file and line of a
-    malformed row, because it reads folders a user points at.
+    A malformed row is named by file and line, because this reads folders a user
+    points at.
 
     Parameters
     ----------
