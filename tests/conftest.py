@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from simulations.inprocess_grid import InProcessGrid
 
-__all__ = ["InProcessGrid", "build_tiny_backbone", "shared_data", "write_jsonl"]
+__all__ = [
+    "InProcessGrid",
+    "build_tiny_backbone",
+    "flower_env",
+    "shared_data",
+    "write_jsonl",
+]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -100,6 +107,27 @@ def client_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "client-cache"
     monkeypatch.setenv("FEDGRAFT_CACHE_DIR", str(cache))
     return cache
+
+
+def flower_env(home: Path, connections: str) -> dict[str, str]:
+    """Environment for Flower processes with a private ``FLWR_HOME``.
+
+    ``connections`` is the text of ``$FLWR_HOME/config.toml`` (the ``[superlink]``
+    tables); the venv's bin comes first on PATH, as ``flwr`` starts its tools by name.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(connections)
+    bin_dir = Path(sys.executable).parent
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
 
 
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:

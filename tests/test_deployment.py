@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from common.demo import demo_test_examples, demo_train_examples
-from tests.conftest import REPO_ROOT, build_tiny_backbone, write_jsonl
+from tests.conftest import REPO_ROOT, build_tiny_backbone, flower_env, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -98,20 +98,11 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]
     home = tmp_path / "flwr-home"
     home.mkdir()
     port = free_port()
-    (home / "config.toml").write_text(
+    env = flower_env(
+        home,
         '[superlink]\ndefault = "deploy"\n\n'
-        f'[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
     )
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(REPO_ROOT),
-    }
     logs = tmp_path / "logs"
     logs.mkdir()
     processes = Processes(env, logs)

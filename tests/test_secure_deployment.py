@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
 import ssl
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.demo import demo_test_examples, demo_train_examples
-from tests.conftest import REPO_ROOT, build_tiny_backbone, write_jsonl
+from tests.conftest import REPO_ROOT, build_tiny_backbone, flower_env, write_jsonl
 from tests.test_deployment import BIN, Processes, free_port, healthy, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -199,21 +198,12 @@ def secure_deployment(tmp_path: Path) -> Iterator[SecureDeployment]:
     home = tmp_path / "flwr-home"
     home.mkdir()
     port = free_port()
-    (home / "config.toml").write_text(
+    env = flower_env(
+        home,
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{pki / "ca.crt"}"\n'
+        f'root-certificates = "{pki / "ca.crt"}"\n',
     )
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(REPO_ROOT),
-    }
     logs = tmp_path / "logs"
     logs.mkdir()
     processes = Processes(env, logs)

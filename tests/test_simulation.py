@@ -12,30 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, flower_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 
 
-def flower_env(tmp_path: Path) -> dict[str, str]:
-    """A private FLWR_HOME, Ray folder and SuperLink port for one test."""
-    home = tmp_path / "flwr-home"
-    home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+def local_flower_env(tmp_path: Path) -> dict[str, str]:
+    """A private FLWR_HOME and local SuperLink port for one test."""
+    env = flower_env(
+        tmp_path / "flwr-home",
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n',
     )
-    return {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(39500 + os.getpid() % 400),
-        "HF_HUB_OFFLINE": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(39500 + os.getpid() % 400)
+    return env
 
 
 def stop_local_superlinks(home: str) -> None:
@@ -83,7 +74,7 @@ def test_fedgraft_simulate_runs_rounds_and_compares_with_clients_alone(
     # Execute
     finished = subprocess.run(
         command,
-        env=flower_env(tmp_path),
+        env=local_flower_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=400,
@@ -106,7 +97,7 @@ def test_flwr_run_dot_runs_the_app_on_the_local_simulation_engine(
     tiny_backbone: Path, tmp_path: Path
 ) -> None:
     # Prepare: the demo corpus's four domains dealt to two SuperNodes
-    env = flower_env(tmp_path)
+    env = local_flower_env(tmp_path)
     output = tmp_path / "out"
     overrides = (
         f'num-server-rounds=1 model.name="{tiny_backbone}" output.dir="{output}" '
