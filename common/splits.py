@@ -21,7 +21,7 @@ from pathlib import Path
 from common.config import DataConfig
 from common.data import DataError, Example, label_set, load_examples
 from common.demo import demo_test_examples, demo_train_examples
-from common.partition import holdout_split, partition_indices
+from common.partition import count_column_values, holdout_split, partition_indices
 
 
 @lru_cache(maxsize=8)
@@ -146,8 +146,6 @@ def default_num_clients(data: DataConfig, seed: int, configured: int) -> int:
     column = data.partition_column
     if column is None:
         return configured
-    from common.partition import count_column_values
-
     return count_column_values(pools(data, seed).train, column)
 
 
