@@ -1,19 +1,25 @@
 """Reading labelled text rows from the file formats users have.
 
 Every loader returns a list of :class:`Example` plus the extra columns of each row, and
-every error names the file and, where there is one, the line or the column.
+every error names the file and, where there is one, the line or the column. A path may
+also name several files (a comma-separated list and glob patterns); their rows are
+concatenated and each row records its file in the ``source`` column.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
+SOURCE_COLUMN = "source"
+_GLOB_CHARACTERS = frozenset("*?[")
 
 
 class DataError(ValueError):
@@ -51,7 +57,11 @@ def _as_label(value: Any) -> str:
 
 
 def _records_to_examples(
-    records: Iterable[tuple[str, Any]], path: Path, text_column: str, label_column: str
+    records: Iterable[tuple[str, Any]],
+    path: Path,
+    text_column: str,
+    label_column: str,
+    source: str | None = None,
 ) -> list[Example]:
     examples: list[Example] = []
     for where, record in records:
@@ -79,6 +89,9 @@ def _records_to_examples(
             for k, v in record.items()
             if k not in (text_column, label_column)
         }
+        if source is not None and SOURCE_COLUMN not in record:
+            # A file's own ``source`` column wins: it was there before the list was.
+            extra[SOURCE_COLUMN] = source
         examples.append(
             Example(text=text, label=_as_label(label), extra=extra, where=where)
         )
@@ -132,6 +145,31 @@ def _delimited_records(path: Path, delimiter: str) -> Iterable[tuple[str, Any]]:
             yield f"{path}:{reader.line_num}", row
 
 
+def _headerless_records(path: Path) -> Iterable[tuple[str, Any]]:
+    """Rows of a headerless ``text<TAB>label`` file, read as columns text and label.
+
+    Lines end at ``\\n`` only (a ``\\r`` before it is dropped): the UCI sentiment
+    files hold U+0085 inside sentences, which ``str.splitlines`` would take for a line
+    break. Quotes are text, and whitespace around each field (the IMDB file pads every
+    sentence) is dropped.
+    """
+    with path.open(encoding="utf-8-sig", newline="\n") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise DataError(
+                    f"{path}:{number}: expected 2 tab-separated fields (text, label), "
+                    f"found {len(fields)}; a .txt file holds headerless "
+                    "'sentence<TAB>label' lines (for other layouts use a .tsv file "
+                    "whose first line names the columns)"
+                )
+            text, label = (value.strip() for value in fields)
+            yield f"{path}:{number}", {"text": text, "label": label}
+
+
 def _arrow_records(table: Any, source: Path) -> Iterable[tuple[str, Any]]:
     return (
         (f"{source}:row {index}", row) for index, row in enumerate(table.to_pylist())
@@ -168,33 +206,81 @@ def _saved_dataset_records(path: Path) -> Iterable[tuple[str, Any]]:
     return _arrow_records(pa.concat_tables(tables), path)
 
 
-def load_examples(
-    path: str | Path, text_column: str = "text", label_column: str = "label"
-) -> list[Example]:
-    """Load labelled rows from a file or a ``save_to_disk`` directory.
+def _names_one_path(spec: str | Path) -> bool:
+    """Whether ``spec`` is itself an existing file or folder (not a list or pattern)."""
+    return Path(spec).expanduser().exists()
+
+
+def resolve_paths(spec: str | Path) -> list[Path]:
+    """The files and ``save_to_disk`` folders that ``data.path`` names.
 
     Parameters
     ----------
-    path : str or Path
-        A ``.jsonl``, ``.json``, ``.csv``, ``.tsv`` or ``.parquet`` file, or a
-        directory written by ``datasets.save_to_disk``.
-    text_column, label_column : str
-        Column names of the text and the label.
+    spec : str or Path
+        One path, or a comma-separated list whose entries are paths or glob patterns
+        (``sites/*.txt``; ``**`` descends into folders). A path that exists as
+        written is taken whole, even if it holds a comma or a glob character.
 
     Returns
     -------
-    list[Example]
+    list[Path]
+        In the order given, each pattern's matches sorted by name; a file named twice
+        is kept at its first place.
 
     Raises
     ------
     DataError
-        When the file is missing, malformed, empty, or lacks a named column.
+        When the spec names nothing, a path is missing or a pattern matches no file.
     """
-    source = Path(path).expanduser()
-    if not source.exists():
+    if _names_one_path(spec):
+        return [Path(spec).expanduser()]
+    entries = [entry.strip() for entry in str(spec).split(",") if entry.strip()]
+    if not entries:
         raise DataError(
-            f"{source}: no such file or directory (check data.path / data.test-path)"
+            f"'{spec}' names no file; give a path, a comma-separated list of paths or "
+            "a glob pattern (data.path / data.test-path)"
         )
+    files: list[Path] = []
+    seen: set[str] = set()
+    for entry in entries:
+        path = Path(entry).expanduser()
+        where = "" if path.is_absolute() else f"; relative to {Path.cwd()}"
+        if path.exists():
+            matches = [path]
+        elif _GLOB_CHARACTERS & set(entry):
+            matches = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
+            if not matches:
+                raise DataError(
+                    f"{entry}: the pattern matches no file (check data.path / "
+                    f"data.test-path{where})"
+                )
+        else:
+            raise DataError(
+                f"{path}: no such file or directory (check data.path / "
+                f"data.test-path{where})"
+            )
+        for match in matches:
+            key = os.path.abspath(match)
+            if key not in seen:
+                seen.add(key)
+                files.append(match)
+    return files
+
+
+def _source_names(files: Sequence[Path]) -> list[str]:
+    """Each file's stem; where two stems clash, every file's path below their common
+    folder, so that ``column:source`` never merges two sites by accident."""
+    stems = [file.stem for file in files]
+    if len(set(stems)) == len(stems):
+        return stems
+    absolute = [Path(os.path.abspath(file)) for file in files]
+    base = os.path.commonpath([str(file.parent) for file in absolute])
+    return [file.relative_to(base).as_posix() for file in absolute]
+
+
+def _load_file(
+    source: Path, text_column: str, label_column: str, source_name: str | None
+) -> list[Example]:
     if source.is_dir():
         records = _saved_dataset_records(source)
     else:
@@ -204,6 +290,7 @@ def load_examples(
             ".json": _json_records,
             ".csv": lambda p: _delimited_records(p, ","),
             ".tsv": lambda p: _delimited_records(p, "\t"),
+            ".txt": _headerless_records,
             ".parquet": _parquet_records,
         }
         if suffix not in readers:
@@ -212,7 +299,44 @@ def load_examples(
                 f"{', '.join(SUPPORTED_SUFFIXES)} or a save_to_disk directory"
             )
         records = readers[suffix](source)
-    return _records_to_examples(records, source, text_column, label_column)
+    return _records_to_examples(records, source, text_column, label_column, source_name)
+
+
+def load_examples(
+    path: str | Path, text_column: str = "text", label_column: str = "label"
+) -> list[Example]:
+    """Load labelled rows from one or several files or ``save_to_disk`` directories.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.txt`` (headerless
+        ``text<TAB>label`` lines) or ``.parquet`` file, or a directory written by
+        ``datasets.save_to_disk``; or a comma-separated list of such paths and glob
+        patterns (see :func:`resolve_paths`).
+    text_column, label_column : str
+        Column names of the text and the label.
+
+    Returns
+    -------
+    list[Example]
+        The rows of every file in turn. For a list or a pattern each row's ``extra``
+        also holds ``source``: its file's stem (e.g. ``yelp_labelled``), unless the
+        file has a ``source`` column of its own. A single path adds no column.
+
+    Raises
+    ------
+    DataError
+        When a file is missing, malformed, empty, or lacks a named column, or a
+        pattern matches no file.
+    """
+    files = resolve_paths(path)
+    if _names_one_path(path):
+        return _load_file(files[0], text_column, label_column, None)
+    examples: list[Example] = []
+    for file, name in zip(files, _source_names(files), strict=True):
+        examples.extend(_load_file(file, text_column, label_column, name))
+    return examples
 
 
 def label_set(examples: Sequence[Example]) -> tuple[str, ...]:

@@ -7,7 +7,10 @@ The rules, shared by simulation, deployment and the centralised baseline:
   ``data.test-path``, or, when that is empty, on a seeded held-out slice of the pool
   that no client trains on;
 - a SuperNode whose node config names ``data-path`` trains on that whole file;
-  otherwise (simulation) it takes its ``partition-id`` share of the pool.
+  otherwise (simulation) it takes its ``partition-id`` share of the pool;
+- any of these paths may list several files (commas, glob patterns): their rows are
+  concatenated, each with its file's stem in ``source``, so ``data.partition =
+  column:source`` gives one client per file (see :func:`common.data.load_examples`).
 """
 
 from __future__ import annotations
@@ -16,27 +19,37 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 from common.config import DataConfig
-from common.data import DataError, Example, label_set, load_examples
+from common.data import DataError, Example, label_set, load_examples, resolve_paths
 from common.demo import demo_test_examples, demo_train_examples
 from common.partition import count_column_values, holdout_split, partition_indices
 
 
 @lru_cache(maxsize=8)
 def _cached_load(
-    path: str, stamp: float, text_column: str, label_column: str
+    path: str,
+    stamps: tuple[tuple[str, float], ...],
+    text_column: str,
+    label_column: str,
 ) -> tuple[Example, ...]:
-    del stamp  # part of the cache key only: a rewritten file is read again
+    # ``stamps`` is part of the cache key only: a file that is rewritten, or that a
+    # pattern newly matches or no longer matches, makes the rows be read again.
+    del stamps
     return tuple(load_examples(path, text_column, label_column))
 
 
 def read_examples(path: str, text_column: str, label_column: str) -> list[Example]:
-    """:func:`common.data.load_examples`, cached per process until the file changes."""
-    expanded = str(Path(path).expanduser())
-    stamp = os.stat(expanded).st_mtime if os.path.exists(expanded) else 0.0
-    return list(_cached_load(expanded, stamp, text_column, label_column))
+    """:func:`common.data.load_examples`, cached per process until a file changes.
+
+    ``path`` is one path or a comma-separated list of paths and glob patterns.
+    """
+    files = [os.path.abspath(file) for file in resolve_paths(path)]
+    stamps = tuple(
+        (file, os.stat(file).st_mtime if os.path.exists(file) else 0.0)
+        for file in files
+    )
+    return list(_cached_load(path, stamps, text_column, label_column))
 
 
 @dataclass(frozen=True)

@@ -454,3 +454,234 @@ def test_shared_sst2_dev_set_is_read() -> None:
     # Assert
     assert len(examples) == sum(1 for _ in path.open(encoding="utf-8")) - 1
     assert label_set(examples) == ("0", "1")
+
+
+def _write_sites(directory: Path) -> list[Path]:
+    """Two headerless ``.txt`` sites plus a ``.jsonl`` one, two rows each."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "beta.txt").write_text("beta good\t1\nbeta bad\t0\n")
+    (directory / "alpha.txt").write_text("alpha good\t1\nalpha bad\t0\n")
+    gamma: list[dict[str, object]] = [
+        {"text": "gamma good", "label": 1},
+        {"text": "gamma bad", "label": 0},
+    ]
+    write_jsonl(directory / "gamma.jsonl", gamma)
+    return [directory / "beta.txt", directory / "alpha.txt", directory / "gamma.jsonl"]
+
+
+def test_headerless_txt_rows_are_read_as_text_and_label(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "site_labelled.txt"
+    path.write_text('He said "wow" and left.  \t1\n\n"Awful"\t0 \n')
+
+    # Execute
+    examples = load_examples(path)
+
+    # Assert
+    assert examples == [
+        Example('He said "wow" and left.', "1"),
+        Example('"Awful"', "0"),
+    ]
+    assert [e.where for e in examples] == [f"{path}:1", f"{path}:3"]
+
+
+def test_txt_lines_end_only_at_newlines(tmp_path: Path) -> None:
+    # Prepare: U+0085 (NEL) sits inside an IMDB sentence; Windows line endings
+    path = tmp_path / "site.txt"
+    path.write_bytes("The script is\x85was there a script?\t0\r\nfine\t1\r\n".encode())
+
+    # Execute
+    examples = load_examples(path)
+
+    # Assert
+    assert examples == [
+        Example("The script is\x85was there a script?", "0"),
+        Example("fine", "1"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "fields"),
+    [("no tab at all", 1), ("a\tb\t1", 3), ("trailing tab\t1\t", 3)],
+)
+def test_txt_line_without_exactly_one_tab_names_the_line(
+    tmp_path: Path, line: str, fields: int
+) -> None:
+    # Prepare
+    path = tmp_path / "site.txt"
+    path.write_text(f"good film\t1\n{line}\nbad film\t0\n")
+
+    # Execute
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+
+    # Assert
+    message = str(caught.value)
+    assert f"{path}:2" in message
+    assert f"found {fields}" in message
+
+
+def test_txt_line_with_an_empty_label_names_the_line(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "site.txt"
+    path.write_text("good film\t1\nbad film\t \n")
+
+    # Execute
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+
+    # Assert
+    assert f"{path}:2" in str(caught.value)
+
+
+def test_comma_separated_paths_are_concatenated_in_the_given_order(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    beta, alpha, gamma = _write_sites(tmp_path)
+
+    # Execute
+    examples = load_examples(f"{beta}, {alpha},{gamma}")
+
+    # Assert
+    assert [e.text for e in examples] == [
+        "beta good",
+        "beta bad",
+        "alpha good",
+        "alpha bad",
+        "gamma good",
+        "gamma bad",
+    ]
+    assert [e.extra["source"] for e in examples] == [
+        "beta",
+        "beta",
+        "alpha",
+        "alpha",
+        "gamma",
+        "gamma",
+    ]
+
+
+def test_glob_pattern_reads_its_matches_in_sorted_order(tmp_path: Path) -> None:
+    # Prepare
+    _write_sites(tmp_path)
+
+    # Execute
+    examples = load_examples(str(tmp_path / "*.txt"))
+
+    # Assert
+    assert [(e.extra["source"], e.label) for e in examples] == [
+        ("alpha", "1"),
+        ("alpha", "0"),
+        ("beta", "1"),
+        ("beta", "0"),
+    ]
+
+
+def test_file_named_twice_in_a_list_is_read_once(tmp_path: Path) -> None:
+    # Prepare
+    beta, _, _ = _write_sites(tmp_path)
+
+    # Execute
+    examples = load_examples(f"{beta},{tmp_path / '*.txt'}")
+
+    # Assert
+    assert [e.extra["source"] for e in examples] == ["beta"] * 2 + ["alpha"] * 2
+
+
+def test_a_file_own_source_column_is_kept_in_a_list(tmp_path: Path) -> None:
+    # Prepare
+    own = write_jsonl(
+        tmp_path / "own.jsonl", [{"text": "t", "label": "x", "source": "web"}]
+    )
+    (tmp_path / "plain.txt").write_text("u\tx\n")
+
+    # Execute
+    examples = load_examples(f"{own},{tmp_path / 'plain.txt'}")
+
+    # Assert
+    assert [e.extra["source"] for e in examples] == ["web", "plain"]
+
+
+def test_clashing_stems_become_paths_below_the_common_folder(tmp_path: Path) -> None:
+    # Prepare
+    for site in ("site0", "site1"):
+        (tmp_path / site).mkdir()
+        (tmp_path / site / "train.txt").write_text(f"{site} row\t1\n")
+
+    # Execute
+    examples = load_examples(str(tmp_path / "site*" / "train.txt"))
+
+    # Assert
+    assert [e.extra["source"] for e in examples] == [
+        "site0/train.txt",
+        "site1/train.txt",
+    ]
+
+
+def test_single_path_with_a_comma_in_its_name_is_read_whole(tmp_path: Path) -> None:
+    # Prepare
+    path = write_jsonl(tmp_path / "a,b.jsonl", ROWS)
+
+    # Execute
+    examples = load_examples(str(path))
+
+    # Assert
+    assert examples == EXPECTED
+    assert "source" not in examples[0].extra
+
+
+def test_missing_file_in_a_list_is_named(tmp_path: Path) -> None:
+    # Prepare
+    beta, _, _ = _write_sites(tmp_path)
+    absent = tmp_path / "absent.txt"
+
+    # Execute
+    with pytest.raises(DataError) as caught:
+        load_examples(f"{beta},{absent}")
+
+    # Assert
+    assert f"{absent}: no such file" in str(caught.value)
+
+
+def test_pattern_matching_no_file_is_named(tmp_path: Path) -> None:
+    # Prepare
+    _write_sites(tmp_path)
+    pattern = str(tmp_path / "*.csv")
+
+    # Execute
+    with pytest.raises(DataError) as caught:
+        load_examples(f"{tmp_path / '*.txt'},{pattern}")
+
+    # Assert
+    assert f"{pattern}: the pattern matches no file" in str(caught.value)
+
+
+@pytest.mark.parametrize("spec", [",", " , "])
+def test_list_naming_no_path_is_refused(spec: str) -> None:
+    # Prepare / Execute
+    with pytest.raises(DataError) as caught:
+        load_examples(spec)
+
+    # Assert
+    assert "names no file" in str(caught.value)
+
+
+def test_shared_sentiment_sites_are_read_one_source_each() -> None:
+    # Prepare
+    folder = shared_data("sentiment_labelled_sentences")
+
+    # Execute
+    examples = load_examples(str(folder / "*_labelled.txt"))
+
+    # Assert
+    counts: dict[str, int] = {}
+    for example in examples:
+        counts[example.extra["source"]] = counts.get(example.extra["source"], 0) + 1
+    assert counts == {
+        "amazon_cells_labelled": 1000,
+        "imdb_labelled": 1000,
+        "yelp_labelled": 1000,
+    }
+    assert {e.label for e in examples} == {"0", "1"}
+    assert all(e.text == e.text.strip() for e in examples)

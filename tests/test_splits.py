@@ -18,7 +18,7 @@ from common.splits import (
     pools,
     run_labels,
 )
-from tests.conftest import write_jsonl
+from tests.conftest import shared_data, write_jsonl
 
 SEED = 5
 DOMAIN_LABELS = (("bank", ("send", "balance")), ("travel", ("flight", "hotel")))
@@ -265,3 +265,125 @@ def test_rewritten_pool_under_home_is_read_again(
 
     # Assert
     assert (before, after) == (40, 20)
+
+
+def _sites(tmp_path: Path, rows_per_label: int = 5) -> Path:
+    """Three headerless ``<site>_labelled.txt`` files in ``tmp_path / "sites"``."""
+    folder = tmp_path / "sites"
+    folder.mkdir()
+    for site in ("amazon", "imdb", "yelp"):
+        lines = [
+            f'{site} "{label}" row {index}\t{label}\n'
+            for label in ("0", "1")
+            for index in range(rows_per_label)
+        ]
+        (folder / f"{site}_labelled.txt").write_text("".join(lines))
+    return folder
+
+
+def test_column_source_gives_one_client_per_listed_file(tmp_path: Path) -> None:
+    # Prepare
+    folder = _sites(tmp_path)
+    listed = ",".join(str(folder / f"{s}_labelled.txt") for s in ("yelp", "amazon"))
+    data = _data(**{"data.path": listed, "data.partition": "column:source"})
+
+    # Execute
+    clients = all_client_examples(data, SEED, 2)
+
+    # Assert
+    assert [{e.extra["source"] for e in rows} for rows in clients] == [
+        {"amazon_labelled"},
+        {"yelp_labelled"},
+    ]
+
+
+def test_glob_data_path_sets_one_client_per_matched_file(tmp_path: Path) -> None:
+    # Prepare
+    folder = _sites(tmp_path)
+    data = _data(
+        **{
+            "data.path": str(folder / "*_labelled.txt"),
+            "data.partition": "column:source",
+        }
+    )
+
+    # Execute
+    count = default_num_clients(data, SEED, configured=7)
+
+    # Assert
+    assert count == 3
+
+
+def test_glob_test_path_is_the_evaluation_set(tmp_path: Path) -> None:
+    # Prepare
+    folder = _sites(tmp_path, rows_per_label=2)
+    data = _data(**{"data.test-path": str(folder / "*.txt")})
+
+    # Execute
+    rows = evaluation_examples(data, SEED)
+
+    # Assert
+    assert len(rows) == 12
+    assert {e.label for e in rows} == {"0", "1"}
+
+
+def test_file_newly_matched_by_the_pattern_is_read(tmp_path: Path) -> None:
+    # Prepare
+    folder = _sites(tmp_path, rows_per_label=2)
+    pattern = str(folder / "*.txt")
+    data = _data(**{"data.path": pattern, "data.test-path": pattern})
+    before = len(pools(data, SEED).train)
+    (folder / "zeta_labelled.txt").write_text("new row\t1\n")
+
+    # Execute
+    after = len(pools(data, SEED).train)
+
+    # Assert
+    assert (before, after) == (12, 13)
+
+
+def test_missing_file_in_the_data_path_list_is_refused(tmp_path: Path) -> None:
+    # Prepare
+    folder = _sites(tmp_path)
+    absent = folder / "absent.txt"
+    data = _data(**{"data.path": f"{folder / 'imdb_labelled.txt'},{absent}"})
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="absent.txt: no such file"):
+        pools(data, SEED)
+
+
+def test_test_path_pattern_matching_no_file_is_refused(tmp_path: Path) -> None:
+    # Prepare
+    folder = _sites(tmp_path)
+    pattern = str(folder / "*.csv")
+    data = _data(**{"data.test-path": pattern})
+
+    # Execute
+    with pytest.raises(DataError) as caught:
+        evaluation_examples(data, SEED)
+
+    # Assert
+    assert f"{pattern}: the pattern matches no file" in str(caught.value)
+
+
+def test_shared_sentiment_sites_give_three_clients() -> None:
+    # Prepare
+    folder = shared_data("sentiment_labelled_sentences")
+    data = _data(
+        **{
+            "data.path": str(folder / "*_labelled.txt"),
+            "data.partition": "column:source",
+        }
+    )
+
+    # Execute
+    clients = all_client_examples(data, SEED, 3)
+
+    # Assert
+    assert [{e.extra["source"] for e in rows} for rows in clients] == [
+        {"amazon_cells_labelled"},
+        {"imdb_labelled"},
+        {"yelp_labelled"},
+    ]
+    assert sum(len(rows) for rows in clients) + len(pools(data, SEED).test) == 3000
