@@ -2,14 +2,18 @@
 
 One training round, as data::
 
-    instructions -> locate backbone (or ask for it) -> set global adapter
-    -> local rows -> finetune -> delta = local - global -> encode -> reply
+    instructions -> locate backbone (or ask for it) -> global adapter -> starting
+    adapter (client.adapters: the site's rank, its own kept factors) -> local rows
+    -> train this round's phase -> upload (deltas of what is shared) -> encode or
+    mask -> reply
 
 Only the encoded delta, ``num-examples`` and training metrics leave the site.
 
 Node config keys (``--node-config``): ``data-path`` (the site's own file),
 ``partition-id`` / ``num-partitions`` (simulation), ``backbone-path`` (the site's own
-copy of the backbone) and ``cache-dir`` (received backbones and tokenised data).
+copy of the backbone), ``cache-dir`` (received backbones and tokenised data),
+``eval-path`` (the site's own evaluation rows, for FedSA's personalised accuracy) and
+``lora.r`` (a FlexLoRA site's rank).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import secagg
+from client import adapters, secagg
 from common import keys
 from common.backbone import (
     BackboneError,
@@ -31,10 +35,11 @@ from common.backbone import (
     locate_on_site,
     store_bundle,
 )
-from common.codec import Float32Codec, delta
+from common.codec import Float32Codec
 from common.config import RunConfig
+from common.data import Example, load_examples
 from common.secagg.encoding import flatten
-from common.splits import client_examples
+from common.splits import client_examples, evaluation_examples
 from common.wire import from_array_record, json_field, to_array_record
 
 log = logging.getLogger(__name__)
@@ -76,6 +81,29 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))  # type: ignore[arg-type]
 
 
+def _site_evaluation_rows(
+    config: RunConfig,
+    context: Context,
+    examples: list[Example],
+    labels: tuple[str, ...],
+) -> list[Example]:
+    """The rows a site evaluates its personalised model on: its own file (node config
+    ``eval-path``), or in simulation the run's evaluation rows of the labels it holds
+    (its own domain)."""
+    eval_path = str(context.node_config.get("eval-path", ""))
+    if eval_path:
+        rows = load_examples(
+            eval_path, config.data.text_column, config.data.label_column
+        )
+        return [row for row in rows if row.label in labels]
+    held = {example.label for example in examples}
+    return [
+        row
+        for row in evaluation_examples(config.data, config.seed)
+        if row.label in held
+    ]
+
+
 def _status_reply(message: Message, kind: str) -> Message:
     return Message(
         RecordDict({keys.STATUS_RECORD: ConfigRecord({keys.STATUS_KIND: kind})}),
@@ -105,14 +133,21 @@ def train(message: Message, context: Context) -> Message:
 
     # torch and transformers load only here: a SuperNode starts a fresh process for
     # every message, and the secure-aggregation stages need neither.
-    from client.finetune import LocalTraining, finetune
-    from client.runtime import encoded_examples, loaded_backbone
-    from common.model import adapter_state, load_adapter_state
+    from client.finetune import LocalTraining, train_phase
+    from client.runtime import (
+        cached_features,
+        encoded_examples,
+        loaded_backbone,
+        rows_key,
+    )
+    from common.evaluation import evaluate
+    from common.model import adapter_state, encoder_digest, load_adapter_state
 
+    lora = adapters.site_lora(config, context.node_config)
     backbone = loaded_backbone(
         backbone_dir,
         task.fingerprint,
-        config.lora,
+        lora,
         task.pooling,
         len(task.labels),
         config.seed,
@@ -137,20 +172,34 @@ def train(message: Message, context: Context) -> Message:
     global_state = codec.decode(
         from_array_record(message.content.array_records[keys.ADAPTER_RECORD])
     )
-    load_adapter_state(backbone.model, global_state)
-    plan = LocalTraining(
-        epochs=config.train.local_epochs,
-        max_steps=config.train.max_steps,
-        batch_size=config.train.batch_size,
-        lr=config.train.lr,
-        weight_decay=config.train.weight_decay,
+    start = adapters.starting_state(global_state, config, lora, context)
+    load_adapter_state(backbone.model, start)
+    phase = config.train.phase(task.server_round)
+    plan = LocalTraining.from_config(
+        config,
+        phase,
         seed=config.seed * 100_003 + task.server_round * 1_009 + partition_id,
     )
-    result = finetune(backbone.model, encoded, backbone.pad_id, plan)
-    change = delta(adapter_state(backbone.model), global_state)
+    result = train_phase(
+        backbone.model,
+        encoded,
+        backbone.pad_id,
+        plan,
+        phase,
+        lambda: cached_features(
+            backbone,
+            encoded,
+            rows_key(examples, task.labels, task.fingerprint, config.model.max_length),
+            encoder_digest(start),
+        ),
+    )
+    trained = adapter_state(backbone.model)
+    change = adapters.upload(trained, start, phase, config.aggregation.rule)
+    adapters.keep_local(trained, config.aggregation.rule, context)
     log.info(
-        "round %d: trained %d samples on %s in %.1fs, loss %.4f",
+        "round %d (%s): trained %d samples on %s in %.1fs, loss %.4f",
         task.server_round,
+        phase,
         result.samples,
         result.device,
         result.seconds,
@@ -161,6 +210,20 @@ def train(message: Message, context: Context) -> Message:
         keys.TRAIN_SECONDS: result.seconds,
         keys.ON_CUDA: int(result.device == "cuda"),
     }
+    if config.aggregation.rule == "fedsa":
+        own = _site_evaluation_rows(config, context, examples, task.labels)
+        if own:
+            rows = encoded_examples(
+                own,
+                task.labels,
+                backbone,
+                task.fingerprint,
+                config.model.max_length,
+                cache_dir,
+            )
+            metrics[keys.PERSONAL_ACCURACY] = evaluate(
+                backbone.model, rows, backbone.pad_id
+            ).accuracy
     if keys.SECAGG_RECORD in message.content.config_records:
         # The example count travels only inside the masked vector.
         masked, notes = secagg.masked_update(

@@ -1,18 +1,23 @@
-"""Local fine-tuning: an explicit torch loop over length-bucketed, dynamically padded
-batches (no HF Trainer), with bf16 autocast on CUDA."""
+"""Local training: an explicit torch loop (no HF Trainer) over length-bucketed,
+dynamically padded batches with bf16 autocast on CUDA; or, in head-only rounds, over
+pooled features computed once."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from common.batching import Encoded, bucketed_order, collate
+from common.config import RunConfig
 from common.model import TextClassifier
+from common.sharing import frozen_factor, is_head
 
 
 @dataclass(frozen=True)
@@ -27,16 +32,50 @@ class LocalTraining:
     max_steps : int
         Cap on optimiser steps; 0 means no cap.
     batch_size, lr, weight_decay : as in the run config.
+    head_lr : float
+        Learning rate of the head (the adapters use ``lr``).
     seed : int
         Seeds the batch order and dropout.
+    proximal_mu : float
+        FedProx: adds ``mu / 2 * ||theta - theta_start||^2`` over the trained
+        parameters to the loss; 0 turns it off.
+    frozen : str or None
+        Parameters whose name contains this (``.lora_A.`` for FFA-LoRA) stay fixed.
     """
 
     epochs: float
     max_steps: int
     batch_size: int
     lr: float
+    head_lr: float
     weight_decay: float
     seed: int
+    proximal_mu: float = 0.0
+    frozen: str | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        config: RunConfig,
+        phase: str,
+        seed: int,
+        epochs: float | None = None,
+        max_steps: int | None = None,
+    ) -> LocalTraining:
+        """The plan of ``config`` for a round of ``phase``, with ``epochs`` or
+        ``max_steps`` replaced when given."""
+        train, rule = config.train, config.aggregation.rule
+        return cls(
+            epochs=train.local_epochs if epochs is None else epochs,
+            max_steps=train.max_steps if max_steps is None else max_steps,
+            batch_size=train.batch_size,
+            lr=train.lr,
+            head_lr=train.head_lr_in(phase),
+            weight_decay=train.weight_decay,
+            seed=seed,
+            proximal_mu=config.aggregation.proximal_mu if rule == "fedprox" else 0.0,
+            frozen=frozen_factor(rule),
+        )
 
 
 @dataclass(frozen=True)
@@ -51,11 +90,24 @@ class FinetuneResult:
     device: str
 
 
+class _ProximalTerm:
+    """FedProx's ``mu / 2 * ||theta - theta_start||^2`` over ``parameters``, with
+    ``theta_start`` their values when the round's training began."""
+
+    def __init__(self, parameters: list[torch.Tensor], mu: float) -> None:
+        self.mu = mu
+        self.pairs = [(p, p.detach().clone()) for p in parameters] if mu > 0 else []
+
+    def __call__(self) -> torch.Tensor | float:
+        if not self.pairs:
+            return 0.0
+        return (self.mu / 2) * sum((p - start).pow(2).sum() for p, start in self.pairs)
+
+
 def _batches(
-    encoded: Encoded, plan: LocalTraining, rng: np.random.Generator
+    lengths: list[int], plan: LocalTraining, rng: np.random.Generator
 ) -> list[list[int]]:
-    lengths = [len(ids) for ids in encoded.ids]
-    wanted = math.ceil(plan.epochs * len(encoded))
+    wanted = math.ceil(plan.epochs * len(lengths))
     batches: list[list[int]] = []
     taken = 0
     while taken < wanted:
@@ -73,7 +125,8 @@ def _batches(
 def finetune(
     model: TextClassifier, encoded: Encoded, pad_id: int, plan: LocalTraining
 ) -> FinetuneResult:
-    """Train the trainable parameters of ``model`` (LoRA and head) on ``encoded``.
+    """Train the trainable parameters of ``model`` (LoRA at ``lr``, the head at
+    ``head_lr``) on ``encoded``.
 
     A fresh AdamW is made on every call, so no optimiser state outlives a round.
     """
@@ -82,28 +135,48 @@ def finetune(
     device = next(model.head.parameters()).device
     rng = np.random.default_rng(plan.seed)
     torch.manual_seed(plan.seed)
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    named = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if p.requires_grad and not (plan.frozen and plan.frozen in n)
+    ]
     optimiser = torch.optim.AdamW(
-        parameters, lr=plan.lr, weight_decay=plan.weight_decay
+        [
+            {"params": [p for n, p in named if not is_head(n)]},
+            {"params": [p for n, p in named if is_head(n)], "lr": plan.head_lr},
+        ],
+        lr=plan.lr,
+        weight_decay=plan.weight_decay,
     )
+    proximal = _ProximalTerm([p for _, p in named], plan.proximal_mu)
+    frozen = [
+        p for n, p in model.named_parameters() if plan.frozen and plan.frozen in n
+    ]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
     model.train()
     start = time.perf_counter()
     total_loss, samples, steps = 0.0, 0, 0
-    for rows in _batches(encoded, plan, rng):
-        batch = collate(encoded, rows, pad_id)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(
-            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-        ):
-            logits = model(batch["input_ids"], batch["attention_mask"])
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        total_loss += loss.item() * len(rows)
-        samples += len(rows)
-        steps += 1
-    model.eval()
+    try:
+        for rows in _batches([len(ids) for ids in encoded.ids], plan, rng):
+            batch = collate(encoded, rows, pad_id)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+            ):
+                logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+            optimiser.zero_grad(set_to_none=True)
+            (loss + proximal()).backward()
+            optimiser.step()
+            total_loss += loss.item() * len(rows)
+            samples += len(rows)
+            steps += 1
+    finally:
+        # The model is shared by the clients of a process: give frozen factors back.
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        model.eval()
     return FinetuneResult(
         num_examples=len(encoded),
         train_loss=total_loss / max(samples, 1),
@@ -112,3 +185,63 @@ def finetune(
         seconds=time.perf_counter() - start,
         device=device.type,
     )
+
+
+def train_head(
+    head: nn.Linear, features: torch.Tensor, labels: np.ndarray, plan: LocalTraining
+) -> FinetuneResult:
+    """Train ``head`` alone on pooled ``features`` ``(n, hidden)`` at ``head_lr``.
+
+    This is feature extraction: the backbone and adapters are frozen, so their
+    features were computed once and each step costs one small matrix product.
+    """
+    if len(labels) == 0:
+        raise ValueError("no training rows: this client has an empty partition")
+    rng = np.random.default_rng(plan.seed)
+    targets = torch.from_numpy(labels).to(features.device)
+    optimiser = torch.optim.AdamW(
+        head.parameters(), lr=plan.head_lr, weight_decay=plan.weight_decay
+    )
+    proximal = _ProximalTerm(list(head.parameters()), plan.proximal_mu)
+    start = time.perf_counter()
+    total_loss, samples, steps = 0.0, 0, 0
+    # Rows of one length bucket all have length 1: plain shuffled batches.
+    for rows in _batches([1] * len(labels), plan, rng):
+        index = torch.as_tensor(rows, device=features.device)
+        logits = head(features[index].to(head.weight.dtype))
+        loss = F.cross_entropy(logits.float(), targets[index])
+        optimiser.zero_grad(set_to_none=True)
+        (loss + proximal()).backward()
+        optimiser.step()
+        total_loss += loss.item() * len(rows)
+        samples += len(rows)
+        steps += 1
+    return FinetuneResult(
+        num_examples=len(labels),
+        train_loss=total_loss / max(samples, 1),
+        steps=steps,
+        samples=samples,
+        seconds=time.perf_counter() - start,
+        device=features.device.type,
+    )
+
+
+def train_phase(
+    model: TextClassifier,
+    encoded: Encoded,
+    pad_id: int,
+    plan: LocalTraining,
+    phase: str,
+    features: Callable[[], torch.Tensor],
+) -> FinetuneResult:
+    """One round of local training in ``phase``.
+
+    Parameters
+    ----------
+    phase : str
+        ``head``: train the head on ``features()`` (the caller caches them);
+        ``lora``: fine-tune adapters and head end to end.
+    """
+    if phase == "head":
+        return train_head(model.head, features(), encoded.labels, plan)
+    return finetune(model, encoded, pad_id, plan)

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from common.batching import Encoded, encode
 from common.config import LoraSettings
 from common.data import Example, encode_labels
+from common.features import FeatureCache, pooled_features
 from common.model import TextClassifier, attach_lora, load_encoder
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class LoadedBackbone:
 _MODELS: dict[tuple[str, LoraSettings, str, int], LoadedBackbone] = {}
 _ENCODED: dict[str, Encoded] = {}
 _MAX_ENCODED = 32
+_FEATURES = FeatureCache(capacity=32)
 
 
 def loaded_backbone(
@@ -71,9 +73,11 @@ def loaded_backbone(
     return _MODELS[key]
 
 
-def _content_key(
+def rows_key(
     examples: list[Example], labels: tuple[str, ...], fingerprint: str, max_length: int
 ) -> str:
+    """A digest of the rows, label map, backbone and token limit: what the tokenised
+    rows depend on."""
     digest = hashlib.sha256(f"{fingerprint}|{max_length}|{'|'.join(labels)}".encode())
     for example in examples:
         digest.update(example.text.encode() + b"\0" + example.label.encode() + b"\n")
@@ -95,7 +99,7 @@ def encoded_examples(
     common.data.DataError
         When a label is outside the run's label map, naming the file and line.
     """
-    key = _content_key(examples, labels, fingerprint, max_length)
+    key = rows_key(examples, labels, fingerprint, max_length)
     if key in _ENCODED:
         return _ENCODED[key]
     stored = cache_dir / "tokens" / f"{key}.npz" if cache_dir is not None else None
@@ -123,3 +127,15 @@ def encoded_examples(
         _ENCODED.pop(next(iter(_ENCODED)))
     _ENCODED[key] = encoded
     return encoded
+
+
+def cached_features(
+    backbone: LoadedBackbone, encoded: Encoded, key: str, digest: str
+) -> torch.Tensor:
+    """Pooled features of the client's rows under adapters with ``digest``, computed
+    once per process while only the head trains."""
+    return _FEATURES.get(
+        f"{key}|{backbone.model.pooling}",
+        digest,
+        lambda: pooled_features(backbone.model, encoded, backbone.pad_id),
+    )

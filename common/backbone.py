@@ -142,6 +142,29 @@ def pooling_mode(directory: Path) -> str:
     return "cls"
 
 
+def write_pooling_mode(directory: Path, mode: str) -> None:
+    """Make the sentence-transformers pooling config in ``directory`` say ``mode``.
+
+    An exported model then pools as it was fine-tuned, also when ``model.pooling``
+    overrode the backbone's own mode. A folder without such a config is left alone.
+    """
+    modules_file = directory / "modules.json"
+    if not modules_file.exists():
+        return
+    for module in json.loads(modules_file.read_text()):
+        config_file = directory / module.get("path", "") / "config.json"
+        if module.get("type", "").endswith("Pooling") and config_file.exists():
+            config = json.loads(config_file.read_text())
+            config.update(
+                {
+                    "pooling_mode_cls_token": mode == "cls",
+                    "pooling_mode_mean_tokens": mode == "mean",
+                    "pooling_mode_max_tokens": mode == "max",
+                }
+            )
+            config_file.write_text(json.dumps(config, indent=2))
+
+
 def bundle_files(directory: Path) -> dict[str, np.ndarray]:
     """Every file a site needs, as uint8 arrays keyed by relative path.
 

@@ -30,9 +30,12 @@ def apply_delta(
     change: Mapping[str, np.ndarray],
     scale: float = 1.0,
 ) -> AdapterState:
-    """``reference + scale * change`` per tensor (float32)."""
+    """``reference + scale * change`` per tensor (float32); tensors that ``change``
+    does not name (not trained this round) are kept as they are."""
     return {
         k: (reference[k] + np.float32(scale) * change[k]).astype(np.float32)
+        if k in change
+        else np.asarray(reference[k], np.float32)
         for k in reference
     }
 

@@ -22,6 +22,9 @@ DEFAULTS: dict[str, ConfigValue] = {
     "model.name": "minilm",
     "model.distribute": "auto",
     "model.max-length": 128,
+    "model.pooling": "native",
+    "head.init": "label-names",
+    "head.label-descriptions": "",
     "lora.r": 8,
     "lora.alpha": 16,
     "lora.dropout": 0.05,
@@ -47,8 +50,18 @@ DEFAULTS: dict[str, ConfigValue] = {
     "train.weight-decay": 0.0,
     "train.timeout": 600.0,
     "train.max-update-norm": 0.0,
+    "train.mode": "lora",
+    "train.lp-rounds": 1,
+    "train.head-lr": 0.0,
+    "train.lp-lr": 0.0,
     "aggregation": "fedavg",
     "aggregation.trim-fraction": 0.1,
+    "fedprox.mu": 0.01,
+    "server.lr": 0.0,
+    "server.beta1": 0.9,
+    "server.beta2": 0.99,
+    "server.tau": 0.001,
+    "server.momentum": 0.9,
     "secagg.enabled": False,
     "secagg.neighbours": 0,
     "secagg.threshold": 0,
@@ -69,10 +82,32 @@ RESUMABLE_CHANGES = (
 )
 
 PARTITION_KINDS = ("iid", "dirichlet", "column:<name>")
-AGGREGATION_RULES = ("fedavg", "fedavg-per-label", "median", "trimmed-mean")
+AGGREGATION_RULES = (
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "ffa",
+    "fedsa",
+    "flexlora",
+    "fedavg-per-label",
+    "median",
+    "trimmed-mean",
+)
 #: Rules that read each client's update and so cannot run behind secure aggregation.
-RULES_NEEDING_INDIVIDUAL_UPDATES = ("fedavg-per-label", "median", "trimmed-mean")
+RULES_NEEDING_INDIVIDUAL_UPDATES = (
+    "flexlora",
+    "fedavg-per-label",
+    "median",
+    "trimmed-mean",
+)
+#: Server optimisers and their default server learning rate (``server.lr = 0``).
+SERVER_OPTIMISER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
 DISTRIBUTE_MODES = ("auto", "never")
+POOLING_MODES = ("native", "mean", "cls", "max")
+HEAD_INITS = ("label-names", "random")
+TRAIN_MODES = ("lora", "head", "lp-ft")
 
 
 class ConfigError(ValueError):
@@ -152,11 +187,34 @@ class ModelConfig:
         ``never``: such a client fails the round.
     max_length : int
         Token limit per text; longer texts are truncated.
+    pooling : str
+        ``native``: pool as the backbone was trained (its sentence-transformers
+        pooling config; the first token when it has none); or force ``mean``,
+        ``cls`` or ``max``.
     """
 
     name: str
     distribute: str
     max_length: int
+    pooling: str
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """How the classification head starts.
+
+    Attributes
+    ----------
+    init : str
+        ``label-names``: rows are the normalised embeddings of the label names (or
+        of their descriptions), so round 0 already classifies zero-shot; ``random``:
+        small random rows.
+    label_descriptions : str
+        Optional JSON file mapping each label to the text embedded for it.
+    """
+
+    init: str
+    label_descriptions: str
 
 
 @dataclass(frozen=True)
@@ -213,6 +271,33 @@ class TrainConfig:
     weight_decay: float
     timeout: float
     max_update_norm: float
+    mode: str
+    lp_rounds: int
+    head_lr: float
+    lp_lr: float
+
+    def phase(self, server_round: int) -> str:
+        """What round ``server_round`` trains: ``head`` (the backbone and adapters
+        frozen) or ``lora`` (adapters and head).
+
+        ``lp-ft`` spends its first ``lp_rounds`` rounds on the head alone (a linear
+        probe), then fine-tunes the adapters (Kumar et al., ICLR 2022).
+        """
+        if self.mode == "head" or (
+            self.mode == "lp-ft" and server_round <= self.lp_rounds
+        ):
+            return "head"
+        return "lora"
+
+    def head_lr_in(self, phase: str) -> float:
+        """The head's learning rate in a round of ``phase``.
+
+        Head-only rounds use ``lp_lr``; rounds that train the adapters use
+        ``head_lr``. A rate of 0 falls back to the next: ``lp_lr`` -> ``head_lr``
+        -> ``lr``.
+        """
+        head_lr = self.head_lr or self.lr
+        return (self.lp_lr or head_lr) if phase == "head" else head_lr
 
 
 @dataclass(frozen=True)
@@ -222,13 +307,32 @@ class AggregationConfig:
     Attributes
     ----------
     rule : str
-        ``fedavg``, ``median`` or ``trimmed-mean``.
+        One of :data:`AGGREGATION_RULES`.
     trim_fraction : float
         Share cut from each end by ``trimmed-mean``.
+    proximal_mu : float
+        ``fedprox``: weight ``mu`` of the client's proximal term
+        ``mu / 2 * ||theta - theta_global||^2`` (Li et al. 2020).
+    server_lr, beta1, beta2, tau, momentum : float
+        Server optimisers (Reddi et al. 2021): ``fedavgm`` uses ``server_lr`` and
+        ``momentum``; ``fedadam`` and ``fedyogi`` use ``server_lr``, ``beta1``,
+        ``beta2`` and ``tau``. ``server_lr = 0`` takes the rule's default from
+        :data:`SERVER_OPTIMISER_LR`.
     """
 
     rule: str
     trim_fraction: float
+    proximal_mu: float
+    server_lr: float
+    beta1: float
+    beta2: float
+    tau: float
+    momentum: float
+
+    @property
+    def effective_server_lr(self) -> float:
+        """``server_lr``, or the rule's default when it is 0."""
+        return self.server_lr or SERVER_OPTIMISER_LR.get(self.rule, 1.0)
 
 
 @dataclass(frozen=True)
@@ -270,6 +374,7 @@ class RunConfig:
     num_server_rounds: int
     seed: int
     model: ModelConfig
+    head: HeadConfig
     lora: LoraSettings
     data: DataConfig
     sim: SimConfig
@@ -314,8 +419,12 @@ class RunConfig:
             num_server_rounds=v["num-server-rounds"],
             seed=v["seed"],
             model=ModelConfig(
-                v["model.name"], v["model.distribute"], v["model.max-length"]
+                v["model.name"],
+                v["model.distribute"],
+                v["model.max-length"],
+                v["model.pooling"],
             ),
+            head=HeadConfig(v["head.init"], v["head.label-descriptions"]),
             lora=LoraSettings(v["lora.r"], v["lora.alpha"], v["lora.dropout"], targets),
             data=DataConfig(
                 path=v["data.path"],
@@ -343,9 +452,20 @@ class RunConfig:
                 weight_decay=v["train.weight-decay"],
                 timeout=v["train.timeout"],
                 max_update_norm=v["train.max-update-norm"],
+                mode=v["train.mode"],
+                lp_rounds=v["train.lp-rounds"],
+                head_lr=v["train.head-lr"],
+                lp_lr=v["train.lp-lr"],
             ),
             aggregation=AggregationConfig(
-                v["aggregation"], v["aggregation.trim-fraction"]
+                rule=v["aggregation"],
+                trim_fraction=v["aggregation.trim-fraction"],
+                proximal_mu=v["fedprox.mu"],
+                server_lr=v["server.lr"],
+                beta1=v["server.beta1"],
+                beta2=v["server.beta2"],
+                tau=v["server.tau"],
+                momentum=v["server.momentum"],
             ),
             secagg=SecAggConfig(
                 enabled=v["secagg.enabled"],
@@ -371,6 +491,21 @@ class RunConfig:
             f"must be one of {', '.join(DISTRIBUTE_MODES)}",
         )
         _require(self.model.max_length >= 8, "model.max-length", "must be at least 8")
+        _require(
+            self.model.pooling in POOLING_MODES,
+            "model.pooling",
+            f"got {self.model.pooling!r}; use one of {', '.join(POOLING_MODES)}",
+        )
+        _require(
+            self.head.init in HEAD_INITS,
+            "head.init",
+            f"got {self.head.init!r}; use one of {', '.join(HEAD_INITS)}",
+        )
+        _require(
+            not (self.head.label_descriptions and self.head.init != "label-names"),
+            "head.label-descriptions",
+            "is only read when head.init = label-names",
+        )
         _require(self.lora.r >= 1, "lora.r", "must be a positive rank such as 8")
         _require(self.lora.alpha >= 1, "lora.alpha", "must be positive")
         _require(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
@@ -418,6 +553,24 @@ class RunConfig:
             "train.max-update-norm",
             "must be >= 0 (0 = no bound)",
         )
+        _require(
+            self.train.mode in TRAIN_MODES,
+            "train.mode",
+            f"got {self.train.mode!r}; use one of {', '.join(TRAIN_MODES)}",
+        )
+        _require(
+            self.train.mode != "lp-ft"
+            or 1 <= self.train.lp_rounds < self.num_server_rounds,
+            "train.lp-rounds",
+            f"with train.mode = lp-ft it must be at least 1 and below "
+            f"num-server-rounds ({self.num_server_rounds}), so that both phases run",
+        )
+        _require(
+            self.train.head_lr >= 0, "train.head-lr", "must be >= 0 (0 = train.lr)"
+        )
+        _require(
+            self.train.lp_lr >= 0, "train.lp-lr", "must be >= 0 (0 = train.head-lr)"
+        )
         rule = self.aggregation.rule
         _require(
             rule in AGGREGATION_RULES,
@@ -429,6 +582,18 @@ class RunConfig:
             "aggregation.trim-fraction",
             "must be in [0, 0.5)",
         )
+        aggregation = self.aggregation
+        _require(aggregation.proximal_mu >= 0, "fedprox.mu", "must be >= 0")
+        _require(
+            aggregation.server_lr >= 0, "server.lr", "must be >= 0 (0 = rule default)"
+        )
+        for key, value in (
+            ("server.beta1", aggregation.beta1),
+            ("server.beta2", aggregation.beta2),
+            ("server.momentum", aggregation.momentum),
+        ):
+            _require(0.0 <= value < 1.0, key, "must be in [0, 1)")
+        _require(aggregation.tau > 0, "server.tau", "must be > 0")
         _require(
             not (self.secagg.enabled and rule in RULES_NEEDING_INDIVIDUAL_UPDATES),
             "aggregation",
@@ -506,6 +671,7 @@ __all__ = [
     "AggregationConfig",
     "ConfigError",
     "DataConfig",
+    "HeadConfig",
     "LoraSettings",
     "ModelConfig",
     "RunConfig",

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from common.batching import Encoded, collate, sequential_batches
+from common.batching import Encoded
+from common.features import pooled_features
 from common.model import TextClassifier
 
 
@@ -21,26 +24,22 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(
-    model: TextClassifier, encoded: Encoded, pad_id: int, batch_size: int = 64
+def evaluate_head(
+    head: nn.Linear, features: torch.Tensor, labels: np.ndarray
 ) -> EvalResult:
-    """Evaluate ``model`` on every row of ``encoded`` (eval mode, no gradients)."""
-    device = next(model.head.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    lengths = [len(ids) for ids in encoded.ids]
-    for rows in sequential_batches(lengths, batch_size):
-        batch = {k: v.to(device) for k, v in collate(encoded, rows, pad_id).items()}
-        with torch.autocast(
-            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-        ):
-            logits = model(batch["input_ids"], batch["attention_mask"])
-        logits = logits.float()
-        total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-    model.train(was_training)
-    count = len(encoded)
+    """Evaluate ``head`` on pooled ``features`` ``(n, hidden)`` with ``labels``."""
+    logits = head(features.to(head.weight.dtype)).float()  # (n, num_labels)
+    targets = torch.from_numpy(labels).to(logits.device)
+    count = len(labels)
     return EvalResult(
-        loss=total_loss / count, accuracy=correct / count, num_examples=count
+        loss=F.cross_entropy(logits, targets).item(),
+        accuracy=(logits.argmax(-1) == targets).sum().item() / count,
+        num_examples=count,
+    )
+
+
+def evaluate(model: TextClassifier, encoded: Encoded, pad_id: int) -> EvalResult:
+    """Evaluate ``model`` on every row of ``encoded`` (eval mode, no gradients)."""
+    return evaluate_head(
+        model.head, pooled_features(model, encoded, pad_id), encoded.labels
     )

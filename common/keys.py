@@ -37,6 +37,7 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 TRAIN_SAMPLES = "train-samples"
 ON_CUDA = "on-cuda"
+PERSONAL_ACCURACY = "personal-accuracy"  # FedSA: the site's own model on its rows
 
 # Secure aggregation: message actions and the keys of SECAGG_RECORD.
 ACTION_SECAGG_ADVERTISE = "secagg_advertise"

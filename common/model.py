@@ -4,6 +4,7 @@ and a linear classification head; and the adapter state that travels between par
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,8 +18,7 @@ from transformers import AutoModel, PreTrainedModel
 
 from common.codec import AdapterState
 from common.config import LoraSettings
-
-HEAD_PREFIX = "head."
+from common.sharing import HEAD_PREFIX
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -59,14 +59,20 @@ class TextClassifier(nn.Module):
         hidden = encoder.config.hidden_size
         self.head = nn.Linear(hidden, num_labels)
 
+    def embed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Pooled sentence features ``(batch, hidden)``: what the head reads."""
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling)
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Logits ``(batch, num_labels)``."""
-        hidden = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.pooling)
+        pooled = self.embed(input_ids, attention_mask)
         return self.head(pooled.to(self.head.weight.dtype))
 
 
@@ -184,6 +190,21 @@ def load_adapter_state(model: TextClassifier, state: Mapping[str, np.ndarray]) -
     model.head.load_state_dict(head)
 
 
+def encoder_digest(state: Mapping[str, np.ndarray]) -> str:
+    """A digest of every tensor that shapes the pooled features (all but the head).
+
+    Equal digests mean equal features, so features cached under one digest can be
+    reused while only the head changes.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        if not name.startswith(HEAD_PREFIX):
+            array = np.ascontiguousarray(state[name], dtype=np.float32)
+            digest.update(name.encode() + b"\0" + str(array.shape).encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def trainable_parameter_count(model: TextClassifier) -> int:
     """Number of trainable scalars (LoRA and head)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -201,4 +222,3 @@ def save_head(model: TextClassifier, directory: Path, labels: tuple[str, ...]) -
     (directory / "fedgraft_head.json").write_text(
         json.dumps({"pooling": model.pooling, "labels": list(labels)}, indent=2)
     )
-

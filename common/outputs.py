@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.backbone import write_pooling_mode
+
 if TYPE_CHECKING:  # torch and transformers load only when a model is written
     from transformers import PreTrainedTokenizerBase
 
@@ -122,7 +124,7 @@ class RunOutputs:
                 source = backbone_dir / module.get("path", "")
                 if module.get("path") and source.is_dir():
                     shutil.copytree(source, staging / module["path"])
+        write_pooling_mode(staging, model.pooling)
         target = self.directory / MERGED_DIR
         _replace_dir(staging, target)
         return target
-

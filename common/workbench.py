@@ -8,18 +8,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from common.backbone import coordinator_backbone_dir, fingerprint, pooling_mode
 from common.batching import Encoded, encode
 from common.config import RunConfig
 from common.data import Example, encode_labels
-from common.evaluation import EvalResult, evaluate
+from common.evaluation import EvalResult, evaluate_head
+from common.features import FeatureCache, pooled_features
+from common.label_head import init_head_from_texts, label_texts
 from common.model import (
     AdapterState,
     TextClassifier,
     adapter_state,
     attach_lora,
+    encoder_digest,
     load_adapter_state,
     load_encoder,
     trainable_parameter_count,
@@ -46,12 +50,14 @@ class Workbench:
     tokenizer: PreTrainedTokenizerBase
     pad_id: int
     test: Encoded
+    features: FeatureCache
 
     @classmethod
     def open(
         cls, config: RunConfig, labels: tuple[str, ...], test_examples: list[Example]
     ) -> Workbench:
-        """Load the backbone named by ``model.name`` and attach the seeded adapter.
+        """Load the backbone named by ``model.name``, attach the seeded adapter and
+        start the head as ``head.init`` says.
 
         Raises
         ------
@@ -59,14 +65,28 @@ class Workbench:
             When the backbone cannot be found.
         common.data.DataError
             When a test label is outside ``labels``.
+        common.label_head.LabelDescriptionError
+            When ``head.label-descriptions`` cannot be read.
         """
         backbone_dir = coordinator_backbone_dir(config.model.name)
-        pooling = pooling_mode(backbone_dir)
+        pooling = (
+            pooling_mode(backbone_dir)
+            if config.model.pooling == "native"
+            else config.model.pooling
+        )
         model = attach_lora(
             load_encoder(backbone_dir), config.lora, pooling, len(labels), config.seed
         )
         tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if config.head.init == "label-names":
+            init_head_from_texts(
+                model,
+                tokenizer,
+                label_texts(labels, config.head.label_descriptions),
+                config.model.max_length,
+                pad_id,
+            )
         test = encode(
             tokenizer,
             [e.text for e in test_examples],
@@ -83,6 +103,7 @@ class Workbench:
             tokenizer,
             pad_id,
             test,
+            FeatureCache(capacity=2),
         )
         log.info(
             "backbone %s (%s, %s pooling): %d trainable parameters, %d labels, "
@@ -101,10 +122,24 @@ class Workbench:
         return adapter_state(self.model)
 
     def evaluate(self, state: AdapterState | None = None) -> EvalResult:
-        """Evaluate ``state`` (or the current weights) on the evaluation rows."""
+        """Evaluate ``state`` (or the current weights) on the evaluation rows.
+
+        The pooled features are reused while the adapters are unchanged (head-only
+        rounds), so such an evaluation costs one matrix product.
+        """
         if state is not None:
             load_adapter_state(self.model, state)
-        return evaluate(self.model, self.test, self.pad_id)
+        return evaluate_head(
+            self.model.head, self.features_of(self.test, "test"), self.test.labels
+        )
+
+    def features_of(self, encoded: Encoded, rows_key: str) -> torch.Tensor:
+        """Pooled features of ``encoded`` under the current adapters, cached."""
+        return self.features.get(
+            rows_key,
+            encoder_digest(self.state()),
+            lambda: pooled_features(self.model, encoded, self.pad_id),
+        )
 
     def encode_examples(self, examples: list[Example]) -> Encoded:
         """Tokenise training rows with the run's tokenizer and label map."""

@@ -5,7 +5,8 @@ One file, ``checkpoint.safetensors`` in the output folder, rewritten after every
 or the new checkpoint). It holds the global adapter as tensors and, in its metadata,
 the last complete round, the flat run config and the metrics rows so far. Client
 sampling and the secure-aggregation graph are pure functions of the seed and the round,
-so no generator state needs saving.
+so no generator state needs saving. A stateful aggregation rule (a server optimiser)
+adds its moments as tensors named ``rule-state/...``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from safetensors.numpy import load_file, save_file
 from common.codec import AdapterState
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+RULE_STATE_PREFIX = "rule-state/"
 
 
 class CheckpointError(ValueError):
@@ -37,6 +39,7 @@ class Checkpoint:
     state: AdapterState
     config: dict[str, Any]
     rows: list[dict[str, Any]]
+    rule_state: AdapterState = field(default_factory=dict)
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
@@ -51,7 +54,10 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "config": json.dumps(checkpoint.config),
         "rows": json.dumps(checkpoint.rows),
     }
-    save_file({k: v for k, v in checkpoint.state.items()}, staging, metadata=metadata)
+    tensors = dict(checkpoint.state) | {
+        RULE_STATE_PREFIX + k: v for k, v in checkpoint.rule_state.items()
+    }
+    save_file(tensors, staging, metadata=metadata)
     with open(staging, "rb") as stream:
         os.fsync(stream.fileno())
     os.replace(staging, target)
@@ -75,12 +81,19 @@ def load_checkpoint(directory: Path) -> Checkpoint:
     try:
         with safe_open(str(path), framework="numpy") as reader:
             metadata = reader.metadata() or {}
-        state = load_file(str(path))
+        tensors = load_file(str(path))
         return Checkpoint(
             server_round=int(metadata["server_round"]),
-            state=dict(state),
+            state={
+                k: v for k, v in tensors.items() if not k.startswith(RULE_STATE_PREFIX)
+            },
             config=json.loads(metadata["config"]),
             rows=json.loads(metadata["rows"]),
+            rule_state={
+                k.removeprefix(RULE_STATE_PREFIX): v
+                for k, v in tensors.items()
+                if k.startswith(RULE_STATE_PREFIX)
+            },
         )
     except (KeyError, ValueError, OSError) as error:
         raise CheckpointError(f"{path}: unreadable checkpoint ({error})") from None

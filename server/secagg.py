@@ -267,6 +267,7 @@ class SecureSum:
             count=len(survivors),
             client_metrics=[metrics[n] for n in survivors],
             nodes=survivors,
+            reference=dict(reference),
         )
 
     # -- helpers -----------------------------------------------------------------------

@@ -27,7 +27,7 @@ from common.workbench import Workbench
 from server.aggregation import build_rule
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.secagg import SecureSum
-from server.strategy import BackboneOffer, FederatedLoRA
+from server.strategy import BackboneOffer, FederatedLoRA, StatefulRule, rule_state
 from server.summation import PlainSum
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,14 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
     outputs = RunOutputs(output_dir, completed)
     recorder = RoundRecorder(outputs, config.num_server_rounds, completed)
 
+    rule = build_rule(config)
+    if resumed is not None and isinstance(rule, StatefulRule):
+        rule.load_state_arrays(resumed.rule_state)
+
     def after_round(metrics: dict[str, Any], state: AdapterState) -> None:
         recorder.record(metrics)
         checkpoint = Checkpoint(
-            metrics["round"], state, config.as_dict(), recorder.rows
+            metrics["round"], state, config.as_dict(), recorder.rows, rule_state(rule)
         )
         save_checkpoint(output_dir, checkpoint)
 
@@ -74,8 +78,12 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         labels=labels,
         summer=SecureSum(config.secagg, config.seed)
         if config.secagg.enabled
-        else PlainSum(Float32Codec(), config.train.max_update_norm),
-        rule=build_rule(config),
+        else PlainSum(
+            Float32Codec(),
+            config.train.max_update_norm,
+            flexible_rank=config.aggregation.rule == "flexlora",
+        ),
+        rule=rule,
         evaluate=bench.evaluate,
         on_round=after_round,
     )

@@ -4,7 +4,8 @@ One round, as data::
 
     sample nodes -> summer.prepare (secure aggregation's key stages) -> send global
     adapter + instructions -> (hand the backbone to sites that lack it) ->
-    summer.collect (validate, sum or unmask) -> rule (mean) -> apply to the global
+    summer.collect (validate, sum or unmask the tensors this round's phase trains:
+    the head alone, or adapters and head) -> rule (mean) -> apply to the global
     adapter -> evaluate -> one metrics line
 
 The strategy composes a summer (plain or secure sum of the updates, with the codec
@@ -21,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -32,6 +33,7 @@ from common.backbone import bundle_files
 from common.codec import AdapterState, apply_delta
 from common.config import RunConfig
 from common.evaluation import EvalResult
+from common.sharing import shared_subset
 from common.wire import to_array_record
 from server.summation import RoundSum, Summer
 
@@ -45,10 +47,29 @@ class AggregationRule(Protocol):
     """Turns a round's contributions into one delta for the global adapter."""
 
     name: str
+    needs_individual_updates: bool
 
     def aggregate(self, summed: RoundSum) -> AdapterState:
         """The delta to apply to the global adapter."""
         ...
+
+
+@runtime_checkable
+class StatefulRule(Protocol):
+    """A rule with state that must survive a resume (a server optimiser)."""
+
+    def state_arrays(self) -> AdapterState:
+        """The state as named float32 arrays."""
+        ...
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_arrays` returned."""
+        ...
+
+
+def rule_state(rule: AggregationRule) -> AdapterState:
+    """The rule's state for a checkpoint (empty for a stateless rule)."""
+    return rule.state_arrays() if isinstance(rule, StatefulRule) else {}
 
 
 @dataclass
@@ -56,6 +77,7 @@ class RoundReport:
     """What happened in one round (becomes one line of ``metrics.jsonl``)."""
 
     server_round: int
+    phase: str | None = None
     sampled: int = 0
     clients: int = 0
     client_metrics: list[dict[str, float]] = field(default_factory=list)
@@ -72,8 +94,22 @@ class RoundReport:
         losses = [m.get(keys.TRAIN_LOSS, math.nan) for m in self.client_metrics]
         weights = [m.get(keys.NUM_EXAMPLES, 1.0) for m in self.client_metrics]
         train_loss = float(np.average(losses, weights=weights)) if losses else None
+        personal = [
+            m[keys.PERSONAL_ACCURACY]
+            for m in self.client_metrics
+            if keys.PERSONAL_ACCURACY in m
+        ]
+        personal_metrics = (
+            {
+                "personal_accuracy_mean": float(np.mean(personal)),
+                "personal_accuracy_min": float(np.min(personal)),
+            }
+            if personal
+            else {}
+        )
         return {
             "round": self.server_round,
+            "phase": self.phase,
             "sampled": self.sampled,
             "clients": self.clients,
             # Node ids as text: they are uint64 and JSON readers often use doubles.
@@ -93,7 +129,7 @@ class RoundReport:
             "bytes_down": self.bytes_down,
             "bytes_backbone": self.bytes_backbone,
             "seconds": round(seconds, 3),
-        }
+        } | personal_metrics
 
 
 @dataclass(frozen=True)
@@ -188,7 +224,10 @@ class FederatedLoRA:
         report.sampled = len(nodes)
         extras = self.summer.prepare(grid, nodes, server_round, report)
         replies = self.train(grid, extras, server_round, state, report)
-        summed = self.summer.collect(grid, self.usable(replies, report), state, report)
+        # Replies carry exactly the tensors this round's phase and rule share.
+        report.phase = self.config.train.phase(server_round)
+        shared = shared_subset(state, report.phase, self.config.aggregation.rule)
+        summed = self.summer.collect(grid, self.usable(replies, report), shared, report)
         if summed is not None:
             report.clients, report.client_metrics = summed.count, summed.client_metrics
             report.participants = summed.nodes

@@ -41,6 +41,8 @@ class RoundSum:
     contributions : list[Contribution]
         The individual updates, for rules that need them; empty behind secure
         aggregation.
+    reference : AdapterState
+        The global tensors the updates are relative to (those shared this round).
     """
 
     total: AdapterState
@@ -49,6 +51,7 @@ class RoundSum:
     client_metrics: list[dict[str, float]] = field(default_factory=list)
     nodes: list[int] = field(default_factory=list)
     contributions: list[Contribution] = field(default_factory=list)
+    reference: AdapterState = field(default_factory=dict)
 
 
 class RoundStats(Protocol):
@@ -89,11 +92,17 @@ class PlainSum:
         Decodes each reply's arrays.
     max_norm : float
         Replies whose delta has a larger L2 norm are rejected; 0 turns the check off.
+    flexible_rank : bool
+        Accept LoRA factors of any rank up to the reference's (FlexLoRA); tensors
+        whose shapes differ between clients are then left out of the total.
     """
 
-    def __init__(self, codec: Codec, max_norm: float = 0.0) -> None:
+    def __init__(
+        self, codec: Codec, max_norm: float = 0.0, flexible_rank: bool = False
+    ) -> None:
         self.codec = codec
         self.max_norm = max_norm
+        self.flexible_rank = flexible_rank
 
     def prepare(
         self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats
@@ -113,14 +122,24 @@ class PlainSum:
         for reply in replies:
             try:
                 contributions.append(
-                    contribution_from_reply(reply, reference, self.codec, self.max_norm)
+                    contribution_from_reply(
+                        reply,
+                        reference,
+                        self.codec,
+                        self.max_norm,
+                        self.flexible_rank,
+                    )
                 )
             except RejectedUpdate as reason:
                 log_rejection(reply.metadata.src_node_id, reason)
                 stats.rejected += 1
         if not contributions:
             return None
-        total = {k: np.zeros(v.shape, np.float64) for k, v in reference.items()}
+        total = {
+            k: np.zeros(v.shape, np.float64)
+            for k, v in reference.items()
+            if all(c.change[k].shape == v.shape for c in contributions)
+        }
         for contribution in contributions:
             for k in total:
                 total[k] += contribution.weight * contribution.change[k].astype(
@@ -133,6 +152,7 @@ class PlainSum:
             client_metrics=[c.metrics for c in contributions],
             nodes=[c.node_id for c in contributions],
             contributions=contributions,
+            reference=dict(reference),
         )
 
 

@@ -11,6 +11,7 @@ from flwr.app import Message
 
 from common import keys
 from common.codec import Codec, l2_norm
+from common.sharing import LORA_A, LORA_B
 from common.wire import from_array_record
 from server.contribution import Contribution
 
@@ -31,12 +32,15 @@ def contribution_from_reply(
     reference: Mapping[str, np.ndarray],
     codec: Codec,
     max_norm: float = 0.0,
+    flexible_rank: bool = False,
 ) -> Contribution:
     """Decode and validate one training reply.
 
     Checks that the reply carries the adapter and metrics records, a positive
     ``num-examples``, exactly the expected tensor names, their shapes and dtype, only
     finite values, and (when ``max_norm`` > 0) an L2 norm of at most ``max_norm``.
+    With ``flexible_rank`` the LoRA factors may have any one rank from 1 up to the
+    reference's (FlexLoRA).
 
     Raises
     ------
@@ -65,12 +69,14 @@ def contribution_from_reply(
         raise RejectedUpdate(
             f"wrong tensor names: missing {missing[:3]}, unexpected {extra[:3]}"
         )
+    rank = _common_rank(arrays, reference) if flexible_rank else None
     for name, array in arrays.items():
         if array.dtype != np.float32:
             raise RejectedUpdate(f"'{name}' has dtype {array.dtype}, expected float32")
-        if array.shape != reference[name].shape:
+        expected = _expected_shape(name, reference[name].shape, rank)
+        if array.shape != expected:
             raise RejectedUpdate(
-                f"'{name}' has shape {array.shape}, expected {reference[name].shape}"
+                f"'{name}' has shape {array.shape}, expected {expected}"
             )
         if not np.isfinite(array).all():
             raise RejectedUpdate(f"'{name}' holds NaN or Inf")
@@ -87,6 +93,34 @@ def contribution_from_reply(
         metrics,
         _label_counts(reply, reference),
     )
+
+
+def _common_rank(
+    arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> int | None:
+    """The one rank of the reply's LoRA factors, at most the reference's."""
+    ranks = {arrays[name].shape[0] for name in arrays if LORA_A in name}
+    if not ranks:
+        return None
+    limit = max(reference[name].shape[0] for name in reference if LORA_A in name)
+    rank = ranks.pop()
+    if ranks or not 1 <= rank <= limit:
+        raise RejectedUpdate(
+            f"LoRA factors must share one rank between 1 and lora.r = {limit}"
+        )
+    return rank
+
+
+def _expected_shape(
+    name: str, shape: tuple[int, ...], rank: int | None
+) -> tuple[int, ...]:
+    if rank is None:
+        return shape
+    if LORA_A in name:
+        return (rank, *shape[1:])  # A: (r, in)
+    if LORA_B in name:
+        return (*shape[:-1], rank)  # B: (out, r)
+    return shape
 
 
 def _label_counts(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from client.finetune import LocalTraining, finetune
+from client.finetune import LocalTraining, train_phase
 from common.config import RunConfig
 from common.outputs import RunOutputs, default_output_dir
 from common.reporting import RoundRecorder
@@ -85,19 +86,27 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
     )
     for server_round in range(1, config.num_server_rounds + 1):
         round_started = time.perf_counter()
-        plan = LocalTraining(
+        phase = config.train.phase(server_round)
+        plan = LocalTraining.from_config(
+            config,
+            phase,
+            seed=config.seed * 100_003 + server_round,
             epochs=per_round / len(encoded),
             max_steps=0,
-            batch_size=config.train.batch_size,
-            lr=config.train.lr,
-            weight_decay=config.train.weight_decay,
-            seed=config.seed * 100_003 + server_round,
         )
-        result = finetune(bench.model, encoded, bench.pad_id, plan)
+        result = train_phase(
+            bench.model,
+            encoded,
+            bench.pad_id,
+            plan,
+            phase,
+            lambda: bench.features_of(encoded, "train"),
+        )
         evaluation = bench.evaluate()
         recorder.record(
             {
                 "round": server_round,
+                "phase": phase,
                 "clients": 1,
                 "train_loss": result.train_loss,
                 "train_samples": result.samples,
@@ -113,9 +122,9 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
 def local_only(config: RunConfig) -> list[dict[str, Any]]:
     """Accuracy of each client trained alone, on the coordinator's evaluation rows.
 
-    Each client trains from the initial adapter for ``num-server-rounds *
-    local-epochs`` passes over its own rows: the compute it spends in the federated
-    run, without anybody else's knowledge.
+    Each client trains from the initial adapter for ``num-server-rounds`` rounds of
+    ``local-epochs`` passes over its own rows, in the same phases as the federated run:
+    the compute it spends there, without anybody else's knowledge.
     """
     num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
     clients = all_client_examples(config.data, config.seed, num_clients)
@@ -127,15 +136,22 @@ def local_only(config: RunConfig) -> list[dict[str, Any]]:
     results = []
     for client, rows in enumerate(clients):
         bench.evaluate(initial)  # resets the adapter to the initial state
-        plan = LocalTraining(
-            epochs=config.num_server_rounds * config.train.local_epochs,
-            max_steps=config.train.max_steps * config.num_server_rounds,
-            batch_size=config.train.batch_size,
-            lr=config.train.lr,
-            weight_decay=config.train.weight_decay,
-            seed=config.seed * 100_003 + client,
-        )
-        finetune(bench.model, bench.encode_examples(rows), bench.pad_id, plan)
+        encoded = bench.encode_examples(rows)
+        for server_round in range(1, config.num_server_rounds + 1):
+            phase = config.train.phase(server_round)
+            plan = LocalTraining.from_config(
+                config,
+                phase,
+                seed=config.seed * 100_003 + server_round * 1_009 + client,
+            )
+            train_phase(
+                bench.model,
+                encoded,
+                bench.pad_id,
+                plan,
+                phase,
+                partial(bench.features_of, encoded, f"client-{client}"),
+            )
         evaluation = bench.evaluate()
         results.append(
             {"client": client, "rows": len(rows), "eval_accuracy": evaluation.accuracy}

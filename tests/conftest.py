@@ -48,9 +48,9 @@ def build_tiny_backbone(
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(_WORDS))]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # transformers 5 keeps only the special tokens of a vocab_file: pass the map.
     tokenizer = BertTokenizerFast(
-        vocab_file=str(directory / "vocab.txt"), do_lower_case=True
+        vocab={word: index for index, word in enumerate(vocab)}, do_lower_case=True
     )
     tokenizer.save_pretrained(str(directory))
     config = BertConfig(

@@ -165,7 +165,13 @@ def test_finetuning_lowers_the_training_loss(tiny_backbone: Path) -> None:
     texts = ["good great love", "bad awful hate"] * 8
     encoded = encode(tokenizer, texts, [0, 1] * 8, 16)
     plan = LocalTraining(
-        epochs=1, max_steps=0, batch_size=4, lr=0.01, weight_decay=0.0, seed=0
+        epochs=1,
+        max_steps=0,
+        batch_size=4,
+        lr=0.01,
+        head_lr=0.01,
+        weight_decay=0.0,
+        seed=0,
     )
 
     # Execute
@@ -185,7 +191,13 @@ def test_max_steps_caps_local_training(tiny_backbone: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone))
     encoded = encode(tokenizer, ["good film"] * 20, [0] * 20, 16)
     plan = LocalTraining(
-        epochs=2, max_steps=3, batch_size=4, lr=0.01, weight_decay=0.0, seed=0
+        epochs=2,
+        max_steps=3,
+        batch_size=4,
+        lr=0.01,
+        head_lr=0.01,
+        weight_decay=0.0,
+        seed=0,
     )
     result = finetune(classifier(tiny_backbone, labels=2), encoded, 0, plan)
     assert (result.steps, result.samples) == (3, 12)

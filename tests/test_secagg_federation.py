@@ -314,19 +314,19 @@ def test_a_client_with_a_nan_delta_refuses_to_encode_and_is_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Prepare: node 44's local training produces NaN
-    import client.client_app as client_module
+    import client.adapters as adapters_module
 
-    real_delta = client_module.delta
+    real_upload = adapters_module.upload
 
-    def poisoned(local, reference, **kwargs):  # type: ignore[no-untyped-def]
-        change = real_delta(local, reference)
-        if client_module.log.name and poisoned.calls == 3:
+    def poisoned(*args, **kwargs):  # type: ignore[no-untyped-def]
+        change = real_upload(*args, **kwargs)
+        if poisoned.calls == 3:
             change = {k: np.full_like(v, np.nan) for k, v in change.items()}
         poisoned.calls += 1
         return change
 
     poisoned.calls = 0  # type: ignore[attr-defined]
-    monkeypatch.setattr(client_module, "delta", poisoned)
+    monkeypatch.setattr(adapters_module, "upload", poisoned)
 
     # Execute
     with caplog.at_level(logging.WARNING):

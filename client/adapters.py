@@ -1,0 +1,109 @@
+"""What a site makes of the global adapter under each rule, and what it sends back.
+
+One round at a site, for the adapter::
+
+    global adapter -> starting adapter (FlexLoRA: refactorised at the site's rank;
+    FedSA: the site's own B factors put back) -> train -> upload (the delta of what the
+    phase and rule share; FlexLoRA: the trained factors themselves) -> keep what stays
+    (FedSA: the B factors, in the Flower context state)
+
+Everything here is numpy on named tensors (see :mod:`common.sharing`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Context
+
+from common.codec import AdapterState, delta
+from common.config import LoraSettings, RunConfig
+from common.low_rank import at_rank
+from common.sharing import is_head, kept_local, shared_subset
+from common.wire import from_array_record, to_array_record
+
+#: The Flower context-state record holding a site's own B factors (FedSA).
+LOCAL_FACTORS_RECORD = "fedgraft-local-factors"
+#: Node config key of a FlexLoRA site's rank.
+SITE_RANK_KEY = "lora.r"
+
+
+class SiteConfigError(ValueError):
+    """A node config value is invalid; the message names the key."""
+
+
+def site_lora(config: RunConfig, node_config: Mapping[str, object]) -> LoraSettings:
+    """The LoRA settings this site trains with.
+
+    Under ``flexlora`` a site may set its own rank with the node config ``lora.r``
+    (at most the run's ``lora.r``); every other rule uses the run's settings.
+
+    Raises
+    ------
+    SiteConfigError
+        When the node's rank is not an integer between 1 and the run's rank.
+    """
+    if config.aggregation.rule != "flexlora" or SITE_RANK_KEY not in node_config:
+        return config.lora
+    value = node_config[SITE_RANK_KEY]
+    try:
+        rank = int(str(value))
+    except ValueError:
+        rank = 0
+    if not 1 <= rank <= config.lora.r:
+        raise SiteConfigError(
+            f"node config {SITE_RANK_KEY} = {value!r}: a FlexLoRA site's rank must be "
+            f"an integer from 1 to the run's lora.r = {config.lora.r}"
+        )
+    return dataclasses.replace(config.lora, r=rank)
+
+
+def starting_state(
+    global_state: AdapterState, config: RunConfig, lora: LoraSettings, context: Context
+) -> AdapterState:
+    """The adapter the site starts this round from."""
+    state = dict(global_state)
+    if lora.r != config.lora.r:
+        state = at_rank(state, lora.r, lora.alpha)
+    if LOCAL_FACTORS_RECORD in context.state.array_records:
+        kept = from_array_record(context.state.array_records[LOCAL_FACTORS_RECORD])
+        state.update({k: v for k, v in kept.items() if k in state})
+    return state
+
+
+def upload(
+    trained: AdapterState, start: AdapterState, phase: str, rule: str
+) -> AdapterState:
+    """What goes back: the deltas of the tensors the phase and rule share.
+
+    Under ``flexlora`` the LoRA factors go up as trained (clients of other ranks can
+    only be combined through their products); the head still goes as a delta.
+    """
+    shared = shared_subset(start, phase, rule)
+    change = delta(trained, shared)
+    if rule == "flexlora":
+        change.update(
+            {k: np.asarray(trained[k], np.float32) for k in shared if not is_head(k)}
+        )
+    return change
+
+
+def keep_local(trained: AdapterState, rule: str, context: Context) -> None:
+    """Store the tensors the rule keeps at the site (FedSA's B) in its context."""
+    names = kept_local(trained, rule)
+    if names:
+        context.state[LOCAL_FACTORS_RECORD] = to_array_record(
+            {k: trained[k] for k in names}
+        )
+
+
+__all__ = [
+    "LOCAL_FACTORS_RECORD",
+    "SiteConfigError",
+    "keep_local",
+    "site_lora",
+    "starting_state",
+    "upload",
+]

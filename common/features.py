@@ -1,0 +1,74 @@
+"""Pooled sentence features: computed once per encoder state and reused.
+
+While only the head trains (feature extraction, the linear-probe rounds of lp-ft, or
+the coordinator evaluating a new head on unchanged adapters) the pooled features of a
+row cannot change, so each party computes them once and keys them by
+:func:`common.model.encoder_digest`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from common.batching import Encoded, collate, sequential_batches
+from common.model import TextClassifier
+
+
+@torch.no_grad()
+def pooled_features(
+    model: TextClassifier, encoded: Encoded, pad_id: int, batch_size: int = 64
+) -> torch.Tensor:
+    """The pooled features of every row, in row order: ``(n, hidden) float32`` on the
+    model's device (eval mode, so LoRA dropout is off)."""
+    device = next(model.head.parameters()).device
+    was_training = model.training
+    model.eval()
+    features = torch.empty(
+        (len(encoded), model.encoder.config.hidden_size), device=device
+    )
+    lengths = [len(ids) for ids in encoded.ids]
+    for rows in sequential_batches(lengths, batch_size):
+        batch = collate(encoded, rows, pad_id)
+        with torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        ):
+            pooled = model.embed(
+                batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            )
+        features[torch.as_tensor(rows, device=device)] = pooled.float()
+    model.train(was_training)
+    return features
+
+
+class FeatureCache:
+    """A few feature matrices keyed by ``(rows key, encoder digest)``.
+
+    Parameters
+    ----------
+    capacity : int
+        Matrices kept; the least recently used goes first.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+    def get(
+        self, rows_key: str, digest: str, compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """The cached features, or ``compute()`` stored under the key."""
+        key = (rows_key, digest)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        features = compute()
+        self._entries[key] = features
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return features
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,65 @@
+"""Which adapter tensors a round trains, freezes, shares and keeps on the site.
+
+Phases and rules split the adapter state (LoRA factors in PEFT's names and the
+``head.*`` tensors) differently:
+
+- a ``head`` round (feature extraction, lp-ft's first rounds) trains and shares the
+  head alone;
+- ``ffa`` (FFA-LoRA) freezes every ``lora_A`` at its seeded initialisation, the same
+  on every party, and shares ``lora_B`` and the head;
+- ``fedsa`` (FedSA-LoRA) shares ``lora_A`` and the head; each site keeps its own
+  ``lora_B`` between rounds;
+- every other rule trains and shares everything.
+
+Everything shared goes up as a delta and is averaged by the rule; what a site keeps
+never leaves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+HEAD_PREFIX = "head."
+LORA_A = ".lora_A."
+LORA_B = ".lora_B."
+
+
+def is_head(name: str) -> bool:
+    """Whether ``name`` is a tensor of the classification head."""
+    return name.startswith(HEAD_PREFIX)
+
+
+def frozen_factor(rule: str) -> str | None:
+    """The LoRA factor a rule freezes (``lora_A`` for ``ffa``), or ``None``."""
+    return LORA_A if rule == "ffa" else None
+
+
+def local_factor(rule: str) -> str | None:
+    """The LoRA factor a site keeps to itself (``lora_B`` for ``fedsa``), or
+    ``None``."""
+    return LORA_B if rule == "fedsa" else None
+
+
+def is_shared(name: str, phase: str, rule: str) -> bool:
+    """Whether tensor ``name`` goes up (as a delta) in a round of ``phase``."""
+    if phase == "head":
+        return is_head(name)
+    if phase != "lora":
+        raise ValueError(f"unknown training phase {phase!r}; expected head or lora")
+    withheld = [f for f in (frozen_factor(rule), local_factor(rule)) if f]
+    return not any(factor in name for factor in withheld)
+
+
+def shared_subset(
+    state: Mapping[str, np.ndarray], phase: str, rule: str = "fedavg"
+) -> dict[str, np.ndarray]:
+    """The tensors of ``state`` a round of ``phase`` under ``rule`` shares."""
+    return {k: v for k, v in state.items() if is_shared(k, phase, rule)}
+
+
+def kept_local(names: Iterable[str], rule: str) -> list[str]:
+    """The tensors among ``names`` a site keeps between rounds under ``rule``."""
+    factor = local_factor(rule)
+    return [name for name in names if factor and factor in name]

@@ -1,0 +1,26 @@
+"""FedSA-LoRA (Guo et al., ICLR 2025): share A, keep B at home.
+
+The A factors learn what is common to every site and are averaged; each site keeps its
+own B factors between rounds (in its Flower context state), so its model is
+personalised (see :mod:`common.sharing`). The head is shared. The global adapter's B
+factors keep their initial values, so the coordinator's accuracy is that of the shared
+part alone; each client reports the accuracy of its personalised model on its own
+evaluation rows as ``personal_accuracy``.
+"""
+
+from __future__ import annotations
+
+from common.codec import AdapterState
+from server.aggregation.fedavg import FedAvg
+from server.summation import RoundSum
+
+
+class FedSA:
+    """The example-weighted mean of the shared A (and head) deltas."""
+
+    name = "fedsa"
+    needs_individual_updates = False
+
+    def aggregate(self, summed: RoundSum) -> AdapterState:
+        """The FedAvg mean of what was shared (no ``lora_B`` is among it)."""
+        return FedAvg().aggregate(summed)
