@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = table[name]
         results: dict[str, dict[str, Any]] = {}
         if wanted is None or "zero-shot" in wanted:
-            results["zero-shot"] = zero_shot(dataset)
+            with redirect_stdout(sys.stderr):  # stdout carries only JSON
+                results["zero-shot"] = zero_shot(dataset)
             print(json.dumps(results["zero-shot"]), flush=True)
         for method, (kind, overrides) in methods(dataset).items():
             if wanted is not None and method not in wanted:

@@ -4,8 +4,9 @@ One round at a site, for the adapter::
 
     global adapter -> starting adapter (FlexLoRA: refactorised at the site's rank;
     FedSA: the site's own B factors put back) -> train -> upload (the delta of what the
-    phase and rule share; FlexLoRA: the trained factors themselves) -> keep what stays
-    (FedSA: the B factors, in the Flower context state)
+    phase and rule share; FlexLoRA: the trained factors themselves) -> encode (top-k:
+    with error feedback) -> keep what stays (FedSA: the B factors; top-k: what it has
+    not sent yet; both in the Flower context state)
 
 Everything here is numpy on named tensors (see :mod:`common.sharing`).
 """
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Context
 
-from common.codec import AdapterState, delta
+from common.codec import AdapterState, Codec, TopKCodec, delta
 from common.config import LoraSettings, RunConfig
 from common.low_rank import at_rank
 from common.sharing import is_head, kept_local, shared_subset
@@ -26,6 +27,8 @@ from common.wire import from_array_record, to_array_record
 
 #: The Flower context-state record holding a site's own B factors (FedSA).
 LOCAL_FACTORS_RECORD = "fedgraft-local-factors"
+#: The Flower context-state record holding what top-k has not sent yet.
+TOPK_RESIDUAL_RECORD = "fedgraft-topk-residual"
 #: Node config key of a FlexLoRA site's rank.
 SITE_RANK_KEY = "lora.r"
 
@@ -90,6 +93,27 @@ def upload(
     return change
 
 
+def encode_upload(
+    codec: Codec, change: AdapterState, context: Context
+) -> dict[str, np.ndarray]:
+    """The wire arrays of ``change``; top-k adds what it left out last time and keeps
+    what it leaves out now (error feedback, in the site's context state)."""
+    if not isinstance(codec, TopKCodec):
+        return codec.encode(change)
+    residual: AdapterState = {}
+    if TOPK_RESIDUAL_RECORD in context.state.array_records:
+        residual = from_array_record(context.state.array_records[TOPK_RESIDUAL_RECORD])
+        # A residual of another shape (another phase's tensors) does not apply.
+        residual = {
+            k: v
+            for k, v in residual.items()
+            if k in change and v.shape == change[k].shape
+        }
+    arrays, left_out = codec.encode_with_feedback(change, residual)
+    context.state[TOPK_RESIDUAL_RECORD] = to_array_record(left_out)
+    return arrays
+
+
 def keep_local(trained: AdapterState, rule: str, context: Context) -> None:
     """Store the tensors the rule keeps at the site (FedSA's B) in its context."""
     names = kept_local(trained, rule)
@@ -101,6 +125,8 @@ def keep_local(trained: AdapterState, rule: str, context: Context) -> None:
 
 __all__ = [
     "LOCAL_FACTORS_RECORD",
+    "TOPK_RESIDUAL_RECORD",
+    "encode_upload",
     "SiteConfigError",
     "keep_local",
     "site_lora",

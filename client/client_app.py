@@ -35,7 +35,7 @@ from common.backbone import (
     locate_on_site,
     store_bundle,
 )
-from common.codec import Float32Codec
+from common.codec import build_codec, dense_reference, downlink_codec
 from common.config import RunConfig
 from common.data import Example, load_examples
 from common.secagg.encoding import flatten
@@ -168,10 +168,13 @@ def train(message: Message, context: Context) -> Message:
         config.model.max_length,
         cache_dir,
     )
-    codec = Float32Codec()
-    global_state = codec.decode(
-        from_array_record(message.content.array_records[keys.ADAPTER_RECORD])
+    codec = build_codec(
+        config.codec.name,
+        config.codec.topk_fraction,
+        seed=config.seed * 100_003 + task.server_round * 1_009 + partition_id,
     )
+    received = from_array_record(message.content.array_records[keys.ADAPTER_RECORD])
+    global_state = downlink_codec(codec).decode(received, dense_reference(received))
     start = adapters.starting_state(global_state, config, lora, context)
     load_adapter_state(backbone.model, start)
     phase = config.train.phase(task.server_round)
@@ -246,7 +249,9 @@ def train(message: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            keys.ADAPTER_RECORD: to_array_record(codec.encode(change)),
+            keys.ADAPTER_RECORD: to_array_record(
+                adapters.encode_upload(codec, change, context)
+            ),
             keys.METRICS_RECORD: MetricRecord(metrics),
         }
     )

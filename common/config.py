@@ -62,6 +62,8 @@ DEFAULTS: dict[str, ConfigValue] = {
     "server.beta2": 0.99,
     "server.tau": 0.001,
     "server.momentum": 0.9,
+    "codec": "fp32",
+    "codec.topk-fraction": 0.05,
     "secagg.enabled": False,
     "secagg.neighbours": 0,
     "secagg.threshold": 0,
@@ -102,6 +104,9 @@ RULES_NEEDING_INDIVIDUAL_UPDATES = (
     "median",
     "trimmed-mean",
 )
+CODECS = ("fp32", "fp16", "bf16", "int8", "topk")
+#: Rules that treat the LoRA factors specially (pointless without LoRA training).
+FACTOR_RULES = ("ffa", "fedsa", "flexlora")
 #: Server optimisers and their default server learning rate (``server.lr = 0``).
 SERVER_OPTIMISER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
 DISTRIBUTE_MODES = ("auto", "never")
@@ -336,6 +341,24 @@ class AggregationConfig:
 
 
 @dataclass(frozen=True)
+class CodecConfig:
+    """How tensors travel.
+
+    Attributes
+    ----------
+    name : str
+        ``fp32`` (lossless), ``fp16``, ``bf16``, ``int8`` (stochastic rounding, one
+        scale per tensor) or ``topk`` (the largest values with error feedback; the
+        global adapter then goes down in fp32).
+    topk_fraction : float
+        Share of each tensor's values ``topk`` keeps.
+    """
+
+    name: str
+    topk_fraction: float
+
+
+@dataclass(frozen=True)
 class SecAggConfig:
     """Secure aggregation (SecAgg+) settings.
 
@@ -380,6 +403,7 @@ class RunConfig:
     sim: SimConfig
     train: TrainConfig
     aggregation: AggregationConfig
+    codec: CodecConfig
     secagg: SecAggConfig
     output_dir: str
     resume: bool
@@ -467,6 +491,7 @@ class RunConfig:
                 tau=v["server.tau"],
                 momentum=v["server.momentum"],
             ),
+            codec=CodecConfig(v["codec"], v["codec.topk-fraction"]),
             secagg=SecAggConfig(
                 enabled=v["secagg.enabled"],
                 neighbours=v["secagg.neighbours"],
@@ -595,11 +620,41 @@ class RunConfig:
             _require(0.0 <= value < 1.0, key, "must be in [0, 1)")
         _require(aggregation.tau > 0, "server.tau", "must be > 0")
         _require(
+            not (self.train.mode == "head" and rule in FACTOR_RULES),
+            "aggregation",
+            f"aggregation = {rule} changes how LoRA factors train and travel, but "
+            "train.mode = head trains no LoRA factors; use train.mode = lora or lp-ft, "
+            "or another rule",
+        )
+        _require(
             not (self.secagg.enabled and rule in RULES_NEEDING_INDIVIDUAL_UPDATES),
             "aggregation",
             f"aggregation = {rule} needs each client's update, but secure aggregation "
             "(secagg.enabled = true) reveals only their sum; use aggregation = fedavg "
             "or set secagg.enabled = false",
+        )
+        _require(
+            self.codec.name in CODECS,
+            "codec",
+            f"got {self.codec.name!r}; use one of {', '.join(CODECS)}",
+        )
+        _require(
+            0.0 < self.codec.topk_fraction <= 1.0,
+            "codec.topk-fraction",
+            "must be in (0, 1]",
+        )
+        _require(
+            not (self.secagg.enabled and self.codec.name != "fp32"),
+            "codec",
+            f"codec = {self.codec.name} compresses plain uploads, but secure "
+            "aggregation uploads masked 32-bit words of its own fixed-point encoding; "
+            "use codec = fp32 with secagg.enabled = true",
+        )
+        _require(
+            not (rule == "flexlora" and self.codec.name == "topk"),
+            "codec",
+            "aggregation = flexlora sends LoRA factors of each site's own rank, which "
+            "codec = topk cannot describe; use a dense codec (fp32, fp16, bf16, int8)",
         )
         secagg = self.secagg
         _require(
@@ -669,6 +724,7 @@ __all__ = [
     "DEFAULTS",
     "RULES_NEEDING_INDIVIDUAL_UPDATES",
     "AggregationConfig",
+    "CodecConfig",
     "ConfigError",
     "DataConfig",
     "HeadConfig",

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -121,16 +123,29 @@ class Workbench:
         """The current adapter state (LoRA and head)."""
         return adapter_state(self.model)
 
-    def evaluate(self, state: AdapterState | None = None) -> EvalResult:
-        """Evaluate ``state`` (or the current weights) on the evaluation rows.
+    def evaluate(
+        self,
+        state: AdapterState | None = None,
+        labels: Collection[int] | None = None,
+    ) -> EvalResult:
+        """Evaluate ``state`` (or the current weights) on the evaluation rows, or on
+        those of ``labels`` only (a client's own domain).
 
         The pooled features are reused while the adapters are unchanged (head-only
         rounds), so such an evaluation costs one matrix product.
         """
         if state is not None:
             load_adapter_state(self.model, state)
+        features = self.features_of(self.test, "test")
+        if labels is None:
+            return evaluate_head(self.model.head, features, self.test.labels)
+        rows = np.isin(self.test.labels, list(labels))
+        if not rows.any():
+            raise ValueError("no evaluation row has any of these labels")
         return evaluate_head(
-            self.model.head, self.features_of(self.test, "test"), self.test.labels
+            self.model.head,
+            features[torch.from_numpy(rows).to(features.device)],
+            self.test.labels[rows],
         )
 
     def features_of(self, encoded: Encoded, rows_key: str) -> torch.Tensor:

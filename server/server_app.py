@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.codec import AdapterState, Float32Codec
+from common.codec import AdapterState, build_codec, downlink_codec
 from common.config import RunConfig
 from common.outputs import RunOutputs, default_output_dir
 from common.reporting import RoundRecorder
@@ -60,6 +60,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
     recorder = RoundRecorder(outputs, config.num_server_rounds, completed)
 
     rule = build_rule(config)
+    codec = build_codec(config.codec.name, config.codec.topk_fraction, config.seed)
     if resumed is not None and isinstance(rule, StatefulRule):
         rule.load_state_arrays(resumed.rule_state)
 
@@ -79,13 +80,14 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         summer=SecureSum(config.secagg, config.seed)
         if config.secagg.enabled
         else PlainSum(
-            Float32Codec(),
+            codec,
             config.train.max_update_norm,
             flexible_rank=config.aggregation.rule == "flexlora",
         ),
         rule=rule,
         evaluate=bench.evaluate,
         on_round=after_round,
+        downlink=downlink_codec(codec),
     )
     initial = bench.state() if resumed is None else resumed.state
     try:

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.backbone import bundle_files
-from common.codec import AdapterState, apply_delta
+from common.codec import AdapterState, Codec, Float32Codec, apply_delta
 from common.config import RunConfig
 from common.evaluation import EvalResult
 from common.sharing import shared_subset
@@ -161,6 +161,8 @@ class FederatedLoRA:
         The coordinator's evaluation of a global adapter.
     on_round : Callable[[dict, AdapterState], None]
         Called after every round with its metrics line and the new global adapter.
+    downlink : Codec
+        Encodes the global adapter sent to clients.
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class FederatedLoRA:
         rule: AggregationRule,
         evaluate: Callable[[AdapterState], EvalResult],
         on_round: Callable[[dict[str, Any], AdapterState], None],
+        downlink: Codec | None = None,
     ) -> None:
         self.config = config
         self.backbone = backbone
@@ -180,6 +183,7 @@ class FederatedLoRA:
         self.rule = rule
         self.evaluate = evaluate
         self.on_round = on_round
+        self.downlink = downlink or Float32Codec()
         self._bundle: ArrayRecord | None = None
 
     # -- the run -----------------------------------------------------------------------
@@ -292,7 +296,7 @@ class FederatedLoRA:
         Returns the replies that carry a result or an error (status answers are
         consumed here).
         """
-        adapter = to_array_record(state)
+        adapter = to_array_record(self.downlink.encode(state))
         instructions = self.instructions(server_round)
         replies = self._send(grid, extras, adapter, instructions, report)
         needing = [

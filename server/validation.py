@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Message
 
 from common import keys
-from common.codec import Codec, l2_norm
+from common.codec import Codec, CodecError, l2_norm
 from common.sharing import LORA_A, LORA_B
 from common.wire import from_array_record
 from server.contribution import Contribution
@@ -61,26 +61,19 @@ def contribution_from_reply(
             f"'{keys.NUM_EXAMPLES}' must be a positive count, got {weight}"
         )
     arrays = from_array_record(content.array_records[keys.ADAPTER_RECORD])
-    missing, extra = (
-        sorted(set(reference) - set(arrays)),
-        sorted(set(arrays) - set(reference)),
-    )
-    if missing or extra:
-        raise RejectedUpdate(
-            f"wrong tensor names: missing {missing[:3]}, unexpected {extra[:3]}"
-        )
-    rank = _common_rank(arrays, reference) if flexible_rank else None
-    for name, array in arrays.items():
-        if array.dtype != np.float32:
-            raise RejectedUpdate(f"'{name}' has dtype {array.dtype}, expected float32")
-        expected = _expected_shape(name, reference[name].shape, rank)
-        if array.shape != expected:
-            raise RejectedUpdate(
-                f"'{name}' has shape {array.shape}, expected {expected}"
-            )
-        if not np.isfinite(array).all():
+    if flexible_rank:
+        rank = _common_rank(arrays, reference)
+        reference = {
+            name: np.empty(_expected_shape(name, value.shape, rank), np.float32)
+            for name, value in reference.items()
+        }
+    try:
+        change = codec.decode(arrays, reference)
+    except CodecError as error:
+        raise RejectedUpdate(str(error)) from None
+    for name, value in change.items():
+        if not np.isfinite(value).all():
             raise RejectedUpdate(f"'{name}' holds NaN or Inf")
-    change = codec.decode(arrays)
     norm = l2_norm(change)
     if max_norm > 0 and norm > max_norm:
         raise RejectedUpdate(
@@ -98,8 +91,13 @@ def contribution_from_reply(
 def _common_rank(
     arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
 ) -> int | None:
-    """The one rank of the reply's LoRA factors, at most the reference's."""
-    ranks = {arrays[name].shape[0] for name in arrays if LORA_A in name}
+    """The one rank of the reply's LoRA factors (sent densely: FlexLoRA refuses
+    top-k), at most the reference's."""
+    ranks = {
+        arrays[name].shape[0] if arrays[name].ndim else 0
+        for name in arrays
+        if LORA_A in name and "#" not in name
+    }
     if not ranks:
         return None
     limit = max(reference[name].shape[0] for name in reference if LORA_A in name)

@@ -120,7 +120,9 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
 
 
 def local_only(config: RunConfig) -> list[dict[str, Any]]:
-    """Accuracy of each client trained alone, on the coordinator's evaluation rows.
+    """Accuracy of each client trained alone: on the coordinator's evaluation rows
+    (``eval_accuracy``) and on those of the labels the client holds
+    (``own_domain_accuracy``: its own domain under ``column:domain``).
 
     Each client trains from the initial adapter for ``num-server-rounds`` rounds of
     ``local-epochs`` passes over its own rows, in the same phases as the federated run:
@@ -153,13 +155,32 @@ def local_only(config: RunConfig) -> list[dict[str, Any]]:
                 partial(bench.features_of, encoded, f"client-{client}"),
             )
         evaluation = bench.evaluate()
+        own = bench.evaluate(labels=set(encoded.labels.tolist()))
         results.append(
-            {"client": client, "rows": len(rows), "eval_accuracy": evaluation.accuracy}
+            {
+                "client": client,
+                "rows": len(rows),
+                "eval_accuracy": evaluation.accuracy,
+                "own_domain_accuracy": own.accuracy,
+                "own_domain_rows": own.num_examples,
+            }
         )
         log.info(
-            "client %d alone: eval_accuracy %.4f on %d rows",
+            "client %d alone: eval_accuracy %.4f, own domain %.4f, on %d rows",
             client,
             evaluation.accuracy,
+            own.accuracy,
             len(rows),
         )
     return results
+
+
+def local_only_summary(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and worst client of :func:`local_only`, on both evaluation sets."""
+    summary: dict[str, float] = {}
+    for key in ("eval_accuracy", "own_domain_accuracy"):
+        values = [row[key] for row in results]
+        summary[f"mean_{key}"] = sum(values) / len(values)
+        summary[f"worst_{key}"] = min(values)
+        summary[f"best_{key}"] = max(values)
+    return summary

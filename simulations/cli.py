@@ -158,19 +158,25 @@ def simulate(config: RunConfig) -> Path:
 
 
 def _compare_with_local_training(config: RunConfig, output_dir: Path) -> None:
-    from simulations.baselines import local_only
+    from simulations.baselines import local_only, local_only_summary
 
     summary_path = output_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text())
     alone = local_only(config)
-    best = max(row["eval_accuracy"] for row in alone)
+    stats = local_only_summary(alone)
     federated = summary["final"]["eval_accuracy"]
-    summary["local_baseline"] = {"clients": alone, "best_accuracy": best}
+    summary["local_baseline"] = {
+        "clients": alone,
+        "best_accuracy": stats["best_eval_accuracy"],
+        **stats,
+    }
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True))
     print(
-        f"\nfederated eval_accuracy {federated:.4f} vs the best client trained alone "
-        f"{best:.4f} (mean {sum(r['eval_accuracy'] for r in alone) / len(alone):.4f}) "
-        f"on the same {len(alone)} clients' rows"
+        f"\nfederated eval_accuracy {federated:.4f} vs clients trained alone on the "
+        f"same rows: best {stats['best_eval_accuracy']:.4f}, mean "
+        f"{stats['mean_eval_accuracy']:.4f}, worst {stats['worst_eval_accuracy']:.4f} "
+        f"(on their own domains: mean {stats['mean_own_domain_accuracy']:.4f}, worst "
+        f"{stats['worst_own_domain_accuracy']:.4f}; {len(alone)} clients)"
     )
 
 
