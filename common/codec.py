@@ -150,9 +150,12 @@ class BFloat16Codec:
         """Each tensor's float32 bits rounded to their upper half."""
         out = {}
         for name, value in change.items():
-            bits = np.ascontiguousarray(value, np.float32).view(np.uint32)
+            value = np.ascontiguousarray(value, np.float32)
+            bits = value.view(np.uint32)
             rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-            out[name] = ((bits + rounding) >> 16).astype(np.uint16)
+            upper = ((bits + rounding) >> 16).astype(np.uint16)
+            # Rounding could carry a NaN's mantissa into the sign: keep it a NaN.
+            out[name] = np.where(np.isnan(value), np.uint16(0x7FC0), upper)
         return out
 
     def decode(
@@ -195,8 +198,15 @@ class Int8Codec:
         out = {}
         for name, value in change.items():
             value = np.asarray(value, np.float32)
+            if not np.isfinite(value).all():
+                # A NaN scale makes the receiver reject the tensor, as it would the
+                # float32 values; codes alone could not say "not finite".
+                out[name] = np.zeros(value.shape, np.int8)
+                out[name + SCALE_SUFFIX] = np.asarray([np.nan], np.float32)
+                continue
             peak = float(np.abs(value).max()) if value.size else 0.0
-            scale = peak / 127 if peak > 0 else 1.0
+            tiny = float(np.finfo(np.float32).tiny)
+            scale = max(peak / 127, tiny) if peak > 0 else 1.0
             noise = self.rng.random(value.shape, dtype=np.float32)
             codes = np.floor(value / scale + noise)
             out[name] = np.clip(codes, -127, 127).astype(np.int8)
@@ -245,7 +255,9 @@ class TopKCodec:
         out = {}
         for name, value in change.items():
             flat = np.asarray(value, np.float32).ravel()
-            keep = max(1, math.ceil(self.fraction * flat.size)) if flat.size else 0
+            # round() first: 0.07 * 100 is 7.000000000000001 in floating point.
+            wanted = math.ceil(round(self.fraction * flat.size, 9))
+            keep = max(1, wanted) if flat.size else 0
             index = np.argpartition(np.abs(flat), flat.size - keep)[flat.size - keep :]
             index = np.sort(index).astype(np.int32)
             out[name + INDEX_SUFFIX] = index
@@ -263,7 +275,14 @@ class TopKCodec:
         }
         arrays = self.encode(compensated)
         sent = self.decode(arrays, compensated)
-        return arrays, {k: compensated[k] - sent[k] for k in compensated}
+        # A non-finite value goes up (and gets the reply rejected) but is not kept:
+        # it would poison every later upload of this site.
+        return arrays, {
+            k: np.where(
+                np.isfinite(compensated[k]), compensated[k] - sent[k], 0
+            ).astype(np.float32)
+            for k in compensated
+        }
 
     def decode(
         self, arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]

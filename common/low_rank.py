@@ -70,9 +70,19 @@ def at_rank(
     state: Mapping[str, np.ndarray], rank: int, alpha: float
 ) -> dict[str, np.ndarray]:
     """``state`` with every LoRA pair refactorised at ``rank`` (other tensors
-    kept)."""
+    kept).
+
+    A pair whose B is still zero (LoRA's initialisation) has no update to keep; its
+    first ``rank`` rows of A and columns of B are taken as they are, so the site starts
+    from the same seeded random A rather than from the SVD's arbitrary basis of a zero
+    matrix.
+    """
     out = dict(state)
     for a_name, b_name in factor_pairs(state).values():
-        update = product(state[a_name], state[b_name], alpha)
-        out[a_name], out[b_name] = factorise(update, rank, alpha)
+        a, b = state[a_name], state[b_name]  # a: (R, in), b: (out, R)
+        if not np.any(b):
+            out[a_name] = np.ascontiguousarray(a[:rank], np.float32)
+            out[b_name] = np.zeros((b.shape[0], rank), np.float32)
+            continue
+        out[a_name], out[b_name] = factorise(product(a, b, alpha), rank, alpha)
     return out

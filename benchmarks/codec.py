@@ -1,0 +1,200 @@
+"""What each delta codec costs on the wire and in accuracy, on a non-IID split.
+
+Method: every codec (``fp32``, ``fp16``, ``bf16``, ``int8``, ``topk``) runs the same
+federation: CLINC150 (``../shared/data/clinc150/train.jsonl``, tested on
+``test.jsonl``) split over ``--num-clients`` sites by a Dirichlet label skew
+(``data.partition = dirichlet``, ``data.dirichlet-alpha = 0.1``), FedAvg, the same
+seed, rounds, local epochs and step cap. Each run goes through the real coordinator
+(``server.server_app.coordinate``) and ClientApp over
+``simulations.inprocess_grid.InProcessGrid``, which hands each message to the
+ClientApp in this process (no Ray start-up per run). The ``fp32`` run goes first (it
+is added when ``--codecs`` leaves it out): it is the reference for the accuracy drop.
+
+Bytes are the coordinator's own counts (``bytes_up`` / ``bytes_down`` of
+``metrics.jsonl``: the serialised size of the adapter records, names and array
+headers included), divided by the number of training replies (up) and training
+messages (down) the grid carried; a site that first lacked the backbone receives
+round 1's message twice, and both are counted. ``uplink_reduction_vs_full_model``
+compares one upload with sending the whole backbone in float32 (``summary.json``'s
+``backbone.float32_bytes``). ``topk`` sends its downlink in float32 (clients are
+stateless; a sparse model is not a model), ``int8`` quantises the downlink too.
+
+Output: one JSON object per codec on stdout (``codec``, ``bytes_up_per_client_round``,
+``bytes_down_per_client_round``, ``uplink_reduction_vs_full_model``, ``accuracy``,
+``accuracy_drop_vs_fp32``, ``wall_seconds``, ``command`` and a few more); the runs'
+own tables go to stderr. Run from the repository root::
+
+    python benchmarks/codec.py --quick
+    python benchmarks/codec.py --rounds 3 --max-steps 20 --num-clients 20
+
+``--quick`` uses the built-in demo corpus (``data.path = ""``), 4 sites, 2 rounds and
+one local epoch: a smoke test of the harness, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CLINC = ROOT.parent / "shared" / "data" / "clinc150"
+
+ALL_CODECS = ("fp32", "fp16", "bf16", "int8", "topk")
+
+log = logging.getLogger("benchmarks.codec")
+
+
+def base_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings every codec's run shares (data, split, budget)."""
+    data = (
+        {"data.path": ""}
+        if args.quick
+        else {
+            "data.path": str(CLINC / "train.jsonl"),
+            "data.test-path": str(CLINC / "test.jsonl"),
+        }
+    )
+    return {
+        **data,
+        "data.partition": "dirichlet",
+        "data.dirichlet-alpha": 0.1,
+        "sim.num-clients": args.num_clients,
+        "sim.local-baseline": False,
+        "num-server-rounds": args.rounds,
+        "train.local-epochs": 1,
+        "train.max-steps": args.max_steps,
+        "train.batch-size": args.batch_size,
+        "train.lr": args.lr,
+        "aggregation": "fedavg",
+        "codec.topk-fraction": args.topk_fraction,
+    }
+
+
+def run_codec(flat: dict[str, Any], codec: str, output: Path) -> dict[str, Any]:
+    """One federated run with ``codec`` over the in-process grid.
+
+    Returns
+    -------
+    dict
+        Accuracy, bytes per client-round, the backbone's float32 size, wall time.
+    """
+    from flwr.app import MessageType
+
+    from client.client_app import app as client_app
+    from common import keys
+    from common.config import RunConfig
+    from common.splits import default_num_clients
+    from server.server_app import coordinate
+    from simulations.inprocess_grid import InProcessGrid
+
+    config = RunConfig.from_flat({**flat, "codec": codec, "output.dir": str(output)})
+    clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
+    node_configs = {
+        1000 + p: {
+            "partition-id": p,
+            "num-partitions": clients,
+            "cache-dir": str(output.parent / "site-cache"),
+        }
+        for p in range(clients)
+    }
+    config = config.with_overrides(**{"sim.num-clients": clients})
+    grid = InProcessGrid(client_app, node_configs)
+    started = time.perf_counter()
+    coordinate(grid, config)
+    wall = time.perf_counter() - started
+
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").open()]
+    summary = json.loads((output / "summary.json").read_text())
+    # Status replies ("send me the backbone") carry no adapter and count no bytes.
+    uploads = sum(
+        1
+        for reply in grid.received
+        if not reply.has_error() and keys.ADAPTER_RECORD in reply.content.array_records
+    )
+    downloads = sum(
+        1 for m in grid.sent if m.metadata.message_type == MessageType.TRAIN
+    )
+    bytes_up = sum(row.get("bytes_up", 0) for row in rows)
+    bytes_down = sum(row.get("bytes_down", 0) for row in rows)
+    return {
+        "codec": codec,
+        "accuracy": rows[-1]["eval_accuracy"],
+        "accuracy_per_round": [row["eval_accuracy"] for row in rows],
+        "bytes_up_per_client_round": round(bytes_up / max(uploads, 1)),
+        "bytes_down_per_client_round": round(bytes_down / max(downloads, 1)),
+        "backbone_float32_bytes": summary["backbone"]["float32_bytes"],
+        "client_rounds": uploads,
+        "rejected": sum(row.get("rejected", 0) for row in rows),
+        "clients": clients,
+        "rounds": config.num_server_rounds,
+        "wall_seconds": round(wall, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="demo corpus, 4 sites")
+    parser.add_argument(
+        "--codecs", default=",".join(ALL_CODECS), help="comma list; default all five"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--num-clients", type=int, default=20)
+    parser.add_argument("--topk-fraction", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--out", default="", help="folder for the runs' outputs")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/codec.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.quick:
+        args.rounds, args.max_steps, args.batch_size = 2, 0, 16
+        args.num_clients = 4
+    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    unknown = sorted(set(codecs) - set(ALL_CODECS))
+    if unknown:
+        parser.error(f"--codecs: unknown {unknown}; use {', '.join(ALL_CODECS)}")
+    # fp32 first: the reference of every accuracy drop.
+    codecs = ["fp32", *[c for c in codecs if c != "fp32"]]
+    out = Path(args.out or tempfile.mkdtemp(prefix="fedgraft-codec-"))
+    out.mkdir(parents=True, exist_ok=True)
+    flat = base_config(args)
+    reference: dict[str, Any] | None = None
+    for codec in codecs:
+        log.info("codec %s", codec)
+        with redirect_stdout(sys.stderr):  # the runs' tables; stdout is JSON
+            result = run_codec(flat, codec, out / codec)
+        if reference is None:
+            reference = result
+        result["uplink_reduction_vs_full_model"] = round(
+            result["backbone_float32_bytes"] / result["bytes_up_per_client_round"], 1
+        )
+        result["uplink_vs_fp32"] = round(
+            result["bytes_up_per_client_round"]
+            / reference["bytes_up_per_client_round"],
+            4,
+        )
+        result["accuracy_drop_vs_fp32"] = round(
+            reference["accuracy"] - result["accuracy"], 4
+        )
+        result["topk_fraction"] = args.topk_fraction if codec == "topk" else None
+        result["command"] = command
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
