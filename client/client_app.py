@@ -4,8 +4,9 @@ One training round, as data::
 
     instructions -> locate backbone (or ask for it) -> global adapter -> starting
     adapter (client.adapters: the site's rank, its own kept factors) -> local rows
-    -> train this round's phase -> upload (deltas of what is shared) -> encode or
-    mask -> reply
+    -> train this round's phase -> upload (deltas of what is shared) -> (DP: clip to
+    dp.clip-norm; distributed: add this site's share of the noise) -> encode or mask
+    -> reply
 
 Only the encoded delta, ``num-examples`` and training metrics leave the site.
 
@@ -27,7 +28,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import adapters, secagg
-from common import keys
+from common import dp, keys
 from common.backbone import (
     BackboneError,
     backbone_cache,
@@ -57,6 +58,7 @@ class Instructions:
     pooling: str
     labels: tuple[str, ...]
     server_round: int
+    expected_clients: int
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Instructions:
@@ -68,6 +70,7 @@ class Instructions:
             pooling=str(record[keys.CFG_POOLING]),
             labels=tuple(json_field(record, keys.CFG_LABELS)),
             server_round=int(record[keys.CFG_ROUND]),  # type: ignore[arg-type]
+            expected_clients=int(record.get(keys.CFG_EXPECTED_CLIENTS, 0)),  # type: ignore[arg-type]
         )
 
 
@@ -133,6 +136,7 @@ def train(message: Message, context: Context) -> Message:
 
     # torch and transformers load only here: a SuperNode starts a fresh process for
     # every message, and the secure-aggregation stages need neither.
+    from client import private_training
     from client.finetune import LocalTraining, train_phase
     from client.runtime import (
         cached_features,
@@ -183,21 +187,37 @@ def train(message: Message, context: Context) -> Message:
         phase,
         seed=config.seed * 100_003 + task.server_round * 1_009 + partition_id,
     )
-    result = train_phase(
-        backbone.model,
-        encoded,
-        backbone.pad_id,
-        plan,
-        phase,
-        lambda: cached_features(
-            backbone,
+    sample_epsilon = None
+    if config.dp.sample_level:
+        result, history, sample_epsilon = private_training.dp_sgd(
+            backbone.model,
             encoded,
-            rows_key(examples, task.labels, task.fingerprint, config.model.max_length),
-            encoder_digest(start),
-        ),
-    )
+            backbone.pad_id,
+            plan,
+            config.dp,
+            private_training.load_history(context),
+        )
+        private_training.save_history(context, history)
+    else:
+        result = train_phase(
+            backbone.model,
+            encoded,
+            backbone.pad_id,
+            plan,
+            phase,
+            lambda: cached_features(
+                backbone,
+                encoded,
+                rows_key(
+                    examples, task.labels, task.fingerprint, config.model.max_length
+                ),
+                encoder_digest(start),
+            ),
+        )
     trained = adapter_state(backbone.model)
     change = adapters.upload(trained, start, phase, config.aggregation.rule)
+    if config.dp.client_level:
+        change = dp.clip_to_norm(change, config.dp.clip_norm)
     adapters.keep_local(trained, config.aggregation.rule, context)
     log.info(
         "round %d (%s): trained %d samples on %s in %.1fs, loss %.4f",
@@ -213,6 +233,8 @@ def train(message: Message, context: Context) -> Message:
         keys.TRAIN_SECONDS: result.seconds,
         keys.ON_CUDA: int(result.device == "cuda"),
     }
+    if sample_epsilon is not None:
+        metrics[keys.SAMPLE_EPSILON] = sample_epsilon
     if config.aggregation.rule == "fedsa":
         own = _site_evaluation_rows(config, context, examples, task.labels)
         if own:
@@ -228,13 +250,16 @@ def train(message: Message, context: Context) -> Message:
                 backbone.model, rows, backbone.pad_id
             ).accuracy
     if keys.SECAGG_RECORD in message.content.config_records:
-        # The example count travels only inside the masked vector.
+        # The example count travels only inside the masked vector; under DP every
+        # client weighs the same (max-weight encodes as weight 1).
+        flat = flatten(change)
         masked, notes = secagg.masked_update(
             context,
             message.content.config_records[keys.SECAGG_RECORD],
             task.server_round,
-            flatten(change),
-            result.num_examples,
+            flat,
+            config.secagg.max_weight if config.dp.client_level else result.num_examples,
+            noise=_distributed_noise(config, task.expected_clients, flat.size),
         )
         content = RecordDict(
             {
@@ -261,6 +286,19 @@ def train(message: Message, context: Context) -> Message:
             {"counts": counts.astype(np.float32)}
         )
     return Message(content, reply_to=message)
+
+
+def _distributed_noise(
+    config: RunConfig, expected_clients: int, size: int
+) -> np.ndarray | None:
+    """This site's share of the DP noise, ``N(0, (sigma C)^2 / m)`` per coordinate
+    (distributed mode only), from a CSPRNG-seeded generator."""
+    if not (config.dp.client_level and config.dp.mode == "distributed"):
+        return None
+    std = dp.distributed_noise_std(
+        config.dp.noise_multiplier, config.dp.clip_norm, expected_clients
+    )
+    return dp.gaussian_noise(size, std, dp.secure_generator())
 
 
 @app.query(keys.ACTION_BACKBONE)

@@ -127,9 +127,13 @@ def masked_update(
     request: ConfigRecord,
     server_round: int,
     flat_delta: np.ndarray,
-    num_examples: int,
+    num_examples: float,
+    noise: np.ndarray | None = None,
 ) -> tuple[ArrayRecord, ConfigRecord]:
-    """Stage 3: encode the delta with its weight, add the masks.
+    """Stage 3: encode the delta with its weight, add the noise and the masks.
+
+    ``noise`` (``(P,) float64``, distributed DP) is added in the ring after the
+    encoding has clipped the delta, so the clip cannot shrink it.
 
     Returns the masked ``(P + 1,) uint32`` upload and the senders whose shares failed
     authentication (the coordinator drops them from the round).
@@ -144,9 +148,12 @@ def masked_update(
         clip_norm=float(request[keys.SECAGG_CLIP]),  # type: ignore[arg-type]
         max_weight=float(request[keys.SECAGG_MAX_WEIGHT]),  # type: ignore[arg-type]
     )
-    masked = state.mask(
-        encoding.encode(flat_delta, num_examples), _ids(request[keys.SECAGG_PEERS])
-    )
+    encoded = encoding.encode(flat_delta, num_examples)  # (P + 1,) uint32
+    if noise is not None:
+        # Two's complement in Z_(2^32): negative steps wrap, as in the encoding.
+        steps = np.rint(noise * encoding.scale).astype(np.int64).astype(np.uint32)
+        encoded[:-1] += steps
+    masked = state.mask(encoded, _ids(request[keys.SECAGG_PEERS]))
     _save(context, state, server_round)
     return (
         to_array_record({"update": masked}),

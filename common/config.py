@@ -70,6 +70,13 @@ DEFAULTS: dict[str, ConfigValue] = {
     "secagg.clip-norm": 10.0,
     "secagg.max-weight": 10000.0,
     "secagg.timeout": 120.0,
+    "dp.enabled": False,
+    "dp.level": "client",
+    "dp.mode": "central",
+    "dp.clip-norm": 1.0,
+    "dp.noise-multiplier": 1.0,
+    "dp.delta": 1e-5,
+    "dp.target-epsilon": 0.0,
     "output.dir": "",
     "resume": False,
 }
@@ -81,6 +88,8 @@ RESUMABLE_CHANGES = (
     "resume",
     "train.timeout",
     "secagg.timeout",
+    # The accountant is rebuilt from the rounds spent, so a new budget is exact.
+    "dp.target-epsilon",
 )
 
 PARTITION_KINDS = ("iid", "dirichlet", "column:<name>")
@@ -113,6 +122,10 @@ DISTRIBUTE_MODES = ("auto", "never")
 POOLING_MODES = ("native", "mean", "cls", "max")
 HEAD_INITS = ("label-names", "random")
 TRAIN_MODES = ("lora", "head", "lp-ft")
+#: Where DP noise is added: by the coordinator, or split among the clients.
+DP_MODES = ("central", "distributed")
+#: What DP protects: a whole site (DP-FedAvg) or each of its rows (DP-SGD).
+DP_LEVELS = ("client", "sample")
 
 
 class ConfigError(ValueError):
@@ -387,6 +400,53 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class DpConfig:
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018).
+
+    Attributes
+    ----------
+    enabled : bool
+        Clip every client's delta, weigh clients alike, add Gaussian noise and
+        account for epsilon.
+    level : str
+        ``client``: DP-FedAvg protects each site as a whole (the keys below act on
+        its delta); ``sample``: each site trains with DP-SGD (Opacus), protecting
+        each of its rows (the keys below act on per-example gradients), and keeps
+        its own accountant.
+    mode : str
+        ``central``: the coordinator adds ``N(0, (sigma C)^2)`` to the sum;
+        ``distributed``: each of the ``m`` sampled clients adds
+        ``N(0, (sigma C)^2 / m)`` before secure aggregation masks it.
+    clip_norm : float
+        ``C``, the L2 bound of each client's delta.
+    noise_multiplier : float
+        ``sigma``: the noise's standard deviation over ``C``.
+    delta : float
+        The delta epsilon is reported at.
+    target_epsilon : float
+        Stop before a round that would take epsilon above this; 0 = no budget.
+    """
+
+    enabled: bool
+    level: str
+    mode: str
+    clip_norm: float
+    noise_multiplier: float
+    delta: float
+    target_epsilon: float
+
+    @property
+    def client_level(self) -> bool:
+        """DP-FedAvg is on: clip, weigh alike and noise each site's delta."""
+        return self.enabled and self.level == "client"
+
+    @property
+    def sample_level(self) -> bool:
+        """DP-SGD is on at every site."""
+        return self.enabled and self.level == "sample"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole, validated configuration of a run.
 
@@ -405,6 +465,7 @@ class RunConfig:
     aggregation: AggregationConfig
     codec: CodecConfig
     secagg: SecAggConfig
+    dp: DpConfig
     output_dir: str
     resume: bool
     flat: Mapping[str, ConfigValue]
@@ -499,6 +560,15 @@ class RunConfig:
                 clip_norm=v["secagg.clip-norm"],
                 max_weight=v["secagg.max-weight"],
                 timeout=v["secagg.timeout"],
+            ),
+            dp=DpConfig(
+                enabled=v["dp.enabled"],
+                level=v["dp.level"],
+                mode=v["dp.mode"],
+                clip_norm=v["dp.clip-norm"],
+                noise_multiplier=v["dp.noise-multiplier"],
+                delta=v["dp.delta"],
+                target_epsilon=v["dp.target-epsilon"],
             ),
             output_dir=v["output.dir"],
             resume=v["resume"],
@@ -651,6 +721,12 @@ class RunConfig:
             "use codec = fp32 with secagg.enabled = true",
         )
         _require(
+            not (rule == "flexlora" and self.train.max_update_norm > 0),
+            "train.max-update-norm",
+            "aggregation = flexlora sends each site's LoRA factors, not a delta, so an "
+            "update-norm bound does not apply; set train.max-update-norm = 0",
+        )
+        _require(
             not (rule == "flexlora" and self.codec.name == "topk"),
             "codec",
             "aggregation = flexlora sends LoRA factors of each site's own rank, which "
@@ -675,6 +751,83 @@ class RunConfig:
         _require(secagg.clip_norm > 0, "secagg.clip-norm", "must be > 0")
         _require(secagg.max_weight >= 1, "secagg.max-weight", "must be >= 1")
         _require(secagg.timeout > 0, "secagg.timeout", "must be > 0 seconds")
+        self._validate_dp()
+
+    def _validate_dp(self) -> None:
+        dp = self.dp
+        _require(
+            dp.level in DP_LEVELS,
+            "dp.level",
+            f"got {dp.level!r}; use one of {', '.join(DP_LEVELS)}",
+        )
+        _require(
+            dp.mode in DP_MODES,
+            "dp.mode",
+            f"got {dp.mode!r}; use one of {', '.join(DP_MODES)}",
+        )
+        _require(dp.clip_norm > 0, "dp.clip-norm", "must be > 0, e.g. 1.0")
+        _require(
+            dp.noise_multiplier > 0, "dp.noise-multiplier", "must be > 0, e.g. 1.0"
+        )
+        _require(0.0 < dp.delta < 1.0, "dp.delta", "must be in (0, 1), e.g. 1e-5")
+        _require(
+            dp.target_epsilon >= 0, "dp.target-epsilon", "must be >= 0 (0 = no budget)"
+        )
+        if not dp.enabled:
+            return
+        if dp.level == "sample":
+            self._validate_dp_sgd()
+            return
+        rule = self.aggregation.rule
+        _require(
+            rule not in RULES_NEEDING_INDIVIDUAL_UPDATES,
+            "aggregation",
+            f"aggregation = {rule} reads each client's update, but dp.enabled = true "
+            "bounds and noises only their sum; use a mean-based rule (fedavg, fedprox, "
+            "fedavgm, fedadam, fedyogi, ffa, fedsa) or set dp.enabled = false",
+        )
+        _require(
+            dp.mode != "distributed" or self.secagg.enabled,
+            "dp.mode",
+            "dp.mode = distributed splits the noise among the clients, so each "
+            "client's own share is too small to hide its update from a coordinator "
+            "that sees it alone; set secagg.enabled = true, or use dp.mode = central",
+        )
+        _require(
+            not self.secagg.enabled or self.secagg.clip_norm >= dp.clip_norm,
+            "secagg.clip-norm",
+            f"must be at least dp.clip-norm = {dp.clip_norm:g} (got "
+            f"{self.secagg.clip_norm:g}), or secure aggregation would clip the DP "
+            "updates again; set secagg.clip-norm to dp.clip-norm",
+        )
+
+    def _validate_dp_sgd(self) -> None:
+        rule = self.aggregation.rule
+        _require(
+            self.train.mode == "lora",
+            "train.mode",
+            f"dp.level = sample runs DP-SGD end to end, but train.mode = "
+            f"{self.train.mode} trains the head on cached features; use "
+            "train.mode = lora",
+        )
+        _require(
+            rule not in ("fedprox", "fedavg-per-label"),
+            "aggregation",
+            f"aggregation = {rule} does not fit dp.level = sample ("
+            + (
+                "its proximal term has no per-example gradient"
+                if rule == "fedprox"
+                else "its label counts leave the site without noise"
+            )
+            + "); use another rule or dp.level = client",
+        )
+        _require(
+            self.dp.target_epsilon == 0,
+            "dp.target-epsilon",
+            "with dp.level = sample each site keeps its own account (reported as "
+            "sample_epsilon_max); the coordinator's budget stop needs dp.level = "
+            "client, so set dp.target-epsilon = 0",
+        )
 
     def check_resumable_from(self, saved: Mapping[str, Any]) -> None:
         """Refuse to resume a checkpoint written under different settings.
@@ -726,6 +879,7 @@ __all__ = [
     "AggregationConfig",
     "CodecConfig",
     "ConfigError",
+    "DpConfig",
     "DataConfig",
     "HeadConfig",
     "LoraSettings",

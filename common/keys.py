@@ -25,6 +25,7 @@ CFG_RUN_CONFIG = "run-config-json"  # the flat run config, re-validated by the c
 CFG_LABELS = "labels-json"
 CFG_POOLING = "pooling"
 CFG_ROUND = "server-round"
+CFG_EXPECTED_CLIENTS = "expected-clients"  # m, the clients sampled (distributed DP)
 
 # Keys of a client's status answer (STATUS_RECORD).
 STATUS_KIND = "kind"
@@ -38,6 +39,7 @@ TRAIN_SECONDS = "train-seconds"
 TRAIN_SAMPLES = "train-samples"
 ON_CUDA = "on-cuda"
 PERSONAL_ACCURACY = "personal-accuracy"  # FedSA: the site's own model on its rows
+SAMPLE_EPSILON = "sample-epsilon"  # dp.level = sample: the site's DP-SGD epsilon
 
 # Secure aggregation: message actions and the keys of SECAGG_RECORD.
 ACTION_SECAGG_ADVERTISE = "secagg_advertise"

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,6 +179,7 @@ class Workbench:
         recorder: RoundRecorder,
         state: AdapterState,
         started: float,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         """Export ``state``, write ``summary.json`` and print the per-round table.
 
@@ -187,6 +189,8 @@ class Workbench:
             ``federated`` or ``centralized``.
         started : float
             ``time.perf_counter()`` at the start of the run.
+        extra : Mapping, optional
+            More top-level entries for ``summary.json`` (how the run ended, privacy).
         """
         recorder.close()
         self.export(outputs, state)
@@ -200,6 +204,7 @@ class Workbench:
                 "totals": totals(recorder.rows),
                 "wall_seconds": round(time.perf_counter() - started, 2),
             }
+            | dict(extra or {})
         )
         print_table(summary_table(f"{kind} run: {outputs.directory}", recorder.rows))
 

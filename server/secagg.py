@@ -9,6 +9,7 @@ out; when the survivors cannot be unmasked the round is skipped, never crashed.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,10 @@ from server.validation import log_rejection
 
 log = logging.getLogger(__name__)
 
+#: Standard deviations of the clients' summed DP noise the fixed-point range keeps
+#: room for (a coordinate beyond it, odds about 1e-15, would wrap around).
+NOISE_HEADROOM_STDS = 8.0
+
 ADVERTISE = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_ADVERTISE}"
 SHARE = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_SHARE}"
 UNMASK = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_UNMASK}"
@@ -47,11 +52,17 @@ class SecureSum:
         Neighbours, threshold, clip norm, weight scaling and stage timeout.
     seed : int
         Seeds each round's neighbour graph.
+    noise_std : float
+        Standard deviation of the noise the clients add to the sum altogether
+        (distributed DP: ``sigma * C``); the encoding leaves room for it.
     """
 
-    def __init__(self, settings: SecAggConfig, seed: int) -> None:
+    def __init__(
+        self, settings: SecAggConfig, seed: int, noise_std: float = 0.0
+    ) -> None:
         self.settings = settings
         self.seed = seed
+        self.noise_std = noise_std
         self._round: CoordinatorRound | None = None
         self._shared: list[int] = []
         self._encoding: FixedPoint | None = None
@@ -152,9 +163,16 @@ class SecureSum:
                 len(participants),
             )
             return {}
+        # Each coordinate of the sum stays within n * clip, plus the noise's headroom.
+        bound = self.settings.clip_norm + NOISE_HEADROOM_STDS * self.noise_std / len(
+            participants
+        )
         try:
-            self._encoding = FixedPoint.for_clients(
-                len(participants), self.settings.clip_norm, self.settings.max_weight
+            self._encoding = dataclasses.replace(
+                FixedPoint.for_clients(
+                    len(participants), bound, self.settings.max_weight
+                ),
+                clip_norm=self.settings.clip_norm,
             )
         except HeadroomError as error:
             log.warning("round %d skipped: %s", server_round, error)

@@ -4,7 +4,8 @@ A run, as data::
 
     run config -> (checkpoint to resume) -> label map + evaluation rows -> backbone
     (fingerprint, pooling) -> seeded initial global adapter -> FederatedLoRA rounds
-    (see server.strategy), each followed by a metrics line and a checkpoint
+    (see server.strategy; with dp.enabled, server.privacy's account rebuilt from the
+    checkpoint's rows), each followed by a metrics line and a checkpoint
     -> adapter/ + merged/ + summary.json
 """
 
@@ -26,6 +27,7 @@ from common.splits import evaluation_examples, run_labels
 from common.workbench import Workbench
 from server.aggregation import build_rule
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.privacy import ClientLevelDP, privacy_summary
 from server.secagg import SecureSum
 from server.strategy import BackboneOffer, FederatedLoRA, StatefulRule, rule_state
 from server.summation import PlainSum
@@ -63,6 +65,13 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
     codec = build_codec(config.codec.name, config.codec.topk_fraction, config.seed)
     if resumed is not None and isinstance(rule, StatefulRule):
         rule.load_state_arrays(resumed.rule_state)
+    privacy = ClientLevelDP(config.dp, completed) if config.dp.client_level else None
+    # Distributed DP: the clients' noise, sigma * C in all, rides in the secure sum.
+    summed_noise = (
+        config.dp.noise_multiplier * config.dp.clip_norm
+        if config.dp.client_level and config.dp.mode == "distributed"
+        else 0.0
+    )
 
     def after_round(metrics: dict[str, Any], state: AdapterState) -> None:
         recorder.record(metrics)
@@ -77,7 +86,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
             config.model.name, bench.fingerprint, bench.pooling, bench.backbone_dir
         ),
         labels=labels,
-        summer=SecureSum(config.secagg, config.seed)
+        summer=SecureSum(config.secagg, config.seed, summed_noise)
         if config.secagg.enabled
         else PlainSum(
             codec,
@@ -88,6 +97,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         evaluate=bench.evaluate,
         on_round=after_round,
         downlink=downlink_codec(codec),
+        privacy=privacy,
     )
     initial = bench.state() if resumed is None else resumed.state
     try:
@@ -96,7 +106,15 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         )
     finally:
         recorder.close()
-    bench.finish_run("federated", outputs, recorder, final, started)
+    extra: dict[str, Any] = {
+        "stopped_early": strategy.stop_reason is not None,
+        "stop_reason": strategy.stop_reason,
+    }
+    if config.dp.enabled:
+        extra["privacy"] = privacy_summary(config.dp, privacy, recorder.rows)
+    bench.finish_run("federated", outputs, recorder, final, started, extra)
+    if strategy.stop_reason is not None:
+        print(strategy.stop_reason)
     return output_dir
 
 

@@ -5,13 +5,15 @@ One round, as data::
     sample nodes -> summer.prepare (secure aggregation's key stages) -> send global
     adapter + instructions -> (hand the backbone to sites that lack it) ->
     summer.collect (validate, sum or unmask the tensors this round's phase trains:
-    the head alone, or adapters and head) -> rule (mean) -> apply to the global
-    adapter -> evaluate -> one metrics line
+    the head alone, or adapters and head) -> (differential privacy: clip, noise,
+    account) -> rule (mean) -> apply to the global adapter -> evaluate -> one metrics
+    line
 
 The strategy composes a summer (plain or secure sum of the updates, with the codec
-inside) and an aggregation rule; neither is inherited, so each can be swapped without
-touching the loop. A client that errs, times out or sends a bad reply is logged and
-left out of the round; it can never crash the coordinator.
+inside), an optional DP step (server.privacy) and an aggregation rule; none is
+inherited, so each can be swapped without touching the loop. A client that errs, times
+out or sends a bad reply is logged and left out of the round; it can never crash the
+coordinator.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from common.config import RunConfig
 from common.evaluation import EvalResult
 from common.sharing import shared_subset
 from common.wire import to_array_record
+from server.privacy import BudgetExhausted, ClientLevelDP
 from server.summation import RoundSum, Summer
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,7 @@ class RoundReport:
 
     server_round: int
     phase: str | None = None
+    available: int = 0
     sampled: int = 0
     clients: int = 0
     client_metrics: list[dict[str, float]] = field(default_factory=list)
@@ -87,6 +91,7 @@ class RoundReport:
     bytes_up: int = 0
     bytes_down: int = 0
     bytes_backbone: int = 0
+    privacy: dict[str, float] = field(default_factory=dict)
 
     def metrics(self, evaluation: EvalResult, seconds: float) -> dict[str, Any]:
         """The metrics line for ``metrics.jsonl``."""
@@ -107,6 +112,15 @@ class RoundReport:
             if personal
             else {}
         )
+        # dp.level = sample: each site's own DP-SGD epsilon; the worst one counts.
+        site_epsilons = [
+            m[keys.SAMPLE_EPSILON]
+            for m in self.client_metrics
+            if keys.SAMPLE_EPSILON in m
+        ]
+        extras = personal_metrics | self.privacy
+        if site_epsilons:
+            extras["sample_epsilon_max"] = float(max(site_epsilons))
         return {
             "round": self.server_round,
             "phase": self.phase,
@@ -129,7 +143,7 @@ class RoundReport:
             "bytes_down": self.bytes_down,
             "bytes_backbone": self.bytes_backbone,
             "seconds": round(seconds, 3),
-        } | personal_metrics
+        } | extras
 
 
 @dataclass(frozen=True)
@@ -163,6 +177,13 @@ class FederatedLoRA:
         Called after every round with its metrics line and the new global adapter.
     downlink : Codec
         Encodes the global adapter sent to clients.
+    privacy : ClientLevelDP, optional
+        Client-level DP between the sum and the rule (``dp.enabled``).
+
+    Attributes
+    ----------
+    stop_reason : str or None
+        Why the run stopped before ``num-server-rounds`` (the privacy budget).
     """
 
     def __init__(
@@ -175,6 +196,7 @@ class FederatedLoRA:
         evaluate: Callable[[AdapterState], EvalResult],
         on_round: Callable[[dict[str, Any], AdapterState], None],
         downlink: Codec | None = None,
+        privacy: ClientLevelDP | None = None,
     ) -> None:
         self.config = config
         self.backbone = backbone
@@ -184,6 +206,8 @@ class FederatedLoRA:
         self.evaluate = evaluate
         self.on_round = on_round
         self.downlink = downlink or Float32Codec()
+        self.privacy = privacy
+        self.stop_reason: str | None = None
         self._bundle: ArrayRecord | None = None
 
     # -- the run -----------------------------------------------------------------------
@@ -192,7 +216,8 @@ class FederatedLoRA:
         self, grid: Grid, initial: AdapterState, completed_rounds: int = 0
     ) -> AdapterState:
         """Run the rounds after ``completed_rounds``; a fresh run (0) first evaluates
-        the initial adapter as round 0.
+        the initial adapter as round 0. A round the privacy budget cannot afford
+        ends the run before it starts (see :attr:`stop_reason`).
 
         Returns
         -------
@@ -202,10 +227,11 @@ class FederatedLoRA:
         state = initial
         if completed_rounds == 0:
             started = time.perf_counter()
+            first = RoundReport(0)
+            if self.privacy is not None:
+                first.privacy = self.privacy.metrics()
             self.on_round(
-                RoundReport(0).metrics(
-                    self.evaluate(state), time.perf_counter() - started
-                ),
+                first.metrics(self.evaluate(state), time.perf_counter() - started),
                 state,
             )
         for server_round in range(
@@ -213,7 +239,12 @@ class FederatedLoRA:
         ):
             started = time.perf_counter()
             report = RoundReport(server_round)
-            state = self.run_round(grid, server_round, state, report)
+            try:
+                state = self.run_round(grid, server_round, state, report)
+            except BudgetExhausted as reason:
+                self.stop_reason = f"stopped before round {server_round}: {reason}"
+                log.warning("%s", self.stop_reason)
+                break
             self.on_round(
                 report.metrics(self.evaluate(state), time.perf_counter() - started),
                 state,
@@ -223,15 +254,24 @@ class FederatedLoRA:
     def run_round(
         self, grid: Grid, server_round: int, state: AdapterState, report: RoundReport
     ) -> AdapterState:
-        """One round: configure, train, aggregate. Returns the new global adapter."""
-        nodes = self.configure_train(grid, server_round)
-        report.sampled = len(nodes)
+        """One round: configure, train, aggregate. Returns the new global adapter.
+
+        Raises
+        ------
+        BudgetExhausted
+            Before anything is sent, when the round would overspend ``dp.*``.
+        """
+        nodes = self.configure_train(grid, server_round, report)
+        if self.privacy is not None:
+            self.privacy.begin_round(report.sampled, report.available)
         extras = self.summer.prepare(grid, nodes, server_round, report)
         replies = self.train(grid, extras, server_round, state, report)
         # Replies carry exactly the tensors this round's phase and rule share.
         report.phase = self.config.train.phase(server_round)
         shared = shared_subset(state, report.phase, self.config.aggregation.rule)
         summed = self.summer.collect(grid, self.usable(replies, report), shared, report)
+        if self.privacy is not None:
+            summed = self.privacy.release(summed, report)
         if summed is not None:
             report.clients, report.client_metrics = summed.count, summed.client_metrics
             report.participants = summed.nodes
@@ -248,8 +288,11 @@ class FederatedLoRA:
 
     # -- the steps ---------------------------------------------------------------------
 
-    def configure_train(self, grid: Grid, server_round: int) -> list[int]:
-        """Wait for enough nodes, then sample ``train.fraction`` of them.
+    def configure_train(
+        self, grid: Grid, server_round: int, report: RoundReport
+    ) -> list[int]:
+        """Wait for enough nodes, then sample ``train.fraction`` of them (counted in
+        ``report.available`` and ``report.sampled``).
 
         The sample is a pure function of the seed, the round and the node ids, so a
         resumed run samples exactly as an uninterrupted one.
@@ -267,10 +310,12 @@ class FederatedLoRA:
         # floats.
         rng = np.random.default_rng([self.config.seed, server_round])
         chosen = rng.choice(len(nodes), size=count, replace=False)
+        report.available, report.sampled = len(nodes), count
         return [nodes[int(position)] for position in sorted(chosen)]
 
-    def instructions(self, server_round: int) -> ConfigRecord:
-        """The round's instructions: backbone identity, label map and run config."""
+    def instructions(self, server_round: int, expected_clients: int) -> ConfigRecord:
+        """The round's instructions: backbone identity, label map, run config and
+        ``m``, the clients sampled (each adds 1/m of the noise in distributed DP)."""
         return ConfigRecord(
             {
                 keys.CFG_BACKBONE_REF: self.backbone.reference,
@@ -279,6 +324,7 @@ class FederatedLoRA:
                 keys.CFG_LABELS: json.dumps(list(self.labels)),
                 keys.CFG_RUN_CONFIG: json.dumps(dict(self.config.flat)),
                 keys.CFG_ROUND: server_round,
+                keys.CFG_EXPECTED_CLIENTS: expected_clients,
             }
         )
 
@@ -297,7 +343,7 @@ class FederatedLoRA:
         consumed here).
         """
         adapter = to_array_record(self.downlink.encode(state))
-        instructions = self.instructions(server_round)
+        instructions = self.instructions(server_round, report.sampled)
         replies = self._send(grid, extras, adapter, instructions, report)
         needing = [
             r.metadata.src_node_id

@@ -1,0 +1,530 @@
+"""Client-level differential privacy: clipping, noise, accounting and the budget."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.rdp import RdpAccountant
+from flwr.app import MessageType
+
+from client.client_app import app as client_app
+from common import dp, keys
+from common.codec import l2_norm
+from common.config import ConfigError, DpConfig, RunConfig
+from common.wire import from_array_record
+from server.checkpoint import load_checkpoint
+from server.contribution import Contribution
+from server.privacy import ClientLevelDP
+from server.server_app import coordinate
+from server.summation import RoundSum
+from tests.conftest import InProcessGrid
+
+
+def reference_epsilon(rounds: int, q: float, sigma: float, delta: float) -> float:
+    """dp-accounting's own answer, composed here without fedgraft's wrapper."""
+    accountant = RdpAccountant()
+    accountant.compose(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+        rounds,
+    )
+    return accountant.get_epsilon(delta)
+
+
+def settings(**overrides: Any) -> DpConfig:
+    values: dict[str, Any] = {
+        "enabled": True,
+        "level": "client",
+        "mode": "central",
+        "clip_norm": 1.0,
+        "noise_multiplier": 1.0,
+        "delta": 1e-5,
+        "target_epsilon": 0.0,
+    } | overrides
+    return DpConfig(**values)
+
+
+@dataclass
+class Stats:
+    privacy: dict[str, float] = field(default_factory=dict)
+
+
+def federate(
+    backbone: Path, data: Path, output: Path, clients: int, **overrides: Any
+) -> tuple[InProcessGrid, list[dict[str, Any]]]:
+    """A run over the real ClientApp in this process; returns the grid and rows."""
+    config = RunConfig.from_flat(
+        {
+            "model.name": str(backbone),
+            "data.path": str(data),
+            "data.partition": "iid",
+            "sim.num-clients": clients,
+            "num-server-rounds": 1,
+            "train.batch-size": 4,
+            "train.lr": 0.01,
+            "lora.dropout": 0.0,
+            "data.holdout-fraction": 0.25,
+            "output.dir": str(output),
+            "dp.enabled": True,
+            **overrides,
+        }
+    )
+    nodes = {
+        100 + i: {
+            "partition-id": i,
+            "num-partitions": clients,
+            "cache-dir": str(output.parent / "cache"),
+        }
+        for i in range(clients)
+    }
+    grid = InProcessGrid(client_app, nodes)
+    coordinate(grid, config)  # type: ignore[arg-type]
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").open()]
+    return grid, rows
+
+
+# -- clipping and noise ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip_norm", [1e-3, 0.5, 1.0, 7.0])
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e3, 1e6])
+def test_clipped_norms_never_exceed_the_clip_norm(
+    clip_norm: float, scale: float
+) -> None:
+    # Prepare
+    rng = np.random.default_rng(int(scale * 1e4) + int(clip_norm * 1e3))
+    delta = {
+        "a": (rng.standard_normal((8, 32)) * scale).astype(np.float32),
+        "b": (rng.standard_normal((32, 8)) * scale).astype(np.float32),
+        "head.bias": (rng.standard_normal(5) * scale).astype(np.float32),
+    }
+
+    # Execute
+    clipped = dp.clip_to_norm(delta, clip_norm)
+
+    # Assert
+    assert l2_norm(clipped) <= clip_norm
+    assert all(clipped[k].dtype == np.float32 for k in delta)
+    if l2_norm(delta) <= clip_norm:
+        for name in delta:
+            np.testing.assert_array_equal(clipped[name], delta[name])
+    else:
+        assert l2_norm(clipped) == pytest.approx(clip_norm, rel=1e-5)
+
+
+def test_central_noise_on_a_zero_update_has_std_sigma_times_clip() -> None:
+    # Prepare: four clients sent all-zero deltas
+    privacy = ClientLevelDP(settings(clip_norm=0.5, noise_multiplier=1.3))
+    zero = {"w": np.zeros((400, 500), np.float32)}
+    privacy.begin_round(sampled=4, available=4)
+
+    # Execute
+    released = privacy.release(RoundSum(total=zero, weight=4.0, count=4), Stats())
+
+    # Assert
+    assert released is not None and released.weight == 4.0
+    noise = released.total["w"].astype(np.float64)
+    assert noise.std() == pytest.approx(1.3 * 0.5, rel=0.01)
+    assert abs(noise.mean()) < 0.01
+
+
+def test_the_sum_of_m_distributed_noise_shares_has_the_central_std() -> None:
+    # Prepare
+    sigma, clip, m, size = 1.3, 0.5, 7, 200_000
+    rng = dp.secure_generator()
+    std = dp.distributed_noise_std(sigma, clip, m)
+
+    # Execute
+    total = sum(dp.gaussian_noise(size, std, rng) for _ in range(m))
+
+    # Assert
+    assert total.std() == pytest.approx(sigma * clip, rel=0.01)
+
+
+def test_two_secure_generators_draw_different_noise() -> None:
+    first = dp.gaussian_noise(1000, 1.0, dp.secure_generator())
+    second = dp.gaussian_noise(1000, 1.0, dp.secure_generator())
+    assert not np.array_equal(first, second)
+
+
+def test_a_plain_sum_is_clipped_and_unweighted_on_the_coordinator() -> None:
+    # Prepare: a big and a small update with very different example counts
+    big = {"w": np.full((4,), 10.0, np.float32)}  # norm 20 -> clipped to 1
+    small = {"w": np.full((4,), 0.1, np.float32)}  # norm 0.2, within the bound
+    summed = RoundSum(
+        total={"w": np.zeros(4, np.float32)},
+        weight=1001.0,
+        count=2,
+        contributions=[Contribution(1, big, 1000.0), Contribution(2, small, 1.0)],
+    )
+    privacy = ClientLevelDP(settings(noise_multiplier=1e-9))
+    privacy.begin_round(sampled=3, available=6)
+
+    # Execute
+    released = privacy.release(summed, Stats())
+
+    # Assert: sum of clipped deltas, weight m = 3 sampled, no individual update left
+    assert released is not None
+    np.testing.assert_allclose(released.total["w"], 0.5 + 0.1, rtol=1e-5)
+    assert released.weight == 3.0 and released.contributions == []
+
+
+def test_distributed_dropouts_report_the_shortfall_and_charge_the_actual_noise() -> (
+    None
+):
+    # Prepare
+    privacy = ClientLevelDP(settings(mode="distributed", noise_multiplier=2.0))
+    privacy.begin_round(sampled=4, available=8)
+    stats = Stats()
+
+    # Execute: 3 of the 4 sampled clients survived
+    privacy.release(
+        RoundSum(total={"w": np.zeros(3, np.float32)}, weight=3.0, count=3), stats
+    )
+
+    # Assert
+    assert stats.privacy[dp.NOISE_SHORTFALL] == pytest.approx(0.25)
+    assert stats.privacy[dp.NOISE_MULTIPLIER] == pytest.approx(2.0 * np.sqrt(0.75))
+    assert stats.privacy[dp.SAMPLING_RATE] == 0.5
+    assert stats.privacy[dp.EPSILON] == pytest.approx(
+        reference_epsilon(1, 0.5, 2.0 * np.sqrt(0.75), 1e-5)
+    )
+
+
+# -- accounting ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rounds", "q", "sigma", "delta"),
+    [(10, 0.5, 1.1, 1e-5), (100, 0.1, 1.0, 1e-5), (3, 1.0, 2.0, 1e-6)],
+)
+def test_epsilon_equals_dp_accountings_reference_value(
+    rounds: int, q: float, sigma: float, delta: float
+) -> None:
+    # Prepare
+    accountant = dp.PrivacyAccountant(delta)
+
+    # Execute
+    for _ in range(rounds):
+        accountant.record(dp.RoundCharge(q, sigma))
+
+    # Assert
+    assert accountant.epsilon() == pytest.approx(
+        reference_epsilon(rounds, q, sigma, delta), rel=1e-12
+    )
+
+
+def test_the_budget_check_predicts_the_next_round() -> None:
+    charge = dp.RoundCharge(1.0, 2.0)
+    accountant = dp.PrivacyAccountant(1e-5, [charge, charge])
+    after_three = reference_epsilon(3, 1.0, 2.0, 1e-5)
+    assert accountant.would_exceed(after_three * 0.99, charge)
+    assert not accountant.would_exceed(after_three * 1.01, charge)
+    assert not accountant.would_exceed(0.0, charge)  # 0 = no budget
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"dp.mode": "distributed"}, "dp.mode"),
+        ({"dp.mode": "local"}, "dp.mode"),
+        ({"aggregation": "median"}, "aggregation"),
+        ({"aggregation": "trimmed-mean"}, "aggregation"),
+        ({"aggregation": "fedavg-per-label"}, "aggregation"),
+        ({"aggregation": "flexlora"}, "aggregation"),
+        (
+            {"secagg.enabled": True, "secagg.clip-norm": 0.5, "dp.clip-norm": 1.0},
+            "secagg.clip-norm",
+        ),
+        ({"dp.noise-multiplier": 0.0}, "dp.noise-multiplier"),
+        ({"dp.clip-norm": -1.0}, "dp.clip-norm"),
+        ({"dp.delta": 1.0}, "dp.delta"),
+        ({"dp.target-epsilon": -1.0}, "dp.target-epsilon"),
+        ({"dp.level": "record"}, "dp.level"),
+        ({"dp.level": "sample", "train.mode": "head"}, "train.mode"),
+        ({"dp.level": "sample", "aggregation": "fedprox"}, "aggregation"),
+        ({"dp.level": "sample", "dp.target-epsilon": 3.0}, "dp.target-epsilon"),
+    ],
+)
+def test_incompatible_dp_settings_are_refused_naming_the_key(
+    overrides: dict[str, Any], key: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        RunConfig.from_flat({"dp.enabled": True, **overrides})
+
+
+def test_distributed_dp_behind_secure_aggregation_is_accepted() -> None:
+    config = RunConfig.from_flat(
+        {"dp.enabled": True, "dp.mode": "distributed", "secagg.enabled": True}
+    )
+    assert config.dp.mode == "distributed" and config.dp.client_level
+
+
+def test_sample_level_dp_accepts_rules_that_read_each_update() -> None:
+    config = RunConfig.from_flat(
+        {"dp.enabled": True, "dp.level": "sample", "aggregation": "median"}
+    )
+    assert config.dp.sample_level and not config.dp.client_level
+
+
+# -- through the coordinator and the ClientApp -----------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_behind_secure_aggregation_the_mean_carries_noise_of_std_sigma_c_over_m(
+    mode: str,
+    tiny_backbone: Path,
+    small_jsonl: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: noise std sigma * C = 1 swamps updates clipped to C = 1e-3, so the
+    # global step times m is (almost exactly) the aggregate's noise; and the sum the
+    # DP step receives must weigh each client 1
+    weights: list[tuple[float, int]] = []
+    release = ClientLevelDP.release
+
+    def spy(self: ClientLevelDP, summed: RoundSum | None, stats: Any) -> Any:
+        if summed is not None:
+            weights.append((summed.weight, summed.count))
+        return release(self, summed, stats)
+
+    monkeypatch.setattr(ClientLevelDP, "release", spy)
+    output = tmp_path / mode
+
+    # Execute
+    grid, rows = federate(
+        tiny_backbone,
+        small_jsonl,
+        output,
+        clients=3,
+        **{
+            "secagg.enabled": True,
+            "secagg.max-weight": 10.0,
+            "dp.mode": mode,
+            "dp.clip-norm": 1e-3,
+            "dp.noise-multiplier": 1000.0,
+        },
+    )
+
+    # Assert
+    assert rows[1]["clients"] == 3 and rows[1][dp.NOISE_SHORTFALL] == 0.0
+    assert weights and weights[0][0] == pytest.approx(3.0, abs=1e-6)
+    sent = next(
+        m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN
+    ).content
+    assert sent.config_records[keys.CONFIG_RECORD][keys.CFG_EXPECTED_CLIENTS] == 3
+    start = from_array_record(sent.array_records[keys.ADAPTER_RECORD])
+    final = load_checkpoint(output).state
+    noise = np.concatenate(
+        [(final[k].astype(np.float64) - start[k]).ravel() * 3 for k in sorted(start)]
+    )
+    assert noise.size > 2000
+    assert noise.std() == pytest.approx(1.0, rel=0.1)
+    assert abs(noise.mean()) < 0.1
+
+
+def test_a_budget_stops_the_run_before_the_round_that_would_exceed_it(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
+    # Prepare: two clients, both sampled (q = 1); the budget affords two rounds
+    sigma = 2.0
+    two, three = (reference_epsilon(r, 1.0, sigma, 1e-5) for r in (2, 3))
+    output = tmp_path / "budget"
+
+    # Execute
+    _, rows = federate(
+        tiny_backbone,
+        small_jsonl,
+        output,
+        clients=2,
+        **{
+            "num-server-rounds": 5,
+            "dp.noise-multiplier": sigma,
+            "dp.target-epsilon": (two + three) / 2,
+        },
+    )
+
+    # Assert
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert rows[-1][dp.EPSILON] == pytest.approx(two, rel=1e-9)
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["stopped_early"] is True
+    assert "before round 3" in summary["stop_reason"]
+    assert "dp.target-epsilon" in summary["stop_reason"]
+    assert summary["privacy"]["epsilon"] == pytest.approx(two, rel=1e-9)
+    assert summary["privacy"]["rounds_charged"] == 2
+
+
+def test_epsilon_is_in_every_metrics_line_and_a_resume_continues_the_account(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
+    # Prepare: two rounds, then the same run resumed for a third
+    sigma = 1.5
+    output = tmp_path / "resumed"
+    settings = {"dp.noise-multiplier": sigma, "num-server-rounds": 2}
+    federate(tiny_backbone, small_jsonl, output, clients=2, **settings)
+
+    # Execute
+    _, rows = federate(
+        tiny_backbone,
+        small_jsonl,
+        output,
+        clients=2,
+        **{**settings, "num-server-rounds": 3, "resume": True},
+    )
+
+    # Assert
+    assert [row["round"] for row in rows] == [0, 1, 2, 3]
+    assert rows[0][dp.EPSILON] == 0.0
+    for row in rows[1:]:
+        assert row[dp.EPSILON] == pytest.approx(
+            reference_epsilon(row["round"], 1.0, sigma, 1e-5), rel=1e-9
+        )
+    assert load_checkpoint(output).rows[-1][dp.EPSILON] == rows[-1][dp.EPSILON]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["stopped_early"] is False
+    assert summary["privacy"]["epsilon"] == rows[-1][dp.EPSILON]
+
+
+# -- sample level: DP-SGD through Opacus ---------------------------------------------
+
+
+def tiny_lora_classifier(backbone: Path, num_labels: int = 3) -> Any:
+    """The tiny BERT with LoRA on query and value, every dropout off, B random (so
+    that A has gradients too)."""
+    import torch
+
+    from common.config import LoraSettings
+    from common.model import attach_lora, load_encoder
+
+    model = attach_lora(
+        load_encoder(backbone),
+        LoraSettings(4, 8, 0.0, ("query", "value")),
+        "mean",
+        num_labels,
+        0,
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def test_opacus_per_sample_gradients_equal_per_example_backward_passes(
+    tiny_backbone: Path,
+) -> None:
+    # Prepare: five rows of different lengths (padding in the batch)
+    import torch
+    from opacus import GradSampleModule
+    from torch.nn import functional as F
+
+    model = tiny_lora_classifier(tiny_backbone)
+    model.train()
+    ids = torch.randint(5, 40, (5, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 4:], mask[3, 7:] = 0, 0
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    # Execute: per-sample gradients from one batched pass, then one pass per row
+    wrapped = GradSampleModule(model, loss_reduction="sum")
+    F.cross_entropy(wrapped(ids, mask), labels, reduction="sum").backward()
+    per_sample = {n: p.grad_sample.detach().clone() for n, p in trained}
+    wrapped._close()
+    per_example = [
+        torch.autograd.grad(
+            F.cross_entropy(model(ids[i : i + 1], mask[i : i + 1]), labels[i : i + 1]),
+            [p for _, p in trained],
+        )
+        for i in range(len(labels))
+    ]
+
+    # Assert
+    assert any("lora_A" in n for n, _ in trained) and any(
+        "head" in n for n, _ in trained
+    )
+    for i, gradients in enumerate(per_example):
+        for (name, _), gradient in zip(trained, gradients, strict=True):
+            assert gradient.abs().sum() > 0 or "lora" in name
+            torch.testing.assert_close(
+                per_sample[name][i], gradient, rtol=1e-4, atol=1e-6, msg=name
+            )
+
+
+def test_dp_sgd_steps_are_accounted_by_opacus_and_the_site_keeps_its_history(
+    tiny_backbone: Path,
+) -> None:
+    # Prepare
+    from opacus.accountants import RDPAccountant
+    from transformers import AutoTokenizer
+
+    from client.finetune import LocalTraining
+    from client.private_training import dp_sgd, sample_rate
+    from common.batching import encode
+    from common.model import adapter_state
+
+    model = tiny_lora_classifier(tiny_backbone)
+    texts = ["send money to my account", "book flight", "lights on please"] * 4
+    encoded = encode(
+        AutoTokenizer.from_pretrained(str(tiny_backbone)), texts, [0, 1, 2] * 4, 16
+    )
+    plan = LocalTraining(
+        epochs=1, max_steps=0, batch_size=3, lr=0.01, head_lr=0.01,
+        weight_decay=0.0, seed=1,
+    )  # fmt: skip
+    private = settings(level="sample", clip_norm=0.5, noise_multiplier=1.1)
+    before = adapter_state(model)
+
+    # Execute: two rounds at the same site
+    first, history, _ = dp_sgd(model, encoded, 0, plan, private, [])
+    second, history, epsilon = dp_sgd(model, encoded, 0, plan, private, history)
+
+    # Assert
+    q = sample_rate(12, 3)
+    assert q == 0.25 and first.steps == second.steps == 4
+    assert history == [(1.1, q, 8)]
+    reference = RDPAccountant()
+    reference.history = [(1.1, q, 8)]
+    assert epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-12)
+    after = adapter_state(model)
+    assert any(not np.array_equal(after[k], before[k]) for k in before)
+    # The hooks are gone: the model is shared by the clients of a process.
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_sample_level_runs_report_each_sites_epsilon_every_round(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
+    # Execute
+    output = tmp_path / "dp-sgd"
+    _, rows = federate(
+        tiny_backbone,
+        small_jsonl,
+        output,
+        clients=2,
+        **{"num-server-rounds": 2, "dp.level": "sample", "aggregation": "median"},
+    )
+
+    # Assert: the sites' accounts grow; no client-level account is kept
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    first, second = (row["sample_epsilon_max"] for row in rows[1:])
+    assert 0 < first < second
+    assert all(dp.EPSILON not in row for row in rows)
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["privacy"]["level"] == "sample"
+    assert summary["privacy"]["sample_epsilon_max"] == second
