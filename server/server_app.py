@@ -96,7 +96,13 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         rule=rule,
         evaluate=bench.evaluate,
         on_round=after_round,
-        downlink=downlink_codec(codec),
+        downlink=lambda server_round: downlink_codec(
+            build_codec(
+                config.codec.name,
+                config.codec.topk_fraction,
+                seed=config.seed * 1_000_003 + server_round,
+            )
+        ),
         privacy=privacy,
     )
     initial = bench.state() if resumed is None else resumed.state

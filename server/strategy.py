@@ -175,8 +175,9 @@ class FederatedLoRA:
         The coordinator's evaluation of a global adapter.
     on_round : Callable[[dict, AdapterState], None]
         Called after every round with its metrics line and the new global adapter.
-    downlink : Codec
-        Encodes the global adapter sent to clients.
+    downlink : Callable[[int], Codec]
+        The codec that encodes the global adapter sent in a round (seeded by the
+        round, so a resumed run sends what an uninterrupted one would).
     privacy : ClientLevelDP, optional
         Client-level DP between the sum and the rule (``dp.enabled``).
 
@@ -195,7 +196,7 @@ class FederatedLoRA:
         rule: AggregationRule,
         evaluate: Callable[[AdapterState], EvalResult],
         on_round: Callable[[dict[str, Any], AdapterState], None],
-        downlink: Codec | None = None,
+        downlink: Callable[[int], Codec] | None = None,
         privacy: ClientLevelDP | None = None,
     ) -> None:
         self.config = config
@@ -205,7 +206,7 @@ class FederatedLoRA:
         self.rule = rule
         self.evaluate = evaluate
         self.on_round = on_round
-        self.downlink = downlink or Float32Codec()
+        self.downlink = downlink or (lambda server_round: Float32Codec())
         self.privacy = privacy
         self.stop_reason: str | None = None
         self._bundle: ArrayRecord | None = None
@@ -342,7 +343,7 @@ class FederatedLoRA:
         Returns the replies that carry a result or an error (status answers are
         consumed here).
         """
-        adapter = to_array_record(self.downlink.encode(state))
+        adapter = to_array_record(self.downlink(server_round).encode(state))
         instructions = self.instructions(server_round, report.sampled)
         replies = self._send(grid, extras, adapter, instructions, report)
         needing = [
