@@ -37,21 +37,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CLINC = ROOT.parent / "shared" / "data" / "clinc150"
 
-ALL_RULES = (
-    "fedavg",
-    "fedprox",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "ffa",
-    "fedsa",
-    "flexlora",
-    "fedavg-per-label",
-    "median",
-    "trimmed-mean",
-)
+from harness import data_settings, run_federation  # noqa: E402  (this folder)
+
+from common.config import AGGREGATION_RULES as ALL_RULES  # noqa: E402
+
 QUICK_RULES = ("fedavg", "fedadam", "ffa", "fedsa", "flexlora")
 SPLITS = {
     "domain": {"data.partition": "column:domain"},
@@ -68,16 +58,8 @@ log = logging.getLogger("benchmarks.aggregation")
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
     """The settings every run shares (the data, the budget, LoRA)."""
-    data = (
-        {"data.path": ""}
-        if args.quick
-        else {
-            "data.path": str(CLINC / "train.jsonl"),
-            "data.test-path": str(CLINC / "test.jsonl"),
-        }
-    )
     return {
-        **data,
+        **data_settings(args.quick),
         "num-server-rounds": args.rounds,
         "train.local-epochs": 1,
         "train.max-steps": args.max_steps,
@@ -93,30 +75,14 @@ def run_rule(
     flat: dict[str, Any], rule: str, flex_ranks: list[int], output: Path
 ) -> dict[str, Any]:
     """One federated run of ``rule`` over the in-process grid."""
-    from client.client_app import app as client_app
-    from common.config import RunConfig
-    from common.splits import default_num_clients
-    from server.server_app import coordinate
-    from simulations.inprocess_grid import InProcessGrid
-
-    config = RunConfig.from_flat(
-        {**flat, "aggregation": rule, "output.dir": str(output)}
+    run = run_federation(
+        {**flat, "aggregation": rule},
+        output,
+        (lambda p: {"lora.r": flex_ranks[p % len(flex_ranks)]})
+        if rule == "flexlora"
+        else None,
     )
-    clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
-    node_configs = {
-        1000 + p: {
-            "partition-id": p,
-            "num-partitions": clients,
-            "cache-dir": str(output.parent / "site-cache"),
-        }
-        | ({"lora.r": flex_ranks[p % len(flex_ranks)]} if rule == "flexlora" else {})
-        for p in range(clients)
-    }
-    config = config.with_overrides(**{"sim.num-clients": clients})
-    started = time.perf_counter()
-    coordinate(InProcessGrid(client_app, node_configs), config)
-    wall = time.perf_counter() - started
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").open()]
+    rows, clients = run.rows, run.clients
     result = {
         "rule": rule,
         "accuracy": rows[-1]["eval_accuracy"],
@@ -125,7 +91,7 @@ def run_rule(
         "bytes_down": sum(row.get("bytes_down", 0) for row in rows),
         "train_samples": sum(row.get("train_samples", 0) for row in rows),
         "clients": clients,
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": run.wall_seconds,
     }
     if "personal_accuracy_mean" in rows[-1]:
         result["personal_accuracy_mean"] = rows[-1]["personal_accuracy_mean"]

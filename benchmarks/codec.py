@@ -39,32 +39,24 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CLINC = ROOT.parent / "shared" / "data" / "clinc150"
 
-ALL_CODECS = ("fp32", "fp16", "bf16", "int8", "topk")
+from harness import data_settings, run_federation  # noqa: E402  (this folder)
+
+from common.config import CODECS as ALL_CODECS  # noqa: E402
 
 log = logging.getLogger("benchmarks.codec")
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
     """The settings every codec's run shares (data, split, budget)."""
-    data = (
-        {"data.path": ""}
-        if args.quick
-        else {
-            "data.path": str(CLINC / "train.jsonl"),
-            "data.test-path": str(CLINC / "test.jsonl"),
-        }
-    )
     return {
-        **data,
+        **data_settings(args.quick),
         "data.partition": "dirichlet",
         "data.dirichlet-alpha": 0.1,
         "sim.num-clients": args.num_clients,
@@ -89,31 +81,10 @@ def run_codec(flat: dict[str, Any], codec: str, output: Path) -> dict[str, Any]:
     """
     from flwr.app import MessageType
 
-    from client.client_app import app as client_app
     from common import keys
-    from common.config import RunConfig
-    from common.splits import default_num_clients
-    from server.server_app import coordinate
-    from simulations.inprocess_grid import InProcessGrid
 
-    config = RunConfig.from_flat({**flat, "codec": codec, "output.dir": str(output)})
-    clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
-    node_configs = {
-        1000 + p: {
-            "partition-id": p,
-            "num-partitions": clients,
-            "cache-dir": str(output.parent / "site-cache"),
-        }
-        for p in range(clients)
-    }
-    config = config.with_overrides(**{"sim.num-clients": clients})
-    grid = InProcessGrid(client_app, node_configs)
-    started = time.perf_counter()
-    coordinate(grid, config)
-    wall = time.perf_counter() - started
-
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").open()]
-    summary = json.loads((output / "summary.json").read_text())
+    run = run_federation({**flat, "codec": codec}, output)
+    rows, summary, grid, wall = run.rows, run.summary, run.grid, run.wall_seconds
     # Status replies ("send me the backbone") carry no adapter and count no bytes.
     uploads = sum(
         1
@@ -134,9 +105,9 @@ def run_codec(flat: dict[str, Any], codec: str, output: Path) -> dict[str, Any]:
         "backbone_float32_bytes": summary["backbone"]["float32_bytes"],
         "client_rounds": uploads,
         "rejected": sum(row.get("rejected", 0) for row in rows),
-        "clients": clients,
-        "rounds": config.num_server_rounds,
-        "wall_seconds": round(wall, 1),
+        "clients": run.clients,
+        "rounds": rows[-1]["round"],
+        "wall_seconds": wall,
     }
 
 

@@ -33,30 +33,22 @@ import math
 import os
 import sys
 import tempfile
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CLINC = ROOT.parent / "shared" / "data" / "clinc150"
+
+from harness import data_settings, run_federation  # noqa: E402  (this folder)
 
 log = logging.getLogger("benchmarks.privacy")
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
     """The settings every run shares: data, split, budget of work, LoRA."""
-    data = (
-        {"data.path": ""}
-        if args.quick
-        else {
-            "data.path": str(CLINC / "train.jsonl"),
-            "data.test-path": str(CLINC / "test.jsonl"),
-        }
-    )
     return {
-        **data,
+        **data_settings(args.quick),
         # The demo's texts are a few words long.
         **({"model.max-length": 32} if args.quick else {}),
         "data.partition": "dirichlet",
@@ -83,15 +75,11 @@ def run_one(
     flat: dict[str, Any], rule: str, epsilon: float, output: Path
 ) -> dict[str, Any]:
     """One federated run of ``rule`` at budget ``epsilon`` (inf: without DP)."""
-    from client.client_app import app as client_app
     from common import dp
-    from common.config import RunConfig
-    from server.server_app import coordinate
-    from simulations.inprocess_grid import InProcessGrid
 
     clients = flat["sim.num-clients"]
     sampled = sampled_per_round(clients, flat["train.fraction"])
-    settings: dict[str, Any] = {"aggregation": rule, "output.dir": str(output)}
+    settings: dict[str, Any] = {"aggregation": rule}
     sigma = None
     if math.isfinite(epsilon):
         sigma = dp.noise_multiplier_for(
@@ -103,20 +91,8 @@ def run_one(
             # A hair above the target: the calibration lands within 1e-4 of it.
             "dp.target-epsilon": epsilon * (1 + 1e-3),
         }
-    config = RunConfig.from_flat({**flat, **settings})
-    node_configs = {
-        1000 + p: {
-            "partition-id": p,
-            "num-partitions": clients,
-            "cache-dir": str(output.parent / "site-cache"),
-        }
-        for p in range(clients)
-    }
-    started = time.perf_counter()
-    coordinate(InProcessGrid(client_app, node_configs), config)
-    wall = time.perf_counter() - started
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").open()]
-    summary = json.loads((output / "summary.json").read_text())
+    run = run_federation({**flat, **settings}, output)
+    rows, summary = run.rows, run.summary
     return {
         "rule": rule,
         "epsilon_target": epsilon if math.isfinite(epsilon) else "inf",
@@ -130,7 +106,7 @@ def run_one(
         "stopped_early": summary["stopped_early"],
         "clients": clients,
         "sampled": sampled,
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": run.wall_seconds,
     }
 
 
