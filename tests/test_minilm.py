@@ -29,6 +29,8 @@ def test_one_federated_round_on_minilm_beats_the_untrained_head(tmp_path: Path) 
         {
             "num-server-rounds": 1,
             "train.max-steps": 8,
+            # A random head: round 0 is then chance, and one round must lift it.
+            "head.init": "random",
             "output.dir": str(output),
             "sim.num-clients": 4,
         }
