@@ -172,10 +172,12 @@ def train(message: Message, context: Context) -> Message:
         config.model.max_length,
         cache_dir,
     )
+    # One seed per site and round: the codec's rounding noise and the batch order.
+    round_seed = config.seed * 100_003 + task.server_round * 1_009 + partition_id
     codec = build_codec(
         config.codec.name,
         config.codec.topk_fraction,
-        seed=config.seed * 100_003 + task.server_round * 1_009 + partition_id,
+        seed=round_seed,
     )
     received = from_array_record(message.content.array_records[keys.ADAPTER_RECORD])
     global_state = downlink_codec(codec).decode(received, dense_reference(received))
@@ -185,7 +187,7 @@ def train(message: Message, context: Context) -> Message:
     plan = LocalTraining.from_config(
         config,
         phase,
-        seed=config.seed * 100_003 + task.server_round * 1_009 + partition_id,
+        seed=round_seed,
     )
     sample_epsilon = None
     if config.dp.sample_level:
