@@ -196,7 +196,10 @@ class Int8Codec:
     def encode(self, change: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Each tensor as int8 codes and its scale."""
         out = {}
-        for name, value in change.items():
+        # Sorted: the noise a tensor gets must not depend on the mapping's order (a
+        # state read back from a checkpoint comes sorted).
+        for name in sorted(change):
+            value = change[name]
             value = np.asarray(value, np.float32)
             if not np.isfinite(value).all():
                 # A NaN scale makes the receiver reject the tensor, as it would the

@@ -1130,22 +1130,14 @@ def test_a_resumed_fedadam_run_ends_at_the_uninterrupted_adapter_bit_for_bit(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: two uninterrupted int8 runs agree bit for bit, but a run "
-    "resumed after round 1 ends about 1e-4 away; cause not yet found (fp32 and "
-    "fedadam resumes are exact)",
-)
 def test_a_resumed_int8_run_sends_and_ends_as_the_uninterrupted_one(
     tiny_backbone: Path, corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:
     # The int8 downlink's rounding noise is seeded by the round, so a resumed run
-    # should encode round 2's global adapter exactly as an uninterrupted run does.
+    # encodes round 2's global adapter exactly as an uninterrupted run does, although
+    # the checkpoint hands the state back in another key order.
     settings: dict[str, object] = {"codec": "int8"}
     reference = federate(tiny_backbone, corpus, tmp_path / "reference", **settings)
-    again = federate(tiny_backbone, corpus, tmp_path / "again", **settings)
-    for name in reference.final:
-        np.testing.assert_array_equal(again.final[name], reference.final[name], name)
     stopped = tmp_path / "stopped"
     federate(tiny_backbone, corpus, stopped, **settings, **{"num-server-rounds": 1})
 
