@@ -140,6 +140,7 @@ def train(message: Message, context: Context) -> Message:
     from client.finetune import LocalTraining, train_phase
     from client.runtime import (
         cached_features,
+        cached_prefix,
         encoded_examples,
         loaded_backbone,
         rows_key,
@@ -201,20 +202,17 @@ def train(message: Message, context: Context) -> Message:
         )
         private_training.save_history(context, history)
     else:
+        rows = rows_key(
+            examples, task.labels, task.fingerprint, config.model.max_length
+        )
         result = train_phase(
             backbone.model,
             encoded,
             backbone.pad_id,
             plan,
             phase,
-            lambda: cached_features(
-                backbone,
-                encoded,
-                rows_key(
-                    examples, task.labels, task.fingerprint, config.model.max_length
-                ),
-                encoder_digest(start),
-            ),
+            lambda: cached_features(backbone, encoded, rows, encoder_digest(start)),
+            lambda: cached_prefix(backbone, encoded, rows, cache_dir),
         )
     trained = adapter_state(backbone.model)
     change = adapters.upload(trained, start, phase, config.aggregation.rule)

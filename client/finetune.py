@@ -1,5 +1,6 @@
 """Local training: an explicit torch loop (no HF Trainer) over length-bucketed,
-dynamically padded batches with bf16 autocast on CUDA; or, in head-only rounds, over
+dynamically padded batches with bf16 autocast on CUDA, starting from the cached output
+of the frozen layers when only the top layers adapt; or, in head-only rounds, over
 pooled features computed once."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 
 from common.batching import Encoded, bucketed_order, collate
 from common.config import RunConfig
+from common.frozen_prefix import PrefixStates, prefix_states
 from common.model import TextClassifier
 from common.sharing import frozen_factor, is_head
 
@@ -123,15 +125,33 @@ def _batches(
 
 
 def finetune(
-    model: TextClassifier, encoded: Encoded, pad_id: int, plan: LocalTraining
+    model: TextClassifier,
+    encoded: Encoded,
+    pad_id: int,
+    plan: LocalTraining,
+    prefix: Callable[[], PrefixStates] | None = None,
 ) -> FinetuneResult:
     """Train the trainable parameters of ``model`` (LoRA at ``lr``, the head at
     ``head_lr``) on ``encoded``.
 
     A fresh AdamW is made on every call, so no optimiser state outlives a round.
+
+    Parameters
+    ----------
+    prefix : callable, optional
+        When the model adapts only its top layers (``model.prefix_depth > 0``), gives
+        the cached output of the frozen layers for ``encoded`` (the caller keeps it
+        across rounds); by default it is computed once for this call.
     """
     if len(encoded) == 0:
         raise ValueError("no training rows: this client has an empty partition")
+    states = None
+    if model.prefix_depth:
+        states = (
+            prefix()
+            if prefix is not None
+            else prefix_states(model.encoder, model.prefix_depth, encoded, pad_id)
+        )
     device = next(model.head.parameters()).device
     rng = np.random.default_rng(plan.seed)
     torch.manual_seed(plan.seed)
@@ -164,7 +184,10 @@ def finetune(
             with torch.autocast(
                 device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
             ):
-                logits = model(batch["input_ids"], batch["attention_mask"])
+                if states is not None:
+                    logits = model.logits_from_prefix(*states.collate(rows))
+                else:
+                    logits = model(batch["input_ids"], batch["attention_mask"])
             loss = F.cross_entropy(logits.float(), batch["labels"])
             optimiser.zero_grad(set_to_none=True)
             (loss + proximal()).backward()
@@ -233,6 +256,7 @@ def train_phase(
     plan: LocalTraining,
     phase: str,
     features: Callable[[], torch.Tensor],
+    prefix: Callable[[], PrefixStates] | None = None,
 ) -> FinetuneResult:
     """One round of local training in ``phase``.
 
@@ -241,7 +265,9 @@ def train_phase(
     phase : str
         ``head``: train the head on ``features()`` (the caller caches them);
         ``lora``: fine-tune adapters and head end to end.
+    prefix : callable, optional
+        The cached output of the frozen layers, as for ``finetune``.
     """
     if phase == "head":
         return train_head(model.head, features(), encoded.labels, plan)
-    return finetune(model, encoded, pad_id, plan)
+    return finetune(model, encoded, pad_id, plan, prefix)

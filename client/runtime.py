@@ -22,6 +22,7 @@ from common.batching import Encoded, encode
 from common.config import LoraSettings
 from common.data import Example, encode_labels
 from common.features import FeatureCache, pooled_features
+from common.frozen_prefix import PrefixStates, prefix_states
 from common.model import TextClassifier, attach_lora, load_encoder
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ _MODELS: dict[tuple[str, LoraSettings, str, int], LoadedBackbone] = {}
 _ENCODED: dict[str, Encoded] = {}
 _MAX_ENCODED = 32
 _FEATURES = FeatureCache(capacity=32)
+_PREFIXES: dict[str, PrefixStates] = {}
+_MAX_PREFIXES = 8
 
 
 def loaded_backbone(
@@ -139,3 +142,45 @@ def cached_features(
         digest,
         lambda: pooled_features(backbone.model, encoded, backbone.pad_id),
     )
+
+
+def cached_prefix(
+    backbone: LoadedBackbone, encoded: Encoded, key: str, cache_dir: Path | None
+) -> PrefixStates:
+    """The output of the frozen layers for the client's rows (``lora.layers``),
+    computed once: from memory, from the site's disk, or afresh.
+
+    Those layers carry no adapter, so their output depends only on the backbone and
+    the tokens (``key``, from ``rows_key``), never on the round.
+    """
+    depth = backbone.model.prefix_depth
+    key = f"{key}|prefix-{depth}"
+    if key in _PREFIXES:
+        return _PREFIXES[key]
+    name = hashlib.sha256(key.encode()).hexdigest()
+    stored = cache_dir / "prefix" / f"{name}.npz" if cache_dir is not None else None
+    device = next(backbone.model.parameters()).device
+    if stored is not None and stored.exists():
+        with np.load(stored) as arrays:
+            bounds = np.cumsum(arrays["lengths"])[:-1]
+            states = PrefixStates(
+                [
+                    torch.from_numpy(part).to(device)
+                    for part in np.split(arrays["states"], bounds)
+                ]
+            )
+    else:
+        states = prefix_states(backbone.model.encoder, depth, encoded, backbone.pad_id)
+        if stored is not None:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            staging = stored.with_name(stored.stem + ".tmp.npz")
+            np.savez(
+                staging,
+                states=torch.cat(states.states).cpu().numpy(),  # (tokens, hidden)
+                lengths=np.asarray([len(s) for s in states.states], np.int64),
+            )
+            staging.replace(stored)
+    if len(_PREFIXES) >= _MAX_PREFIXES:  # bounded memory across many virtual clients
+        _PREFIXES.pop(next(iter(_PREFIXES)))
+    _PREFIXES[key] = states
+    return states

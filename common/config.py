@@ -29,6 +29,7 @@ DEFAULTS: dict[str, ConfigValue] = {
     "lora.alpha": 16,
     "lora.dropout": 0.05,
     "lora.target-modules": "query,value",
+    "lora.layers": 0,
     "data.path": "",
     "data.test-path": "",
     "data.text-column": "text",
@@ -237,12 +238,16 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA hyper-parameters handed to every client."""
+    """LoRA hyper-parameters handed to every client.
+
+    ``layers`` limits the adapters to the top layers of the encoder (0: every layer).
+    """
 
     r: int
     alpha: int
     dropout: float
     target_modules: tuple[str, ...]
+    layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -510,7 +515,13 @@ class RunConfig:
                 v["model.pooling"],
             ),
             head=HeadConfig(v["head.init"], v["head.label-descriptions"]),
-            lora=LoraSettings(v["lora.r"], v["lora.alpha"], v["lora.dropout"], targets),
+            lora=LoraSettings(
+                v["lora.r"],
+                v["lora.alpha"],
+                v["lora.dropout"],
+                targets,
+                v["lora.layers"],
+            ),
             data=DataConfig(
                 path=v["data.path"],
                 test_path=v["data.test-path"],
@@ -604,6 +615,11 @@ class RunConfig:
         _require(self.lora.r >= 1, "lora.r", "must be a positive rank such as 8")
         _require(self.lora.alpha >= 1, "lora.alpha", "must be positive")
         _require(0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _require(
+            self.lora.layers >= 0,
+            "lora.layers",
+            "must be 0 (adapt every layer) or the number of top layers to adapt",
+        )
         _require(
             bool(self.lora.target_modules),
             "lora.target-modules",

@@ -18,6 +18,7 @@ from transformers import AutoModel, PreTrainedModel
 
 from common.codec import AdapterState
 from common.config import LoraSettings
+from common.frozen_prefix import adapted_layers, hidden_from_prefix, layer_count
 from common.sharing import HEAD_PREFIX
 
 
@@ -50,12 +51,22 @@ class TextClassifier(nn.Module):
         ``mean``, ``cls`` or ``max``, as the backbone was trained.
     num_labels : int
         Size of the head's output.
+    prefix_depth : int
+        Number of lowest encoder layers that carry no adapter (``lora.layers``): their
+        output can be cached (``common.frozen_prefix``); 0 when every layer adapts.
     """
 
-    def __init__(self, encoder: nn.Module, pooling: str, num_labels: int) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        pooling: str,
+        num_labels: int,
+        prefix_depth: int = 0,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
+        self.prefix_depth = prefix_depth
         hidden = encoder.config.hidden_size
         self.head = nn.Linear(hidden, num_labels)
 
@@ -75,9 +86,27 @@ class TextClassifier(nn.Module):
         pooled = self.embed(input_ids, attention_mask)
         return self.head(pooled.to(self.head.weight.dtype))
 
+    def logits_from_prefix(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``(batch, num_labels)`` from the cached output ``(batch, width,
+        hidden)`` of the ``prefix_depth`` frozen layers."""
+        last = hidden_from_prefix(
+            self.encoder, self.prefix_depth, hidden, attention_mask
+        )
+        pooled = pool(last, attention_mask, self.pooling)
+        return self.head(pooled.to(self.head.weight.dtype))
 
-def lora_config(settings: LoraSettings) -> LoraConfig:
-    """PEFT's LoraConfig for our settings (feature extraction: no task head in PEFT)."""
+
+def lora_config(settings: LoraSettings, num_layers: int = 0) -> LoraConfig:
+    """PEFT's LoraConfig for our settings (feature extraction: no task head in PEFT).
+
+    Parameters
+    ----------
+    num_layers : int
+        The encoder's layer count; needed when ``settings.layers`` limits LoRA to the
+        top layers.
+    """
     targets: str | list[str] = (
         "all-linear"
         if settings.target_modules == ("all-linear",)
@@ -89,6 +118,10 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
         lora_dropout=settings.dropout,
         target_modules=targets,
         bias="none",
+        layers_to_transform=(
+            adapted_layers(num_layers, settings.layers) if settings.layers else None
+        ),
+        layers_pattern="layer" if settings.layers else None,
     )
 
 
@@ -118,11 +151,13 @@ def attach_lora(
     ValueError
         When a LoRA target module does not exist in the encoder, naming the key.
     """
+    num_layers = layer_count(encoder) if settings.layers else 0
+    prefix_depth = num_layers - settings.layers if settings.layers else 0
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         try:
-            peft_encoder = get_peft_model(encoder, lora_config(settings))
+            peft_encoder = get_peft_model(encoder, lora_config(settings, num_layers))
         except ValueError as error:
             names = sorted(
                 {
@@ -137,7 +172,7 @@ def attach_lora(
                 f"of this backbone ({error}); linear layers here: {', '.join(names)}, "
                 "or use all-linear"
             ) from None
-        model = TextClassifier(peft_encoder, pooling, num_labels)
+        model = TextClassifier(peft_encoder, pooling, num_labels, prefix_depth)
         nn.init.normal_(model.head.weight, std=0.02)
         nn.init.zeros_(model.head.bias)
     finally:
