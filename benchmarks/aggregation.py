@@ -56,10 +56,10 @@ SPLITS = {
 log = logging.getLogger("benchmarks.aggregation")
 
 
-def base_config(args: argparse.Namespace) -> dict[str, Any]:
+def base_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The settings every run shares (the data, the budget, LoRA)."""
     return {
-        **data_settings(args.quick),
+        **data_settings(args.quick, args.test_per_label, out),
         "num-server-rounds": args.rounds,
         "train.local-epochs": 1,
         "train.max-steps": args.max_steps,
@@ -68,6 +68,7 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
         "lora.r": max(args.flex_ranks),
         "lora.alpha": 2 * max(args.flex_ranks),
         "sim.local-baseline": False,
+        "train.fraction": args.fraction,
     }
 
 
@@ -173,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--flex-ranks", default="4,8,16")
+    parser.add_argument(
+        "--test-per-label",
+        type=int,
+        default=0,
+        help="evaluate on this many CLINC150 test rows per intent (0: all 30)",
+    )
+    parser.add_argument("--fraction", type=float, default=1.0, help="train.fraction")
     parser.add_argument("--out", default="")
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip centralised and local-only"
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = ["domain", "dirichlet"] if args.quick else args.splits.split(",")
     out = Path(args.out or tempfile.mkdtemp(prefix="fedgraft-aggregation-"))
     out.mkdir(parents=True, exist_ok=True)
-    base = base_config(args)
+    base = base_config(args, out)
     for split in splits:
         overrides = dict(SPLITS[split])
         if args.quick:

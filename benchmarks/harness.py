@@ -15,14 +15,44 @@ ROOT = Path(__file__).resolve().parents[1]
 CLINC = ROOT.parent / "shared" / "data" / "clinc150"
 
 
-def data_settings(quick: bool) -> dict[str, str]:
-    """The built-in demo corpus for ``--quick``, CLINC150 train/test otherwise."""
+def data_settings(
+    quick: bool, test_per_label: int = 0, scratch: Path | None = None
+) -> dict[str, str]:
+    """The built-in demo corpus for ``--quick``, CLINC150 train/test otherwise.
+
+    Parameters
+    ----------
+    test_per_label : int
+        When positive, the coordinator evaluates on the first ``test_per_label`` test
+        rows of each label (written to ``scratch``), so that per-round evaluation fits
+        a small machine; 0 keeps all 4,500 CLINC150 test rows.
+    scratch : Path, optional
+        Folder for that subset (the benchmark's output folder).
+    """
     if quick:
         return {"data.path": ""}
-    return {
-        "data.path": str(CLINC / "train.jsonl"),
-        "data.test-path": str(CLINC / "test.jsonl"),
-    }
+    test_path = CLINC / "test.jsonl"
+    if test_per_label > 0:
+        if scratch is None:
+            raise ValueError("data_settings: test_per_label needs a scratch folder")
+        test_path = test_subset(test_path, test_per_label, scratch)
+    return {"data.path": str(CLINC / "train.jsonl"), "data.test-path": str(test_path)}
+
+
+def test_subset(source: Path, per_label: int, scratch: Path) -> Path:
+    """Write the first ``per_label`` rows of each label of JSONL ``source``."""
+    kept: list[str] = []
+    seen: dict[str, int] = {}
+    with source.open() as rows:
+        for line in rows:
+            label = str(json.loads(line)["label"])
+            if seen.get(label, 0) < per_label:
+                seen[label] = seen.get(label, 0) + 1
+                kept.append(line if line.endswith("\n") else line + "\n")
+    scratch.mkdir(parents=True, exist_ok=True)
+    target = scratch / f"test-{per_label}-per-label.jsonl"
+    target.write_text("".join(kept))
+    return target
 
 
 @dataclass
