@@ -156,6 +156,7 @@ def train(message: Message, context: Context) -> Message:
         task.pooling,
         len(task.labels),
         config.seed,
+        config.model.quantize,
     )
     partition_id, num_partitions = _partition(context)
     examples = client_examples(

@@ -106,6 +106,14 @@ class _ProximalTerm:
         return (self.mu / 2) * sum((p - start).pow(2).sum() for p, start in self.pairs)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a CPU batch tensor to ``device``; through pinned memory on CUDA, so the
+    copy runs asynchronously with the previous step's kernels."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _batches(
     lengths: list[int], plan: LocalTraining, rng: np.random.Generator
 ) -> list[list[int]]:
@@ -179,8 +187,10 @@ def finetune(
     total_loss, samples, steps = 0.0, 0, 0
     try:
         for rows in _batches([len(ids) for ids in encoded.ids], plan, rng):
-            batch = collate(encoded, rows, pad_id)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {
+                k: to_device(v, device)
+                for k, v in collate(encoded, rows, pad_id).items()
+            }
             with torch.autocast(
                 device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
             ):

@@ -42,7 +42,7 @@ class LoadedBackbone:
     pad_id: int
 
 
-_MODELS: dict[tuple[str, LoraSettings, str, int], LoadedBackbone] = {}
+_MODELS: dict[tuple[str, LoraSettings, str, int, str], LoadedBackbone] = {}
 _ENCODED: dict[str, Encoded] = {}
 _MAX_ENCODED = 32
 _FEATURES = FeatureCache(capacity=32)
@@ -57,17 +57,19 @@ def loaded_backbone(
     pooling: str,
     num_labels: int,
     seed: int,
+    quantize: str = "none",
 ) -> LoadedBackbone:
     """The process's classifier for this backbone and LoRA shape, loading it once.
 
     Loading from a fingerprint-keyed cache means a changed backbone is never served from
-    a stale copy. Only the latest model is kept, to bound memory.
+    a stale copy. Only the latest model is kept, to bound memory. ``quantize``
+    (``model.quantize``) loads the frozen weights in 4 or 8 bits on CUDA.
     """
-    key = (fingerprint, lora, pooling, num_labels)
+    key = (fingerprint, lora, pooling, num_labels, quantize)
     if key not in _MODELS:
         _MODELS.clear()
         device = pick_device()
-        encoder = load_encoder(backbone_dir, device)
+        encoder = load_encoder(backbone_dir, device, quantize)
         model = attach_lora(encoder, lora, pooling, num_labels, seed)
         tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, ConfigValue] = {
     "model.distribute": "auto",
     "model.max-length": 128,
     "model.pooling": "native",
+    "model.quantize": "none",
     "head.init": "label-names",
     "head.label-descriptions": "",
     "lora.r": 8,
@@ -121,6 +122,7 @@ FACTOR_RULES = ("ffa", "fedsa", "flexlora")
 SERVER_OPTIMISER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
 DISTRIBUTE_MODES = ("auto", "never")
 POOLING_MODES = ("native", "mean", "cls", "max")
+QUANTISATIONS = ("none", "8bit", "4bit")
 HEAD_INITS = ("label-names", "random")
 TRAIN_MODES = ("lora", "head", "lp-ft")
 #: Where DP noise is added: by the coordinator, or split among the clients.
@@ -210,12 +212,17 @@ class ModelConfig:
         ``native``: pool as the backbone was trained (its sentence-transformers
         pooling config; the first token when it has none); or force ``mean``,
         ``cls`` or ``max``.
+    quantize : str
+        ``none``, or ``4bit`` / ``8bit``: clients load the frozen backbone quantised
+        by bitsandbytes (QLoRA) on CUDA; the adapters and the coordinator stay in full
+        precision.
     """
 
     name: str
     distribute: str
     max_length: int
     pooling: str
+    quantize: str = "none"
 
 
 @dataclass(frozen=True)
@@ -513,6 +520,7 @@ class RunConfig:
                 v["model.distribute"],
                 v["model.max-length"],
                 v["model.pooling"],
+                v["model.quantize"],
             ),
             head=HeadConfig(v["head.init"], v["head.label-descriptions"]),
             lora=LoraSettings(
@@ -597,6 +605,11 @@ class RunConfig:
             f"must be one of {', '.join(DISTRIBUTE_MODES)}",
         )
         _require(self.model.max_length >= 8, "model.max-length", "must be at least 8")
+        _require(
+            self.model.quantize in QUANTISATIONS,
+            "model.quantize",
+            f"got {self.model.quantize!r}; use one of {', '.join(QUANTISATIONS)}",
+        )
         _require(
             self.model.pooling in POOLING_MODES,
             "model.pooling",

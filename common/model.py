@@ -125,13 +125,70 @@ def lora_config(settings: LoraSettings, num_layers: int = 0) -> LoraConfig:
     )
 
 
+class QuantisationUnavailable(RuntimeError):
+    """``model.quantize`` asks for a quantised backbone this site cannot load."""
+
+
+def quantisation_config(mode: str, device: torch.device | str) -> object | None:
+    """bitsandbytes' settings for ``model.quantize`` (None for ``none``).
+
+    4-bit is QLoRA's NF4 with double quantisation and bf16 compute; 8-bit is
+    LLM.int8(). Both need CUDA and the optional ``bitsandbytes`` package.
+
+    Raises
+    ------
+    QuantisationUnavailable
+        On a site without CUDA or without bitsandbytes, saying how to fix it.
+    """
+    if mode == "none":
+        return None
+    if torch.device(device).type != "cuda":
+        raise QuantisationUnavailable(
+            f"model.quantize = {mode} needs a CUDA device and this site has none; "
+            "set model.quantize = none to train in full precision"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantisationUnavailable(
+            f"model.quantize = {mode} needs the optional bitsandbytes package: "
+            "pip install bitsandbytes (or set model.quantize = none)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if mode == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_encoder(
-    backbone_dir: Path, device: torch.device | str = "cpu"
+    backbone_dir: Path, device: torch.device | str = "cpu", quantize: str = "none"
 ) -> PreTrainedModel:
-    """Load the frozen encoder (safetensors are memory-mapped by transformers)."""
-    encoder = AutoModel.from_pretrained(str(backbone_dir))
+    """Load the frozen encoder (safetensors are memory-mapped by transformers).
+
+    Parameters
+    ----------
+    quantize : str
+        ``model.quantize``: ``4bit`` or ``8bit`` load the weights quantised by
+        bitsandbytes straight onto ``device`` (CUDA only).
+    """
+    settings = quantisation_config(quantize, device)
+    if settings is None:
+        encoder = AutoModel.from_pretrained(str(backbone_dir))
+        encoder.requires_grad_(False)
+        return encoder.to(device)
+    encoder = AutoModel.from_pretrained(
+        str(backbone_dir),
+        quantization_config=settings,
+        device_map={"": torch.device(device).index or 0},
+    )
     encoder.requires_grad_(False)
-    return encoder.to(device)
+    return encoder
 
 
 def attach_lora(

@@ -1,0 +1,99 @@
+"""``model.quantize``: a 4- or 8-bit backbone through bitsandbytes (QLoRA) where a site
+has CUDA and the package, a clear refusal where it has not, never a requirement."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import ConfigError, RunConfig
+from common.model import QuantisationUnavailable, load_encoder, quantisation_config
+
+
+def test_full_precision_needs_neither_cuda_nor_bitsandbytes(
+    tiny_backbone: Path,
+) -> None:
+    assert quantisation_config("none", "cpu") is None
+    encoder = load_encoder(tiny_backbone, "cpu", "none")
+    assert next(encoder.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_a_quantised_backbone_on_a_site_without_cuda_is_refused_naming_the_key(
+    mode: str, tiny_backbone: Path
+) -> None:
+    with pytest.raises(QuantisationUnavailable, match=f"model.quantize = {mode}.*CUDA"):
+        load_encoder(tiny_backbone, "cpu", mode)
+
+
+def test_a_quantised_backbone_without_bitsandbytes_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
+    )
+    with pytest.raises(QuantisationUnavailable, match="pip install bitsandbytes"):
+        quantisation_config("4bit", torch.device("cuda"))
+
+
+def test_4bit_is_qlora_nf4_with_double_quantisation_and_bf16_compute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: pretend the package is installed (the settings object needs no GPU)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "bitsandbytes" else real(name, *a),
+    )
+
+    # Execute
+    four = quantisation_config("4bit", "cuda")
+    eight = quantisation_config("8bit", "cuda")
+
+    # Assert
+    assert four.load_in_4bit and four.bnb_4bit_quant_type == "nf4"  # type: ignore[attr-defined]
+    assert four.bnb_4bit_use_double_quant  # type: ignore[attr-defined]
+    assert four.bnb_4bit_compute_dtype == torch.bfloat16  # type: ignore[attr-defined]
+    assert eight.load_in_8bit and not eight.load_in_4bit  # type: ignore[attr-defined]
+
+
+def test_an_unknown_quantisation_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="model.quantize"):
+        RunConfig.from_flat({"model.quantize": "2bit"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+    reason="needs CUDA and bitsandbytes",
+)
+def test_a_4bit_backbone_trains_its_adapters_on_cuda(tiny_backbone: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from client.finetune import LocalTraining, finetune
+    from common.batching import encode
+    from common.config import LoraSettings
+    from common.model import adapter_state, attach_lora
+
+    encoder = load_encoder(tiny_backbone, "cuda", "4bit")
+    model = attach_lora(
+        encoder, LoraSettings(4, 8, 0.0, ("query", "value")), "mean", 2, 0
+    )
+    before = adapter_state(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone))
+    rows = encode(tokenizer, ["good great love", "bad awful hate"] * 4, [0, 1] * 4, 16)
+    plan = LocalTraining(
+        epochs=2, max_steps=0, batch_size=4, lr=0.01, head_lr=0.01,
+        weight_decay=0.0, seed=0,
+    )  # fmt: skip
+    result = finetune(model, rows, tokenizer.pad_token_id, plan)
+    after = adapter_state(model)
+    assert result.device == "cuda"
+    assert any((after[k] != before[k]).any() for k in before if "lora_B" in k)
