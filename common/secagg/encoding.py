@@ -1,25 +1,34 @@
-"""Fixed-point encoding of clipped, weighted deltas in Z_(2^32), with headroom.
+"""Fixed-point encoding of clipped, weighted deltas in Z_(2^32) or Z_(2^16), with
+headroom.
 
 Each client sends ``q(w * clip(delta))`` followed by ``q(w)``, where ``w`` is its
 example count divided by ``max-weight`` (so ``0 < w <= 1``) and ``q(x) =
-round(x * scale) mod 2^32``. The coordinator decodes the unmasked sum as signed
+round(x * scale) mod 2^bits``. The coordinator decodes the unmasked sum as signed
 integers and divides by the decoded total weight: the example-weighted mean, while no
 single count is ever sent in the clear.
 
 The scale is the largest that keeps every coordinate of the sum of ``n`` clients inside
-the signed 32-bit range: ``n * clip * scale < 2^31``.
+the signed range: ``n * bound * scale < 2^(bits - 1)``, where ``bound`` is the clip
+norm in the 32-bit ring. The 16-bit ring (the quantising codecs: half the upload) has
+too little headroom for that, so there the delta is first rotated
+(``common.secagg.rotation``), each coordinate is clipped to a bound of order
+``clip / sqrt(block)`` that the rotation makes it all but never reach, and the rounding
+is stochastic, so the coarser step adds noise but no bias.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 RING_BITS = 32
-_SIGNED_LIMIT = 2 ** (RING_BITS - 1) - 1
+NARROW_RING_BITS = 16
+_RING_DTYPES = {32: np.uint32, 16: np.uint16}
+_SIGNED_DTYPES = {32: np.int32, 16: np.int16}
 
 
 class HeadroomError(ValueError):
@@ -38,11 +47,23 @@ class FixedPoint:
         L2 bound applied to each delta before weighting.
     max_weight : float
         Example counts are divided by this (and capped at it).
+    ring_bits : int
+        32, or 16 for a rotated delta in the narrow ring.
+    coordinate_bound : float
+        In the narrow ring, each coordinate of the weighted delta is clipped to this;
+        0 in the 32-bit ring (the L2 clip bounds every coordinate there).
     """
 
     scale: float
     clip_norm: float
     max_weight: float
+    ring_bits: int = RING_BITS
+    coordinate_bound: float = 0.0
+
+    @property
+    def ring(self) -> type[np.unsignedinteger]:
+        """The unsigned dtype whose wrap-around is the ring."""
+        return _RING_DTYPES[self.ring_bits]
 
     @classmethod
     def for_clients(
@@ -51,8 +72,13 @@ class FixedPoint:
         clip_norm: float,
         max_weight: float,
         min_step: float = 1e-6,
+        ring_bits: int = RING_BITS,
+        coordinate_bound: float = 0.0,
     ) -> FixedPoint:
         """The finest encoding whose sum over ``num_clients`` cannot overflow.
+
+        ``coordinate_bound`` (narrow ring) replaces the clip norm as the largest
+        value a coordinate may hold.
 
         Raises
         ------
@@ -65,19 +91,40 @@ class FixedPoint:
             )
         # |sum_i w_i x_ik| <= n * clip; the weight coordinate sums to <= n <= n * clip
         # when clip >= 1.
-        bound = num_clients * max(clip_norm, 1.0)
-        scale = math.floor(_SIGNED_LIMIT / bound)
+        per_coordinate = coordinate_bound or clip_norm
+        bound = num_clients * max(per_coordinate, 1.0)
+        # Stochastic rounding may add one step per client: keep n steps spare.
+        spare = num_clients if ring_bits < RING_BITS else 0
+        scale = math.floor((2 ** (ring_bits - 1) - 1 - spare) / bound)
         if scale < 1 / min_step:
             raise HeadroomError(
                 f"{num_clients} clients with secagg.clip-norm = {clip_norm} "
                 "leave a quantisation "
-                f"step of {1 / max(scale, 1):.2e} (> {min_step:.0e}) in 32 bits; lower "
-                "secagg.clip-norm or sample fewer clients per round"
+                f"step of {1 / max(scale, 1):.2e} (> {min_step:.0e}) in {ring_bits} "
+                "bits; lower secagg.clip-norm or sample fewer clients per round"
+                + (", or use codec = fp32 (32-bit ring)" if ring_bits < 32 else "")
             )
-        return cls(scale=float(scale), clip_norm=clip_norm, max_weight=max_weight)
+        return cls(
+            scale=float(scale),
+            clip_norm=clip_norm,
+            max_weight=max_weight,
+            ring_bits=ring_bits,
+            coordinate_bound=coordinate_bound,
+        )
 
-    def encode(self, flat_delta: np.ndarray, num_examples: float) -> np.ndarray:
-        """Clip, weight and quantise: ``(P + 1,) uint32`` with the weight last.
+    def encode(
+        self,
+        flat_delta: np.ndarray,
+        num_examples: float,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
+        """Clip, weight and quantise: ``(P + 1,)`` in the ring, with the weight last.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator, optional
+            Draws the stochastic rounding of the narrow ring (a fresh CSPRNG-seeded
+            one by default); the 32-bit ring rounds to nearest.
 
         Raises
         ------
@@ -92,14 +139,33 @@ class FixedPoint:
         values = np.empty(flat_delta.size + 1, dtype=np.float64)  # (P + 1,) float64
         np.multiply(flat_delta, clip * weight * self.scale, out=values[:-1])
         values[-1] = weight * self.scale
-        np.rint(values, out=values)
-        return values.astype(np.int64).astype(np.uint32)
+        if self.coordinate_bound:
+            limit = self.coordinate_bound * self.scale
+            np.clip(values[:-1], -limit, limit, out=values[:-1])
+        if self.ring_bits < RING_BITS:
+            generator = rng or np.random.default_rng(secrets.randbits(128))
+            floor = np.floor(values)
+            values = floor + (generator.random(values.size) < values - floor)
+        else:
+            np.rint(values, out=values)
+        return values.astype(np.int64).astype(self.ring)
+
+    def to_ring(self, values: np.ndarray) -> np.ndarray:
+        """Real ``values`` (e.g. appended counts) as ring elements, rounded."""
+        return (
+            np.rint(np.asarray(values, np.float64) * self.scale)
+            .astype(np.int64)
+            .astype(self.ring)
+        )
 
     def decode_sum(self, ring_sum: np.ndarray) -> tuple[np.ndarray, float]:
         """Signed decoding of an unmasked sum: (sum of weighted deltas
         ``(P,) float64``, total weight)."""
         signed = (
-            ring_sum.astype(np.uint32).view(np.int32).astype(np.float64) / self.scale
+            ring_sum.astype(self.ring)
+            .view(_SIGNED_DTYPES[self.ring_bits])
+            .astype(np.float64)
+            / self.scale
         )
         return signed[:-1], float(signed[-1])
 

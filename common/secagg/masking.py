@@ -1,9 +1,11 @@
-"""Masks in the ring of integers modulo 2^32, expanded from 32-byte seeds by a
-ChaCha20 keystream (``cryptography``); uint32 arithmetic wraps, which is the ring."""
+"""Masks in the ring of integers modulo 2^32 (or 2^16), expanded from 32-byte seeds by
+a ChaCha20 keystream (``cryptography``); unsigned arithmetic wraps, which is the
+ring."""
 
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 _NONCE = bytes(
@@ -11,19 +13,22 @@ _NONCE = bytes(
 )  # every seed is used for exactly one stream, so a fixed nonce is safe
 
 
-def prg(seed: bytes, length: int) -> np.ndarray:
-    """``length`` pseudo-random uint32 values from a 32-byte seed."""
-    zeros = bytes(4 * length)
-    stream = bytearray(4 * length)
+def prg(seed: bytes, length: int, dtype: np.typing.DTypeLike = np.uint32) -> np.ndarray:
+    """``length`` pseudo-random unsigned integers of ``dtype`` (uniform in its ring:
+    uint32 for Z_(2^32), uint16 for Z_(2^16)) from a 32-byte seed."""
+    width = np.dtype(dtype).itemsize
+    zeros = bytes(width * length)
+    stream = bytearray(width * length)
     Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update_into(
         zeros, stream
     )
-    return np.frombuffer(stream, dtype=np.uint32)  # (length,) uint32
+    return np.frombuffer(stream, dtype=dtype)  # (length,) dtype
 
 
 def add_mask(vector: np.ndarray, seed: bytes, sign: int) -> None:
-    """``vector += sign * PRG(seed)`` modulo 2^32, in place."""
-    mask = prg(seed, vector.size)
+    """``vector += sign * PRG(seed)`` modulo the ring of ``vector``'s unsigned dtype,
+    in place."""
+    mask = prg(seed, vector.size, vector.dtype)
     if sign > 0:
         np.add(vector, mask, out=vector)
     else:

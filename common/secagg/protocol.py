@@ -29,6 +29,7 @@ from common.secagg import crypto
 from common.secagg.masking import add_mask, pair_sign, prg
 
 _MASK_PURPOSE = b"pairwise-mask"
+RING_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint16))
 _SHARE_PURPOSE = b"share-encryption"
 
 
@@ -207,8 +208,8 @@ class ClientRound:
         return sorted(failed)
 
     def mask(self, encoded: np.ndarray, live_peers: Iterable[int]) -> np.ndarray:
-        """Add the self mask and the pairwise masks with ``live_peers``
-        (uint32, mod 2^32).
+        """Add the self mask and the pairwise masks with ``live_peers``, in the ring
+        of ``encoded``'s dtype (uint32: mod 2^32; uint16: mod 2^16).
 
         Raises
         ------
@@ -227,7 +228,9 @@ class ClientRound:
                 f"node {self.node} has {len(live)} live neighbours, "
                 f"threshold is {self.threshold}"
             )
-        masked = np.array(encoded, dtype=np.uint32, copy=True)  # (P + 1,) uint32
+        if np.dtype(encoded.dtype) not in RING_DTYPES:
+            raise ValueError(f"encoded input has dtype {encoded.dtype}, not a ring")
+        masked = np.array(encoded, copy=True)  # (P + 1,) uint32 or uint16
         add_mask(masked, self.self_seed, +1)
         mask_key = crypto.private_from_bytes(self.mask_key)
         for peer in live:
@@ -326,7 +329,7 @@ class CoordinatorRound:
         seed_shares: Mapping[int, Mapping[int, int]],
         key_shares: Mapping[int, Mapping[int, int]],
     ) -> np.ndarray:
-        """The sum of the survivors' encoded inputs, modulo 2^32.
+        """The sum of the survivors' encoded inputs, in their ring (mod 2^32 or 2^16).
 
         Parameters
         ----------
@@ -345,12 +348,13 @@ class CoordinatorRound:
         """
         survivors = sorted(masked)
         length = next(iter(masked.values())).size
-        total = np.zeros(length, dtype=np.uint32)
+        ring = next(iter(masked.values())).dtype
+        total = np.zeros(length, dtype=ring)  # (P + 1,) in the ring
         for vector in masked.values():
             np.add(total, vector, out=total)
         for node in survivors:
             seed = self._rebuild(node, seed_shares, "self-mask seed")
-            np.subtract(total, prg(seed, length), out=total)
+            np.subtract(total, prg(seed, length, ring), out=total)
         alive = set(survivors)
         for gone in sorted(set(shared) - alive):
             affected = [i for i in self.live_neighbours(gone, shared) if i in alive]
