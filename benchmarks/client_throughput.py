@@ -10,6 +10,11 @@ previous round ended with, as a client sampled every round would:
     What ``client/client_app.py`` does: the backbone is loaded once per process and
     kept; the rows are tokenised once (no padding) and batched in length buckets with
     dynamic padding (``client.finetune.finetune``).
+``fedgraft-top-layers``
+    The same with LoRA on the top ``--top-layers`` layers only (``lora.layers``): the
+    frozen layers below run once per row, before the first round, and every step
+    starts from their cached output (``common.frozen_prefix``). A different model
+    (fewer adapted layers), so its accuracy is reported beside its speed.
 ``baseline``
     What common examples do (a plain loop, as in Flower's and PEFT's text examples):
     every round reloads the backbone from disk and wraps it with LoRA again, tokenises
@@ -29,6 +34,8 @@ noise on the machine hits both. Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -50,6 +57,7 @@ from common.batching import encode  # noqa: E402
 from common.config import LoraSettings  # noqa: E402
 from common.data import encode_labels, label_set, load_examples  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
+from common.frozen_prefix import prefix_states  # noqa: E402
 from common.label_head import init_head_from_texts, label_texts  # noqa: E402
 from common.model import (  # noqa: E402
     TextClassifier,
@@ -74,10 +82,12 @@ def spread_rows(rows: list[Any], count: int) -> list[Any]:
     return [rows[int(i * step)] for i in range(count)]
 
 
-def build_model(backbone: Path, labels: tuple[str, ...], tokenizer: Any) -> Any:
+def build_model(
+    backbone: Path, labels: tuple[str, ...], tokenizer: Any, lora: LoraSettings = LORA
+) -> Any:
     """Backbone from disk, LoRA, and the label-name head."""
     model = attach_lora(
-        load_encoder(backbone), LORA, pooling_mode(backbone), len(labels), SEED
+        load_encoder(backbone), lora, pooling_mode(backbone), len(labels), SEED
     )
     init_head_from_texts(
         model, tokenizer, label_texts(labels), MAX_LENGTH, tokenizer.pad_token_id
@@ -92,17 +102,33 @@ def fedgraft_rounds(
     texts: list[str],
     label_ids: list[int],
     rounds: int,
+    top_layers: int = 0,
 ) -> tuple[TextClassifier, float, int]:
-    """Load once, tokenise once, bucketed dynamic padding."""
+    """Load once, tokenise once, bucketed dynamic padding; with ``top_layers``, LoRA
+    on those layers only and the frozen layers' output computed once."""
     started = time.perf_counter()
-    model = build_model(backbone, labels, tokenizer)
+    lora = dataclasses.replace(LORA, layers=top_layers)
+    model = build_model(backbone, labels, tokenizer, lora)
     encoded = encode(tokenizer, texts, label_ids, MAX_LENGTH)
+    prefix = (
+        prefix_states(
+            model.encoder, model.prefix_depth, encoded, tokenizer.pad_token_id
+        )
+        if model.prefix_depth
+        else None
+    )
     samples = 0
     for server_round in range(rounds):
         state = adapter_state(model)  # what the global adapter would be
         load_adapter_state(model, state)
         plan = LocalTraining(1, 0, BATCH, LR, LR, 0.0, SEED + server_round)
-        samples += finetune(model, encoded, tokenizer.pad_token_id, plan).samples
+        samples += finetune(
+            model,
+            encoded,
+            tokenizer.pad_token_id,
+            plan,
+            (lambda: prefix) if prefix is not None else None,
+        ).samples
     return model, time.perf_counter() - started, samples
 
 
@@ -154,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-rows", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads")
+    parser.add_argument(
+        "--top-layers", type=int, default=2, help="lora.layers of the third path"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -174,7 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [len(ids) for ids in encode(tokenizer, texts, train_ids, MAX_LENGTH).ids]
     torch.manual_seed(SEED)
     results: dict[str, dict[str, Any]] = {}
-    for path, run in (("baseline", baseline_rounds), ("fedgraft", fedgraft_rounds)):
+    paths = (
+        ("baseline", baseline_rounds),
+        ("fedgraft", fedgraft_rounds),
+        (
+            "fedgraft-top-layers",
+            functools.partial(fedgraft_rounds, top_layers=args.top_layers),
+        ),
+    )
+    for path, run in paths:
         model, seconds, samples = run(
             backbone, tokenizer, labels, texts, train_ids, args.rounds
         )
@@ -191,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "mean_tokens_per_row": round(float(np.mean(lengths)), 1),
             "torch_threads": torch.get_num_threads(),
+            "lora_layers": args.top_layers if path == "fedgraft-top-layers" else 0,
         }
         print(json.dumps(results[path]), flush=True)
     print(
@@ -205,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 "accuracy_fedgraft": results["fedgraft"]["accuracy"],
                 "accuracy_baseline": results["baseline"]["accuracy"],
+                "speedup_top_layers": round(
+                    results["fedgraft-top-layers"]["samples_per_second"]
+                    / results["baseline"]["samples_per_second"],
+                    2,
+                ),
+                "accuracy_top_layers": results["fedgraft-top-layers"]["accuracy"],
                 "command": "python benchmarks/client_throughput.py "
                 + " ".join(sys.argv[1:] if argv is None else argv),
             }
