@@ -12,12 +12,19 @@ is added when ``--codecs`` leaves it out): it is the reference for the accuracy 
 
 Bytes are the coordinator's own counts (``bytes_up`` / ``bytes_down`` of
 ``metrics.jsonl``: the serialised size of the adapter records, names and array
-headers included), divided by the number of training replies (up) and training
-messages (down) the grid carried; a site that first lacked the backbone receives
-round 1's message twice, and both are counted. ``uplink_reduction_vs_full_model``
-compares one upload with sending the whole backbone in float32 (``summary.json``'s
-``backbone.float32_bytes``). ``topk`` sends its downlink in float32 (clients are
-stateless; a sparse model is not a model), ``int8`` quantises the downlink too.
+headers included), divided by the number of training replies (up; masked uploads
+included) and training messages (down) the grid carried; a site that first lacked the
+backbone receives round 1's message twice, and both are counted.
+``uplink_reduction_vs_full_model`` compares one upload with sending the whole backbone
+in float32 (``summary.json``'s ``backbone.float32_bytes``). ``topk`` sends its
+downlink in float32 (clients are stateless; a sparse model is not a model), ``int8``
+quantises the downlink too.
+
+Behind secure aggregation (``--secure-codecs``, default ``fp32,int8``; each row has
+``secure: true``) the upload is the masked fixed-point vector: 32-bit words for
+``fp32``, 16-bit words of a rotated delta for the quantising codecs (README, "Compressed
+uploads behind secure aggregation"), with ``secagg.max-weight`` set by
+``--secagg-max-weight``.
 
 Output: one JSON object per codec on stdout (``codec``, ``bytes_up_per_client_round``,
 ``bytes_down_per_client_round``, ``uplink_reduction_vs_full_model``, ``accuracy``,
@@ -71,8 +78,11 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_codec(flat: dict[str, Any], codec: str, output: Path) -> dict[str, Any]:
-    """One federated run with ``codec`` over the in-process grid.
+def run_codec(
+    flat: dict[str, Any], codec: str, output: Path, secure: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One federated run with ``codec`` over the in-process grid (behind secure
+    aggregation with the ``secure`` settings, when given).
 
     Returns
     -------
@@ -83,13 +93,17 @@ def run_codec(flat: dict[str, Any], codec: str, output: Path) -> dict[str, Any]:
 
     from common import keys
 
-    run = run_federation({**flat, "codec": codec}, output)
+    run = run_federation({**flat, "codec": codec, **(secure or {})}, output)
     rows, summary, grid, wall = run.rows, run.summary, run.grid, run.wall_seconds
     # Status replies ("send me the backbone") carry no adapter and count no bytes.
     uploads = sum(
         1
         for reply in grid.received
-        if not reply.has_error() and keys.ADAPTER_RECORD in reply.content.array_records
+        if not reply.has_error()
+        and (
+            keys.ADAPTER_RECORD in reply.content.array_records
+            or keys.MASKED_RECORD in reply.content.array_records
+        )
     )
     downloads = sum(
         1 for m in grid.sent if m.metadata.message_type == MessageType.TRAIN
@@ -98,6 +112,7 @@ def run_codec(flat: dict[str, Any], codec: str, output: Path) -> dict[str, Any]:
     bytes_down = sum(row.get("bytes_down", 0) for row in rows)
     return {
         "codec": codec,
+        "secure": secure is not None,
         "accuracy": rows[-1]["eval_accuracy"],
         "accuracy_per_round": [row["eval_accuracy"] for row in rows],
         "bytes_up_per_client_round": round(bytes_up / max(uploads, 1)),
@@ -123,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk-fraction", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--secure-codecs",
+        default="fp32,int8",
+        help="codecs also run behind secure aggregation (empty: none)",
+    )
+    parser.add_argument("--secagg-max-weight", type=float, default=2000.0)
     parser.add_argument("--out", default="", help="folder for the runs' outputs")
     args = parser.parse_args(argv)
     command = "python benchmarks/codec.py " + " ".join(
@@ -143,11 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="fedgraft-codec-"))
     out.mkdir(parents=True, exist_ok=True)
     flat = base_config(args)
+    secure = {"secagg.enabled": True, "secagg.max-weight": args.secagg_max_weight}
+    cells: list[tuple[str, dict[str, Any] | None]] = [(c, None) for c in codecs]
+    cells += [(c.strip(), secure) for c in args.secure_codecs.split(",") if c.strip()]
     reference: dict[str, Any] | None = None
-    for codec in codecs:
-        log.info("codec %s", codec)
+    for codec, secure_settings in cells:
+        log.info(
+            "codec %s%s", codec, " behind secure aggregation" if secure_settings else ""
+        )
+        name = f"secure-{codec}" if secure_settings else codec
         with redirect_stdout(sys.stderr):  # the runs' tables; stdout is JSON
-            result = run_codec(flat, codec, out / codec)
+            result = run_codec(flat, codec, out / name, secure_settings)
+        if secure_settings:
+            result["secagg_max_weight"] = args.secagg_max_weight
         if reference is None:
             reference = result
         result["uplink_reduction_vs_full_model"] = round(
