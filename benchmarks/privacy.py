@@ -11,17 +11,28 @@ account must agree. Every run goes through the real coordinator
 claimed to suffer less from DP noise, since only B travels and its A is fixed: the
 summary compares each rule's accuracy drop from epsilon = inf.
 
-Full: CLINC150, Dirichlet alpha = 0.1 label skew, epsilon in {1, 3, 8, inf}, delta =
-1e-5. ``--quick``: the demo corpus, few clients, rounds and steps, epsilon in {1, 8,
-inf}.
+Each (rule, epsilon) cell runs once per seed of ``--seeds`` (the seed also draws the
+Dirichlet split and the DP noise differs every run) and is reported as mean and
+standard deviation over them. ``--adaptive`` clips adaptively (Andrew et al. 2021:
+``dp.adaptive-clip``, starting at ``--clip-norm``, towards the median update norm)
+instead of at a fixed ``--clip-norm``; the round's total noise multiplier stays the
+calibrated one.
 
-Output: one JSON object per run on stdout (``rule``, ``epsilon_target``,
-``noise_multiplier``, ``epsilon`` as the coordinator accounted it, ``accuracy``,
-``accuracy_per_round``, ``clients``, ``sampled``, ``wall_seconds``), one ``summary``
-object, and ``accuracy-vs-epsilon.png`` in ``--out``. Run from the repository root::
+Full: CLINC150, Dirichlet alpha = 0.1 label skew, epsilon in {1, 3, 8, inf}, delta =
+1e-5, seeds 0, 1, 2. ``--quick``: the demo corpus, few clients, rounds and steps,
+epsilon in {8, inf}, seed 0.
+
+Output: one JSON object per run on stdout (``rule``, ``seed``, ``epsilon_target``,
+``noise_multiplier``, ``clipping``, ``final_clip_norm``, ``epsilon`` as the
+coordinator accounted it, ``accuracy``, ``accuracy_per_round``, ``clients``,
+``sampled``, ``wall_seconds``), one ``cell`` object per (rule, epsilon) with
+``accuracy_mean`` and ``accuracy_std`` (sample std; 0 for one seed), one ``summary``
+object, and ``accuracy-vs-epsilon.png`` (means with std error bars) in ``--out``. Run
+from the repository root::
 
     python benchmarks/privacy.py --quick
     python benchmarks/privacy.py
+    python benchmarks/privacy.py --adaptive --out runs/privacy-adaptive
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import tempfile
 from contextlib import redirect_stdout
@@ -45,10 +57,10 @@ from harness import data_settings, run_federation  # noqa: E402  (this folder)
 log = logging.getLogger("benchmarks.privacy")
 
 
-def base_config(args: argparse.Namespace) -> dict[str, Any]:
+def base_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The settings every run shares: data, split, budget of work, LoRA."""
     return {
-        **data_settings(args.quick),
+        **data_settings(args.quick, args.test_per_label, out),
         # The demo's texts are a few words long.
         **({"model.max-length": 32} if args.quick else {}),
         "data.partition": "dirichlet",
@@ -71,15 +83,29 @@ def sampled_per_round(clients: int, fraction: float) -> int:
     return min(clients, max(1, math.ceil(fraction * clients)))
 
 
+def count_stddev(sampled: int, noise_multiplier: float) -> float:
+    """Adaptive clipping's ``sigma_b``: the paper's ``m / 20`` where it is above
+    ``z / 2`` (as Theorem 1 needs), else ``z``, which raises the delta's noise
+    multiplier by ``(1 - 1/4)^-1/2``, about 15%."""
+    from common import dp
+
+    return max(dp.default_count_stddev(sampled), noise_multiplier)
+
+
 def run_one(
-    flat: dict[str, Any], rule: str, epsilon: float, output: Path
+    flat: dict[str, Any],
+    rule: str,
+    epsilon: float,
+    output: Path,
+    seed: int = 0,
+    adaptive: bool = False,
 ) -> dict[str, Any]:
     """One federated run of ``rule`` at budget ``epsilon`` (inf: without DP)."""
     from common import dp
 
     clients = flat["sim.num-clients"]
     sampled = sampled_per_round(clients, flat["train.fraction"])
-    settings: dict[str, Any] = {"aggregation": rule}
+    settings: dict[str, Any] = {"aggregation": rule, "seed": seed}
     sigma = None
     if math.isfinite(epsilon):
         sigma = dp.noise_multiplier_for(
@@ -91,12 +117,22 @@ def run_one(
             # A hair above the target: the calibration lands within 1e-4 of it.
             "dp.target-epsilon": epsilon * (1 + 1e-3),
         }
+        if adaptive:
+            settings |= {
+                "dp.adaptive-clip": True,
+                "dp.clipped-count-stddev": count_stddev(sampled, sigma),
+            }
     run = run_federation({**flat, **settings}, output)
     rows, summary = run.rows, run.summary
     return {
         "rule": rule,
+        "seed": seed,
         "epsilon_target": epsilon if math.isfinite(epsilon) else "inf",
         "noise_multiplier": sigma,
+        "clipping": None if sigma is None else ("adaptive" if adaptive else "fixed"),
+        "final_clip_norm": rows[-1].get("dp_clip_norm", flat["dp.clip-norm"])
+        if sigma is not None
+        else None,
         "epsilon": rows[-1].get("epsilon"),
         "delta": flat["dp.delta"] if sigma is not None else None,
         "clip_norm": flat["dp.clip-norm"] if sigma is not None else None,
@@ -110,28 +146,63 @@ def run_one(
     }
 
 
-def plot(results: list[dict[str, Any]], path: Path, title: str, delta: float) -> None:
-    """Accuracy against epsilon, one line per rule; inf sits at the right edge."""
+def cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation of the accuracy over the seeds of each
+    (rule, epsilon) cell, in the order the cells first ran."""
+    grouped: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for result in results:
+        grouped.setdefault((result["rule"], result["epsilon_target"]), []).append(
+            result
+        )
+    out = []
+    for (rule, epsilon), runs in grouped.items():
+        accuracies = [r["accuracy"] for r in runs]
+        out.append(
+            {
+                "cell": True,
+                "rule": rule,
+                "epsilon_target": epsilon,
+                "clipping": runs[0]["clipping"],
+                "seeds": [r["seed"] for r in runs],
+                "accuracy_mean": round(statistics.fmean(accuracies), 4),
+                "accuracy_std": round(
+                    statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0, 4
+                ),
+                "epsilon_mean": (
+                    statistics.fmean(r["epsilon"] for r in runs)
+                    if all(r["epsilon"] is not None for r in runs)
+                    else None
+                ),
+            }
+        )
+    return out
+
+
+def plot(summaries: list[dict[str, Any]], path: Path, title: str, delta: float) -> None:
+    """Mean accuracy against epsilon with std error bars, one line per rule; inf sits
+    at the right edge."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     finite = sorted(
-        {r["epsilon_target"] for r in results if r["epsilon_target"] != "inf"}
+        {c["epsilon_target"] for c in summaries if c["epsilon_target"] != "inf"}
     )
     inf_at = (finite[-1] * 3) if finite else 1.0
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
-    for rule in dict.fromkeys(r["rule"] for r in results):
+    for rule in dict.fromkeys(c["rule"] for c in summaries):
         points = sorted(
             (
-                inf_at if r["epsilon_target"] == "inf" else r["epsilon_target"],
-                r["accuracy"],
+                inf_at if c["epsilon_target"] == "inf" else c["epsilon_target"],
+                c["accuracy_mean"],
+                c["accuracy_std"],
             )
-            for r in results
-            if r["rule"] == rule
+            for c in summaries
+            if c["rule"] == rule
         )
-        axes.plot(*zip(*points, strict=True), marker="o", label=rule)
+        xs, means, stds = zip(*points, strict=True)
+        axes.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label=rule)
     axes.set_xscale("log")
     ticks = [*finite, inf_at]
     axes.set_xticks(ticks, [f"{t:g}" for t in finite] + ["inf (no DP)"])
@@ -146,13 +217,16 @@ def plot(results: list[dict[str, Any]], path: Path, title: str, delta: float) ->
     plt.close(figure)
 
 
-def summarise(results: list[dict[str, Any]], plot_path: Path) -> dict[str, Any]:
-    """Each rule's accuracy drop from epsilon = inf, and ffa's against fedavg's."""
+def summarise(summaries: list[dict[str, Any]], plot_path: Path) -> dict[str, Any]:
+    """Each rule's drop in mean accuracy from epsilon = inf, and ffa's against
+    fedavg's."""
     summary: dict[str, Any] = {"summary": True, "plot": str(plot_path)}
     drops: dict[str, dict[str, float]] = {}
-    for rule in dict.fromkeys(r["rule"] for r in results):
+    for rule in dict.fromkeys(c["rule"] for c in summaries):
         runs = {
-            r["epsilon_target"]: r["accuracy"] for r in results if r["rule"] == rule
+            c["epsilon_target"]: c["accuracy_mean"]
+            for c in summaries
+            if c["rule"] == rule
         }
         if "inf" in runs:
             drops[rule] = {
@@ -184,6 +258,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--clip-norm", type=float, default=1.0)
     parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument(
+        "--seeds", default="", help="comma list; default 0,1,2 (--quick: 0)"
+    )
+    parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="adaptive clipping (dp.adaptive-clip) from --clip-norm",
+    )
+    parser.add_argument(
+        "--test-per-label",
+        type=int,
+        default=0,
+        help="evaluate on this many CLINC150 test rows per intent (0: all 30)",
+    )
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -193,28 +281,44 @@ def main(argv: list[str] | None = None) -> int:
         args.clients, args.fraction, args.rounds = 4, 1.0, 2
         args.max_steps, args.batch_size = 2, 8
         if args.epsilons == parser.get_default("epsilons"):
-            args.epsilons = "1,8,inf"
+            args.epsilons = "8,inf"
     epsilons = [float(e) for e in args.epsilons.split(",")]
+    seeds = [
+        int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")
+    ]
     out = Path(args.out or tempfile.mkdtemp(prefix="fedgraft-privacy-"))
     out.mkdir(parents=True, exist_ok=True)
-    flat = base_config(args)
+    flat = base_config(args, out)
     results = []
     for rule in args.rules.split(","):
         for epsilon in epsilons:
-            log.info("rule %s, epsilon %g", rule, epsilon)
-            with redirect_stdout(sys.stderr):  # the runs' tables; stdout is JSON
-                result = run_one(flat, rule, epsilon, out / f"{rule}-eps{epsilon:g}")
-            results.append(result)
-            print(json.dumps(result), flush=True)
+            for seed in seeds:
+                log.info("rule %s, epsilon %g, seed %d", rule, epsilon, seed)
+                with redirect_stdout(sys.stderr):  # the runs' tables; stdout is JSON
+                    result = run_one(
+                        flat,
+                        rule,
+                        epsilon,
+                        out / f"{rule}-eps{epsilon:g}-seed{seed}",
+                        seed,
+                        args.adaptive,
+                    )
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    summaries = cells(results)
+    for cell in summaries:
+        print(json.dumps(cell), flush=True)
     corpus = "demo corpus" if args.quick else "CLINC150"
+    clipping = "adaptive clip" if args.adaptive else f"C = {args.clip_norm:g}"
     plot_path = out / "accuracy-vs-epsilon.png"
     plot(
-        results,
+        summaries,
         plot_path,
-        f"{corpus}, dirichlet alpha = {args.alpha:g}, {args.clients} clients",
+        f"{corpus}, dirichlet alpha = {args.alpha:g}, {args.clients} clients, "
+        f"{clipping}, {len(seeds)} seeds",
         args.delta,
     )
-    print(json.dumps(summarise(results, plot_path)), flush=True)
+    print(json.dumps(summarise(summaries, plot_path)), flush=True)
     return 0
 
 

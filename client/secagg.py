@@ -12,8 +12,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from common import keys
 from common.secagg import crypto
-from common.secagg.encoding import FixedPoint
+from common.secagg.encoding import RING_BITS, FixedPoint
 from common.secagg.protocol import ClientRound, ProtocolViolation
+from common.secagg.rotation import rotate
 from common.wire import to_array_record
 
 
@@ -129,14 +130,17 @@ def masked_update(
     flat_delta: np.ndarray,
     num_examples: float,
     noise: np.ndarray | None = None,
+    tail: np.ndarray | None = None,
 ) -> tuple[ArrayRecord, ConfigRecord]:
     """Stage 3: encode the delta with its weight, add the noise and the masks.
 
     ``noise`` (``(P,) float64``, distributed DP) is added in the ring after the
-    encoding has clipped the delta, so the clip cannot shrink it.
+    encoding has clipped the delta, so the clip cannot shrink it. ``tail`` (``(T,)
+    float64``: adaptive clipping's unclipped bit, with its noise share) goes after
+    the weight, neither clipped nor weighted.
 
-    Returns the masked ``(P + 1,) uint32`` upload and the senders whose shares failed
-    authentication (the coordinator drops them from the round).
+    Returns the masked ``(P + 1 + T,) uint32`` upload and the senders whose shares
+    failed authentication (the coordinator drops them from the round).
     """
     state = _load(context, server_round)
     senders = _ids(request[keys.SECAGG_SENDERS])
@@ -147,12 +151,25 @@ def masked_update(
         scale=float(request[keys.SECAGG_SCALE]),  # type: ignore[arg-type]
         clip_norm=float(request[keys.SECAGG_CLIP]),  # type: ignore[arg-type]
         max_weight=float(request[keys.SECAGG_MAX_WEIGHT]),  # type: ignore[arg-type]
+        ring_bits=int(request.get(keys.SECAGG_RING_BITS, RING_BITS)),  # type: ignore[arg-type]
+        coordinate_bound=float(request.get(keys.SECAGG_COORDINATE_BOUND, 0.0)),  # type: ignore[arg-type]
     )
-    encoded = encoding.encode(flat_delta, num_examples)  # (P + 1,) uint32
+    if encoding.ring_bits < RING_BITS:
+        if noise is not None:
+            raise ValueError(
+                "distributed DP noise does not fit the 16-bit ring; the coordinator "
+                "should have refused codec != fp32 with dp.mode = distributed"
+            )
+        # The narrow ring holds a rotated delta: (P',) with P' = P padded to blocks.
+        seed = bytes(request[keys.SECAGG_ROTATION_SEED])  # type: ignore[arg-type]
+        flat_delta = rotate(flat_delta, seed)
+    encoded = encoding.encode(flat_delta, num_examples)  # (P + 1,) in the ring
     if noise is not None:
         # Two's complement in Z_(2^32): negative steps wrap, as in the encoding.
         steps = np.rint(noise * encoding.scale).astype(np.int64).astype(np.uint32)
         encoded[:-1] += steps
+    if tail is not None:
+        encoded = np.concatenate([encoded, encoding.to_ring(tail)])
     masked = state.mask(encoded, _ids(request[keys.SECAGG_PEERS]))
     _save(context, state, server_round)
     return (

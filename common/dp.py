@@ -6,6 +6,13 @@ deviation ``sigma * C`` on the sum of the clipped deltas. Both sides use this mo
 the client clips (and, in distributed mode, adds its share of the noise); the
 coordinator adds the noise in central mode and keeps the account.
 
+Adaptive clipping (Andrew et al., NeurIPS 2021) replaces the fixed ``C`` by one that
+follows a quantile of the clients' update norms: each client reports the bit
+``b_i = 1[||delta_i|| <= C]``, the coordinator estimates the unclipped share
+``b = (sum b_i + N(0, sigma_b^2)) / m`` and moves ``C`` geometrically towards the target
+quantile. The count costs privacy too, so the delta's noise multiplier is raised to
+keep the round's total at the configured one (:func:`delta_noise_multiplier`).
+
 Noise comes from numpy's PCG64 seeded with 256 bits from the operating system's
 CSPRNG (:func:`secure_generator`): the seed cannot be guessed or replayed, so neither
 can the noise. The accountant is dp-accounting's RDP accountant; nothing here
@@ -30,6 +37,10 @@ EPSILON = "epsilon"
 SAMPLING_RATE = "dp_sampling_rate"
 NOISE_MULTIPLIER = "dp_noise_multiplier"
 NOISE_SHORTFALL = "dp_noise_shortfall"
+#: Adaptive clipping: the round's C, the noisy unclipped share and sigma_b.
+CLIP_NORM = "dp_clip_norm"
+UNCLIPPED_FRACTION = "dp_unclipped_fraction"
+COUNT_STDDEV = "dp_count_stddev"
 
 
 def clip_to_norm(delta: Mapping[str, np.ndarray], clip_norm: float) -> AdapterState:
@@ -114,6 +125,60 @@ def noise_shortfall(survivors: int, expected_clients: int) -> float:
     if expected_clients < 1:
         return 0.0
     return max(0.0, 1.0 - survivors / expected_clients)
+
+
+def is_unclipped(delta: Mapping[str, np.ndarray], clip_norm: float) -> bool:
+    """``b_i``: whether ``delta`` fits within ``clip_norm`` unscaled (Andrew et al.
+    2021 count the clients at or below the bound)."""
+    return l2_norm(delta) <= clip_norm
+
+
+def default_count_stddev(expected_clients: int) -> float:
+    """The paper's ``sigma_b = m / 20`` for ``m`` expected clients per round."""
+    return expected_clients / 20
+
+
+def delta_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """The delta's noise multiplier that keeps a round with adaptive clipping at
+    ``noise_multiplier`` in total.
+
+    Releasing the clipped sum with noise multiplier ``sigma_delta`` and the count of
+    unclipped clients (sensitivity 1/2 once centred) with std ``sigma_b`` is as
+    private as one Gaussian mechanism with ``z^-2 = sigma_delta^-2 + (2 sigma_b)^-2``
+    (Andrew et al. 2021, Theorem 1), so ``sigma_delta = (z^-2 - (2 sigma_b)^-2)^-1/2``.
+
+    Raises
+    ------
+    ValueError
+        When ``2 sigma_b <= z``: the count alone would spend the whole budget.
+    """
+    if noise_multiplier <= 0 or 2 * count_stddev <= noise_multiplier:
+        raise ValueError(
+            f"the clipped-count noise sigma_b = {count_stddev:g} must be above half "
+            f"the noise multiplier z / 2 = {noise_multiplier / 2:g}"
+        )
+    return float((noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5)
+
+
+def noisy_unclipped_fraction(
+    count: float, expected_clients: int, std: float, rng: np.random.Generator
+) -> float:
+    """``(count + N(0, std^2)) / m``: the released estimate of the unclipped share
+    (``std = 0`` adds nothing; distributed mode passes the already noised count)."""
+    noise = float(rng.normal(0.0, std)) if std > 0 else 0.0
+    return (count + noise) / max(expected_clients, 1)
+
+
+def next_clip_norm(
+    clip_norm: float, unclipped_fraction: float, target_quantile: float, lr: float
+) -> float:
+    """The geometric update ``C exp(-eta_C (b - gamma))`` (Andrew et al. 2021, eq. 3).
+
+    More clients within the bound than the target (``b > gamma``) shrink ``C``; fewer
+    grow it. (flwr's adaptive-clipping wrappers count the *clipped* clients under the
+    same formula; here ``b`` counts the unclipped ones, as in the paper.)
+    """
+    return clip_norm * math.exp(-lr * (unclipped_fraction - target_quantile))
 
 
 @dataclass(frozen=True)
@@ -216,6 +281,39 @@ def _charge_order(item: tuple[RoundCharge, int]) -> tuple[float, float]:
     return item[0].sampling_rate, item[0].noise_multiplier
 
 
+def clip_norm_from_rows(
+    rows: Iterable[Mapping[str, Any]],
+    initial: float,
+    target_quantile: float,
+    lr: float,
+    ceiling: float = math.inf,
+) -> float:
+    """The clip norm of the round after ``rows`` (a resumed adaptive run): the last
+    round's ``C`` moved by its released unclipped share, exactly as the coordinator
+    moved it; ``initial`` before any."""
+    clip = initial
+    for row in rows:
+        if row.get(CLIP_NORM) is None:
+            continue
+        clip = float(row[CLIP_NORM])
+        if row.get(UNCLIPPED_FRACTION) is not None:
+            clip = min(
+                ceiling,
+                next_clip_norm(
+                    clip, float(row[UNCLIPPED_FRACTION]), target_quantile, lr
+                ),
+            )
+    return clip
+
+
+def count_stddev_from_rows(rows: Iterable[Mapping[str, Any]]) -> float | None:
+    """The ``sigma_b`` a resumed adaptive run fixed in its first round, if any."""
+    for row in rows:
+        if row.get(COUNT_STDDEV) is not None:
+            return float(row[COUNT_STDDEV])
+    return None
+
+
 def charges_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[RoundCharge]:
     """The rounds a run has spent, from its metrics lines (a checkpoint's rows)."""
     return [
@@ -226,18 +324,28 @@ def charges_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[RoundCharge]:
 
 
 __all__ = [
+    "CLIP_NORM",
+    "COUNT_STDDEV",
     "EPSILON",
     "NOISE_MULTIPLIER",
     "NOISE_SHORTFALL",
     "SAMPLING_RATE",
+    "UNCLIPPED_FRACTION",
     "PrivacyAccountant",
     "RoundCharge",
     "add_noise",
     "charges_from_rows",
+    "clip_norm_from_rows",
     "clip_to_norm",
+    "count_stddev_from_rows",
+    "default_count_stddev",
+    "delta_noise_multiplier",
     "distributed_noise_std",
     "gaussian_noise",
+    "is_unclipped",
+    "next_clip_norm",
     "noise_multiplier_for",
     "noise_shortfall",
+    "noisy_unclipped_fraction",
     "secure_generator",
 ]

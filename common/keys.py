@@ -26,6 +26,11 @@ CFG_LABELS = "labels-json"
 CFG_POOLING = "pooling"
 CFG_ROUND = "server-round"
 CFG_EXPECTED_CLIENTS = "expected-clients"  # m, the clients sampled (distributed DP)
+# Client-level DP of the round: C (adaptive clipping moves it), the delta's noise
+# multiplier and sigma_b of the unclipped count (each client adds its share of both).
+CFG_DP_CLIP_NORM = "dp-clip-norm"
+CFG_DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+CFG_DP_COUNT_STDDEV = "dp-count-stddev"
 
 # Keys of a client's status answer (STATUS_RECORD).
 STATUS_KIND = "kind"
@@ -56,6 +61,9 @@ SECAGG_SEALED = "sealed"
 SECAGG_SCALE = "scale"
 SECAGG_CLIP = "clip-norm"
 SECAGG_MAX_WEIGHT = "max-weight"
+SECAGG_RING_BITS = "ring-bits"  # 32, or 16 for the quantising codecs
+SECAGG_COORDINATE_BOUND = "coordinate-bound"  # narrow ring: per-coordinate clip
+SECAGG_ROTATION_SEED = "rotation-seed"  # narrow ring: the public rotation's seed
 SECAGG_BAD_SENDERS = "bad-senders"
 SECAGG_SURVIVORS = "survivors"
 SECAGG_DROPPED = "dropped"

@@ -24,6 +24,26 @@ Poisson sampling is the usual approximation). A round is charged as soon as its
 clients are sampled, also when it is later skipped, so the account never runs behind.
 The charges go into the metrics lines, which every checkpoint holds, so a resumed run
 rebuilds the same account.
+
+Adaptive clipping (``dp.adaptive-clip``, Andrew et al. 2021)::
+
+    round t: C_t in the instructions -> each client: b_i = 1[||delta_i|| <= C_t],
+    clip to C_t -> count = sum b_i (+ N(0, sigma_b^2)) -> b = count / m ->
+    C_(t+1) = C_t exp(-eta_C (b - gamma))
+
+With a plain sum the coordinator sees each delta (clients send it unclipped), so it
+measures the bits itself, clips, and adds the count's noise. Behind secure
+aggregation each client appends its bit to the masked vector (after the weight), so
+the coordinator learns only the sum: in central mode it adds ``N(0, sigma_b^2)`` to
+it; in distributed mode each client adds ``N(0, sigma_b^2 / m)`` to its bit before
+masking, like the delta's noise, so the exact count is never seen (and a dropout's
+missing share is in the same ``dp_noise_shortfall``). There ``C`` is capped at
+``secagg.clip-norm``, the bound the fixed-point range is sized for. The delta's noise
+multiplier is raised to ``(z^-2 - (2 sigma_b)^-2)^-1/2`` so that each round still
+costs ``z`` = ``dp.noise-multiplier``, which the accountant charges as before.
+``sigma_b`` (``dp.clipped-count-stddev``, or ``m / 20`` for the first round's ``m``)
+is fixed for the run. Each round's ``C`` and released share go into its metrics
+line, from which a resumed run recomputes the next ``C``.
 """
 
 from __future__ import annotations
@@ -36,9 +56,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common import dp
+from common import dp, keys
 from common.codec import AdapterState
-from common.config import DpConfig
+from common.config import ConfigError, DpConfig
+from server.secagg import RingExtras
 from server.summation import RoundSum
 
 log = logging.getLogger(__name__)
@@ -65,6 +86,17 @@ class ClientLevelDP:
         The metrics lines of the rounds already run (a resumed run).
     rng : numpy.random.Generator, optional
         Source of the central noise; a CSPRNG-seeded one by default.
+    clip_ceiling : float, optional
+        The largest clip norm adaptive clipping may reach (``secagg.clip-norm``
+        behind secure aggregation).
+
+    Attributes
+    ----------
+    clip_norm : float
+        ``C`` of the current (or next) round.
+    count_stddev : float or None
+        ``sigma_b`` of adaptive clipping, once fixed (``None`` before the first round
+        when it defaults to ``m / 20``).
     """
 
     def __init__(
@@ -72,15 +104,69 @@ class ClientLevelDP:
         settings: DpConfig,
         rows: Sequence[Mapping[str, Any]] = (),
         rng: np.random.Generator | None = None,
+        clip_ceiling: float = math.inf,
     ) -> None:
         self.settings = settings
         self.accountant = dp.PrivacyAccountant(
             settings.delta, dp.charges_from_rows(rows)
         )
         self.rng = rng or dp.secure_generator()
+        self.clip_ceiling = clip_ceiling
+        self.clip_norm = settings.clip_norm
+        self.count_stddev: float | None = None
+        if settings.adaptive_clip:
+            self.clip_norm = dp.clip_norm_from_rows(
+                rows,
+                settings.clip_norm,
+                settings.target_quantile,
+                settings.clip_lr,
+                clip_ceiling,
+            )
+            self.count_stddev = (
+                settings.clipped_count_stddev or dp.count_stddev_from_rows(rows)
+            )
         self._charge: dp.RoundCharge | None = None
         self._expected = 0
         self._epsilon = self.accountant.epsilon()
+
+    @property
+    def adaptive(self) -> bool:
+        """Adaptive clipping is on."""
+        return self.settings.adaptive_clip
+
+    @property
+    def delta_noise_multiplier(self) -> float:
+        """The noise multiplier of the delta: ``dp.noise-multiplier``, raised under
+        adaptive clipping so that the count's release fits in the same budget."""
+        if not self.adaptive or self.count_stddev is None:
+            return self.settings.noise_multiplier
+        return dp.delta_noise_multiplier(
+            self.settings.noise_multiplier, self.count_stddev
+        )
+
+    def instructions(self) -> dict[str, float]:
+        """What the clients need this round: ``C``, the delta's noise multiplier and
+        ``sigma_b`` (they clip, count and, in distributed mode, add their shares)."""
+        return {
+            keys.CFG_DP_CLIP_NORM: self.clip_norm,
+            keys.CFG_DP_NOISE_MULTIPLIER: self.delta_noise_multiplier,
+            keys.CFG_DP_COUNT_STDDEV: self.count_stddev or 0.0,
+        }
+
+    def ring_extras(self) -> RingExtras:
+        """What the clients add inside a secure sum: the delta's noise (distributed
+        mode, ``sigma_delta C`` summed), the unclipped bit (adaptive clipping) and its
+        noise (distributed mode, ``sigma_b`` summed)."""
+        distributed = self.settings.mode == "distributed"
+        return RingExtras(
+            noise_std=(
+                self.delta_noise_multiplier * self.clip_norm if distributed else 0.0
+            ),
+            tail=1 if self.adaptive else 0,
+            tail_noise_std=(
+                (self.count_stddev or 0.0) if distributed and self.adaptive else 0.0
+            ),
+        )
 
     @property
     def epsilon(self) -> float:
@@ -88,18 +174,24 @@ class ClientLevelDP:
         return self._epsilon
 
     def begin_round(self, sampled: int, available: int) -> None:
-        """Take note of the round's sample and check the budget.
+        """Take note of the round's sample and check the budget (and, in the first
+        round of adaptive clipping, fix ``sigma_b``).
 
         Raises
         ------
         BudgetExhausted
             When this round would take epsilon above ``dp.target-epsilon``; nothing
             has been sent yet.
+        ConfigError
+            When the default ``sigma_b = m / 20`` is too small for
+            ``dp.noise-multiplier``; nothing has been sent yet.
         """
         self._expected = sampled
         self._charge = None
         if sampled < 1:
             return
+        if self.adaptive and self.count_stddev is None:
+            self._fix_count_stddev(sampled)
         charge = dp.RoundCharge(sampled / available, self.settings.noise_multiplier)
         if self.accountant.would_exceed(self.settings.target_epsilon, charge):
             raise BudgetExhausted(
@@ -147,15 +239,19 @@ class ClientLevelDP:
             dp.NOISE_MULTIPLIER: charge.noise_multiplier,
             dp.NOISE_SHORTFALL: shortfall,
         }
+        if self.adaptive:
+            stats.privacy[dp.CLIP_NORM] = self.clip_norm
+            stats.privacy[dp.COUNT_STDDEV] = self.count_stddev or 0.0
         if summed is None:
             return None
-        total = self._clipped_sum(summed)
+        total, unclipped = self._clipped_sum(summed)
         if self.settings.mode == "central":
             total = dp.add_noise(
-                total,
-                self.settings.noise_multiplier * self.settings.clip_norm,
-                self.rng,
+                total, self.delta_noise_multiplier * self.clip_norm, self.rng
             )
+        fraction = self._adapt(unclipped) if self.adaptive else None
+        if fraction is not None:
+            stats.privacy[dp.UNCLIPPED_FRACTION] = fraction
         # The rule sees only the noised sum: no individual update goes past here.
         return dataclasses.replace(
             summed, total=total, weight=float(self._expected), contributions=[]
@@ -163,11 +259,13 @@ class ClientLevelDP:
 
     def metrics(self) -> dict[str, float]:
         """The account so far, for a metrics line outside a round (round 0)."""
+        if self.adaptive:
+            return {dp.EPSILON: self._epsilon, dp.CLIP_NORM: self.clip_norm}
         return {dp.EPSILON: self._epsilon}
 
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` records about privacy."""
-        return {
+        summary = {
             "level": "client",
             "epsilon": self._epsilon,
             "delta": self.settings.delta,
@@ -177,23 +275,83 @@ class ClientLevelDP:
             "target_epsilon": self.settings.target_epsilon,
             "rounds_charged": len(self.accountant.charges),
         }
+        if self.adaptive:
+            summary |= {
+                "adaptive_clip": True,
+                "next_clip_norm": self.clip_norm,
+                "count_stddev": self.count_stddev,
+                "delta_noise_multiplier": self.delta_noise_multiplier,
+            }
+        return summary
 
-    def _clipped_sum(self, summed: RoundSum) -> AdapterState:
-        """The unweighted sum of the clipped deltas.
+    def _fix_count_stddev(self, sampled: int) -> None:
+        """Fix ``sigma_b = m / 20`` from the first round's sample, or refuse.
+
+        Raises
+        ------
+        ConfigError
+            When ``m / 10`` does not exceed ``dp.noise-multiplier``; nothing has been
+            sent yet.
+        """
+        count_stddev = dp.default_count_stddev(sampled)
+        z = self.settings.noise_multiplier
+        if 2 * count_stddev <= z:
+            raise ConfigError(
+                f"config key 'dp.clipped-count-stddev': its default m / 20 = "
+                f"{count_stddev:g} for m = {sampled} clients per round must be above "
+                f"dp.noise-multiplier / 2 = {z / 2:g} with dp.adaptive-clip = true; "
+                f"set dp.clipped-count-stddev above {z / 2:g}, sample more than "
+                f"{10 * z:g} clients per round, or lower dp.noise-multiplier"
+            )
+        self.count_stddev = count_stddev
+
+    def _adapt(self, unclipped: float | None) -> float | None:
+        """Release the unclipped share and move ``C`` for the next round.
+
+        ``unclipped`` is the exact count (central mode: the noise is added here) or
+        the clients' noised one (distributed mode). Returns the released share, or
+        ``None`` when the sum carried no count (``C`` then stays).
+        """
+        if unclipped is None:
+            log.warning("adaptive clipping: no unclipped count this round; C stays")
+            return None
+        central = self.settings.mode == "central"
+        fraction = dp.noisy_unclipped_fraction(
+            unclipped,
+            self._expected,
+            (self.count_stddev or 0.0) if central else 0.0,
+            self.rng,
+        )
+        self.clip_norm = min(
+            self.clip_ceiling,
+            dp.next_clip_norm(
+                self.clip_norm,
+                fraction,
+                self.settings.target_quantile,
+                self.settings.clip_lr,
+            ),
+        )
+        return fraction
+
+    def _clipped_sum(self, summed: RoundSum) -> tuple[AdapterState, float | None]:
+        """The unweighted sum of the clipped deltas, and how many were within ``C``.
 
         A plain sum keeps the individual deltas: clip each here (the coordinator need
-        not trust the clients' clipping) and add them with weight 1. A secure sum is
-        already that (clients clip and send weight 1).
+        not trust the clients' clipping), count those within ``C`` and add them with
+        weight 1. A secure sum is already that (clients clip and send weight 1, and
+        under adaptive clipping their summed bits).
         """
         if not summed.contributions:
-            return dict(summed.total)
-        clip = self.settings.clip_norm
+            return dict(summed.total), summed.unclipped
+        clip = self.clip_norm
         total = {k: np.zeros(v.shape, np.float64) for k, v in summed.total.items()}
+        unclipped = 0
         for contribution in summed.contributions:
+            unclipped += dp.is_unclipped(contribution.change, clip)
             clipped = dp.clip_to_norm(contribution.change, clip)
             for name in total:
                 total[name] += clipped[name]
-        return {k: v.astype(np.float32) for k, v in total.items()}
+        return {k: v.astype(np.float32) for k, v in total.items()}, float(unclipped)
 
 
 def privacy_summary(

@@ -10,9 +10,11 @@ out; when the survivors cannot be unmasked the round is skipped, never crashed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -21,7 +23,13 @@ from flwr.serverapp import Grid
 from common import keys
 from common.config import SecAggConfig
 from common.secagg import crypto
-from common.secagg.encoding import FixedPoint, HeadroomError, unflatten
+from common.secagg.encoding import (
+    NARROW_MIN_STEP,
+    RING_BITS,
+    FixedPoint,
+    HeadroomError,
+    unflatten,
+)
 from common.secagg.protocol import (
     CoordinatorRound,
     ProtocolViolation,
@@ -29,6 +37,7 @@ from common.secagg.protocol import (
     default_threshold,
     neighbour_graph,
 )
+from common.secagg.rotation import coordinate_bound, rotated_length, unrotate
 from server.summation import RoundStats, RoundSum, reply_metrics
 from server.validation import log_rejection
 
@@ -43,6 +52,26 @@ SHARE = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_SHARE}"
 UNMASK = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_UNMASK}"
 
 
+@dataclass(frozen=True)
+class RingExtras:
+    """What the clients add to the ring beyond their weighted deltas this round.
+
+    Attributes
+    ----------
+    noise_std : float
+        Std of their summed noise on each delta coordinate (distributed DP).
+    tail : int
+        Values each client appends after its weight, unclipped and unweighted
+        (adaptive clipping's unclipped bit).
+    tail_noise_std : float
+        Std of their summed noise on each of those.
+    """
+
+    noise_std: float = 0.0
+    tail: int = 0
+    tail_noise_std: float = 0.0
+
+
 class SecureSum:
     """SecAgg+ over Flower's Message API.
 
@@ -55,14 +84,30 @@ class SecureSum:
     noise_std : float
         Standard deviation of the noise the clients add to the sum altogether
         (distributed DP: ``sigma * C``); the encoding leaves room for it.
+    extras : Callable[[], RingExtras], optional
+        Asked at every round instead of ``noise_std``, when that changes between
+        rounds or clients append values (adaptive clipping moves ``C``).
+    ring_bits : int
+        32, or 16 (the quantising codecs: half the upload): clients then rotate their
+        delta with a public seed of the round before encoding it
+        (``common.secagg.rotation``) and the coordinator rotates the sum back.
     """
 
     def __init__(
-        self, settings: SecAggConfig, seed: int, noise_std: float = 0.0
+        self,
+        settings: SecAggConfig,
+        seed: int,
+        noise_std: float = 0.0,
+        extras: Callable[[], RingExtras] | None = None,
+        ring_bits: int = RING_BITS,
     ) -> None:
         self.settings = settings
+        self.ring_bits = ring_bits
+        self._rotation_seed = b""
         self.seed = seed
         self.noise_std = noise_std
+        self.extras = extras
+        self._tail = 0
         self._round: CoordinatorRound | None = None
         self._shared: list[int] = []
         self._encoding: FixedPoint | None = None
@@ -163,14 +208,27 @@ class SecureSum:
                 len(participants),
             )
             return {}
-        # Each coordinate of the sum stays within n * clip, plus the noise's headroom.
-        bound = self.settings.clip_norm + NOISE_HEADROOM_STDS * self.noise_std / len(
-            participants
+        # Each coordinate of the sum stays within n * clip, plus the noise's headroom;
+        # an appended bit's sum within n, plus its noise's.
+        extras = self.extras() if self.extras else RingExtras(self.noise_std)
+        self._tail = extras.tail
+        n = len(participants)
+        bound = self.settings.clip_norm + NOISE_HEADROOM_STDS * extras.noise_std / n
+        if extras.tail:
+            bound = max(bound, 1.0 + NOISE_HEADROOM_STDS * extras.tail_noise_std / n)
+        narrow = self.ring_bits < RING_BITS
+        self._rotation_seed = (
+            hashlib.sha256(salt + b"rotation").digest() if narrow else b""
         )
         try:
             self._encoding = dataclasses.replace(
                 FixedPoint.for_clients(
-                    len(participants), bound, self.settings.max_weight
+                    len(participants),
+                    bound,
+                    self.settings.max_weight,
+                    min_step=NARROW_MIN_STEP if narrow else 1e-6,
+                    ring_bits=self.ring_bits,
+                    coordinate_bound=coordinate_bound(bound) if narrow else 0.0,
                 ),
                 clip_norm=self.settings.clip_norm,
             )
@@ -196,6 +254,9 @@ class SecureSum:
                     keys.SECAGG_SCALE: self._encoding.scale,  # type: ignore[union-attr]
                     keys.SECAGG_CLIP: self.settings.clip_norm,
                     keys.SECAGG_MAX_WEIGHT: self.settings.max_weight,
+                    keys.SECAGG_RING_BITS: self.ring_bits,
+                    keys.SECAGG_COORDINATE_BOUND: self._encoding.coordinate_bound,  # type: ignore[union-attr]
+                    keys.SECAGG_ROTATION_SEED: self._rotation_seed,
                 }
             )
 
@@ -214,14 +275,17 @@ class SecureSum:
         protocol, encoding = self._round, self._encoding
         if protocol is None or encoding is None:
             return None
-        length = sum(v.size for v in reference.values()) + 1
+        tail = self._tail
+        size = sum(v.size for v in reference.values())
+        narrow = encoding.ring_bits < RING_BITS
+        length = (rotated_length(size) if narrow else size) + 1 + tail
         masked: dict[int, np.ndarray] = {}
         metrics: dict[int, dict[str, float]] = {}
         accused: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
             try:
-                vector = self._masked_vector(reply, length)
+                vector = self._masked_vector(reply, length, np.dtype(encoding.ring))
             except ValueError as reason:
                 log_rejection(node, reason)
                 stats.rejected += 1
@@ -278,7 +342,11 @@ class SecureSum:
                 error,
             )
             return None
-        weighted, weight = encoding.decode_sum(ring_sum)
+        weighted, weight = encoding.decode_sum(ring_sum[: length - tail])
+        if narrow:
+            weighted = unrotate(weighted, self._rotation_seed, size)
+        # The tail decodes like the weight: signed, in steps of 1 / scale.
+        appended = encoding.decode(ring_sum[length - tail :])
         return RoundSum(
             total=unflatten(weighted, reference),
             weight=weight,
@@ -286,6 +354,7 @@ class SecureSum:
             client_metrics=[metrics[n] for n in survivors],
             nodes=survivors,
             reference=dict(reference),
+            unclipped=float(appended[0]) if tail else None,
         )
 
     # -- helpers -----------------------------------------------------------------------
@@ -326,14 +395,15 @@ class SecureSum:
         return usable
 
     @staticmethod
-    def _masked_vector(reply: Message, length: int) -> np.ndarray:
-        """The upload as a read-only uint32 view, checked before it is decoded."""
+    def _masked_vector(reply: Message, length: int, ring: np.dtype) -> np.ndarray:
+        """The upload as a read-only view in the ``ring`` dtype (uint32 or uint16),
+        checked before it is decoded."""
         records = reply.content.array_records
         if keys.MASKED_RECORD not in records or len(records[keys.MASKED_RECORD]) != 1:
             raise ValueError(f"reply has no single '{keys.MASKED_RECORD}' array")
         array = next(iter(records[keys.MASKED_RECORD].values()))
-        if array.stype != "numpy.ndarray" or np.dtype(array.dtype) != np.uint32:
-            raise ValueError(f"masked upload has dtype {array.dtype}, expected uint32")
+        if array.stype != "numpy.ndarray" or np.dtype(array.dtype) != ring:
+            raise ValueError(f"masked upload has dtype {array.dtype}, expected {ring}")
         if tuple(array.shape) != (length,):
             raise ValueError(
                 f"masked upload has shape {tuple(array.shape)}, expected ({length},)"
@@ -349,10 +419,11 @@ class SecureSum:
             raise ValueError(
                 f"masked upload uses .npy format {version}, expected 1.0 or 2.0"
             )
-        if shape != (length,) or dtype != np.dtype("<u4") or fortran:
+        little = ring.newbyteorder("<")
+        if shape != (length,) or dtype != little or fortran:
             raise ValueError(
                 "masked upload's payload does not match its declared shape and dtype"
             )
         return np.frombuffer(
-            array.data, dtype="<u4", count=length, offset=stream.tell()
+            array.data, dtype=little, count=length, offset=stream.tell()
         )

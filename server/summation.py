@@ -43,6 +43,9 @@ class RoundSum:
         aggregation.
     reference : AdapterState
         The global tensors the updates are relative to (those shared this round).
+    unclipped : float or None
+        Adaptive clipping behind secure aggregation: the sum of the clients' bits
+        ``1[||delta_i|| <= C]`` (plus their noise shares in distributed DP).
     """
 
     total: AdapterState
@@ -52,6 +55,7 @@ class RoundSum:
     nodes: list[int] = field(default_factory=list)
     contributions: list[Contribution] = field(default_factory=list)
     reference: AdapterState = field(default_factory=dict)
+    unclipped: float | None = None
 
 
 class RoundStats(Protocol):

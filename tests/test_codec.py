@@ -502,15 +502,31 @@ def test_an_invalid_codec_setting_is_refused_naming_its_key(
         RunConfig.from_flat(flat)
 
 
-@pytest.mark.parametrize("name", COMPRESSING)
-def test_a_compressing_codec_is_refused_with_secure_aggregation(name: str) -> None:
-    with pytest.raises(ConfigError, match="config key 'codec'.*secure aggregation"):
-        RunConfig.from_flat({"codec": name, "secagg.enabled": True})
+def test_topk_is_refused_with_secure_aggregation() -> None:
+    with pytest.raises(ConfigError, match="config key 'codec'.*masks cannot sum"):
+        RunConfig.from_flat({"codec": "topk", "secagg.enabled": True})
 
 
-def test_fp32_is_accepted_with_secure_aggregation() -> None:
-    config = RunConfig.from_flat({"codec": "fp32", "secagg.enabled": True})
-    assert config.codec.name == "fp32" and config.secagg.enabled
+@pytest.mark.parametrize(
+    ("name", "ring_bits"), [("fp32", 32), ("fp16", 16), ("bf16", 16), ("int8", 16)]
+)
+def test_dense_codecs_pick_the_ring_of_secure_aggregation(
+    name: str, ring_bits: int
+) -> None:
+    config = RunConfig.from_flat({"codec": name, "secagg.enabled": True})
+    assert config.secagg.enabled and config.codec.secure_ring_bits == ring_bits
+
+
+def test_the_16_bit_ring_is_refused_with_distributed_dp_noise() -> None:
+    with pytest.raises(ConfigError, match="config key 'codec'.*dp.mode = distributed"):
+        RunConfig.from_flat(
+            {
+                "codec": "int8",
+                "secagg.enabled": True,
+                "dp.enabled": True,
+                "dp.mode": "distributed",
+            }
+        )
 
 
 def test_flexlora_refuses_topk() -> None:

@@ -23,7 +23,7 @@ from server.contribution import Contribution
 from server.privacy import ClientLevelDP
 from server.server_app import coordinate
 from server.summation import RoundSum
-from tests.conftest import InProcessGrid
+from simulations.inprocess_grid import InProcessGrid
 
 
 def reference_epsilon(rounds: int, q: float, sigma: float, delta: float) -> float:
@@ -528,3 +528,388 @@ def test_sample_level_runs_report_each_sites_epsilon_every_round(
     summary = json.loads((output / "summary.json").read_text())
     assert summary["privacy"]["level"] == "sample"
     assert summary["privacy"]["sample_epsilon_max"] == second
+
+
+# -- adaptive clipping (Andrew et al. 2021) ----------------------------------------
+
+
+def plain_round(norms: list[float], size: int = 4) -> RoundSum:
+    """A plain round whose clients sent deltas of the given L2 norms."""
+    contributions = [
+        Contribution(i, {"w": np.full(size, norm / np.sqrt(size), np.float32)}, 1.0)
+        for i, norm in enumerate(norms)
+    ]
+    return RoundSum(
+        total={"w": np.zeros(size, np.float32)},
+        weight=float(len(norms)),
+        count=len(norms),
+        contributions=contributions,
+    )
+
+
+def adaptive(**overrides: Any) -> DpConfig:
+    """Adaptive clipping with (almost) no noise: z = sigma_b = 1e-6."""
+    return settings(
+        **{
+            "adaptive_clip": True,
+            "noise_multiplier": 1e-6,
+            "clipped_count_stddev": 1e-6,
+            **overrides,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("unclipped", "gamma", "factor"),
+    [
+        (0.0, 0.5, np.exp(0.2 * 0.5)),  # every update clipped: C grows
+        (1.0, 0.5, np.exp(-0.2 * 0.5)),  # every update fits: C shrinks
+        (0.5, 0.5, 1.0),  # at the target quantile: C stays
+        (0.0, 0.9, np.exp(0.2 * 0.9)),
+        (1.0, 0.9, np.exp(-0.2 * 0.1)),
+    ],
+)
+def test_the_clip_norm_update_is_geometric_in_the_unclipped_share(
+    unclipped: float, gamma: float, factor: float
+) -> None:
+    assert dp.next_clip_norm(2.0, unclipped, gamma, 0.2) == pytest.approx(2.0 * factor)
+
+
+@pytest.mark.parametrize(
+    ("norm_over_clip", "factor"),
+    [(10.0, np.exp(0.2 * 0.5)), (0.1, np.exp(-0.2 * 0.5))],
+)
+def test_the_clip_norm_moves_geometrically_while_all_updates_sit_on_one_side(
+    norm_over_clip: float, factor: float
+) -> None:
+    # Prepare: every client's norm is a fixed multiple of the current C
+    privacy = ClientLevelDP(adaptive(clip_norm=1.0), rng=np.random.default_rng(0))
+    clips = [privacy.clip_norm]
+
+    # Execute: three rounds of four clients
+    for _ in range(3):
+        privacy.begin_round(sampled=4, available=4)
+        stats = Stats()
+        privacy.release(plain_round([norm_over_clip * privacy.clip_norm] * 4), stats)
+        assert stats.privacy[dp.CLIP_NORM] == clips[-1]
+        clips.append(privacy.clip_norm)
+
+    # Assert
+    np.testing.assert_allclose(np.diff(np.log(clips)), np.log(factor), rtol=1e-4)
+
+
+@pytest.mark.parametrize("gamma", [0.2, 0.5, 0.8])
+def test_the_clip_norm_settles_at_the_target_quantile_of_the_norms(
+    gamma: float,
+) -> None:
+    # Prepare: ten clients with norms 1..10 every round
+    norms = [float(n) for n in range(1, 11)]
+    privacy = ClientLevelDP(
+        adaptive(clip_norm=0.1, target_quantile=gamma, clip_lr=0.5),
+        rng=np.random.default_rng(1),
+    )
+
+    # Execute
+    for _ in range(80):
+        privacy.begin_round(sampled=10, available=10)
+        privacy.release(plain_round(norms), Stats())
+
+    # Assert: within one client of the gamma quantile
+    assert 10 * gamma - 1 <= privacy.clip_norm <= 10 * gamma + 1
+
+
+@pytest.mark.parametrize(
+    ("z", "count_stddev", "expected"),
+    [(1.0, 1.0, (1 - 0.25) ** -0.5), (1.0, 5.0, (1 - 0.01) ** -0.5), (0.6, 0.5, 0.75)],
+)
+def test_the_delta_noise_multiplier_keeps_the_round_at_z_theorem_1(
+    z: float, count_stddev: float, expected: float
+) -> None:
+    sigma_delta = dp.delta_noise_multiplier(z, count_stddev)
+    assert sigma_delta == pytest.approx(expected)
+    assert sigma_delta > z
+    assert sigma_delta**-2 + (2 * count_stddev) ** -2 == pytest.approx(z**-2)
+
+
+def test_the_coordinator_noises_the_delta_with_the_raised_multiplier() -> None:
+    # Prepare: z = 1, sigma_b = 1 -> sigma_delta = 2 / sqrt(3), C = 0.5
+    privacy = ClientLevelDP(
+        settings(
+            adaptive_clip=True,
+            noise_multiplier=1.0,
+            clipped_count_stddev=1.0,
+            clip_norm=0.5,
+        )
+    )
+    zero = {"w": np.zeros((400, 500), np.float32)}
+    privacy.begin_round(sampled=4, available=4)
+    stats = Stats()
+
+    # Execute: a secure round (no individual updates) whose clients all fit
+    released = privacy.release(
+        RoundSum(total=zero, weight=4.0, count=4, unclipped=4.0), stats
+    )
+
+    # Assert: the delta's noise is raised, the charge stays z
+    assert released is not None
+    noise = released.total["w"].astype(np.float64)
+    assert noise.std() == pytest.approx(2 / np.sqrt(3) * 0.5, rel=0.01)
+    assert stats.privacy[dp.NOISE_MULTIPLIER] == 1.0
+    assert stats.privacy[dp.COUNT_STDDEV] == 1.0
+    assert stats.privacy[dp.EPSILON] == pytest.approx(
+        reference_epsilon(1, 1.0, 1.0, 1e-5)
+    )
+
+
+@pytest.mark.parametrize("count_stddev", [0.5, 0.25, 0.1])
+def test_a_clipped_count_noise_too_small_for_the_noise_multiplier_is_refused(
+    count_stddev: float,
+) -> None:
+    with pytest.raises(ValueError, match="sigma_b"):
+        dp.delta_noise_multiplier(1.0, count_stddev)
+    with pytest.raises(ConfigError, match="config key 'dp.clipped-count-stddev'"):
+        RunConfig.from_flat(
+            {
+                "dp.enabled": True,
+                "dp.adaptive-clip": True,
+                "dp.noise-multiplier": 1.0,
+                "dp.clipped-count-stddev": count_stddev,
+            }
+        )
+
+
+def test_the_default_clipped_count_noise_is_refused_when_too_few_clients_sample() -> (
+    None
+):
+    # Prepare: sigma_b = m / 20 = 0.2 for m = 4, below z / 2 = 0.5
+    privacy = ClientLevelDP(settings(adaptive_clip=True, noise_multiplier=1.0))
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="dp.clipped-count-stddev") as refusal:
+        privacy.begin_round(sampled=4, available=10)
+    assert "dp.noise-multiplier" in str(refusal.value)
+    assert "10 clients per round" in str(refusal.value)
+
+
+def test_the_default_clipped_count_noise_is_m_over_20_of_the_first_round() -> None:
+    # Prepare
+    privacy = ClientLevelDP(settings(adaptive_clip=True, noise_multiplier=1.0))
+
+    # Execute: 40 sampled, then fewer
+    privacy.begin_round(sampled=40, available=100)
+    privacy.release(None, Stats())
+    privacy.begin_round(sampled=30, available=100)
+
+    # Assert: fixed at 40 / 20 for the run
+    assert privacy.count_stddev == 2.0
+    assert privacy.delta_noise_multiplier == pytest.approx((1 - 1 / 16) ** -0.5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"dp.target-quantile": 1.5}, "dp.target-quantile"),
+        ({"dp.clip-lr": 0.0}, "dp.clip-lr"),
+        ({"dp.clipped-count-stddev": -1.0}, "dp.clipped-count-stddev"),
+        ({"dp.adaptive-clip": True, "dp.level": "sample"}, "dp.adaptive-clip"),
+    ],
+)
+def test_invalid_adaptive_clipping_settings_are_refused_naming_the_key(
+    overrides: dict[str, Any], key: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        RunConfig.from_flat({"dp.enabled": True, **overrides})
+
+
+def test_the_adaptive_clip_norm_is_rebuilt_from_the_metrics_rows() -> None:
+    # Prepare: three rounds, their lines kept as a checkpoint keeps them
+    config = adaptive(clip_norm=1.0)
+    privacy = ClientLevelDP(config, rng=np.random.default_rng(2))
+    rows: list[dict[str, Any]] = [{"round": 0, **privacy.metrics()}]
+    for norms in ([5.0, 5.0, 0.1], [0.1, 0.1, 0.1], [9.0, 9.0, 9.0]):
+        privacy.begin_round(sampled=3, available=3)
+        stats = Stats()
+        privacy.release(plain_round(norms), stats)
+        rows.append(json.loads(json.dumps(stats.privacy)))
+
+    # Execute
+    resumed = ClientLevelDP(config, rows)
+
+    # Assert
+    assert resumed.clip_norm == privacy.clip_norm
+    assert resumed.count_stddev == privacy.count_stddev
+    assert resumed.epsilon == privacy.epsilon
+
+
+def test_a_capped_adaptive_clip_norm_stays_at_the_ceiling() -> None:
+    privacy = ClientLevelDP(adaptive(clip_norm=1.0), clip_ceiling=1.05)
+    for _ in range(3):
+        privacy.begin_round(sampled=2, available=2)
+        privacy.release(plain_round([100.0, 100.0]), Stats())
+    assert privacy.clip_norm == 1.05
+
+
+ADAPTIVE_RUNS = {
+    "plain": {},
+    "secagg-central": {"secagg.enabled": True, "secagg.max-weight": 10.0},
+    "secagg-distributed": {
+        "secagg.enabled": True,
+        "secagg.max-weight": 10.0,
+        "dp.mode": "distributed",
+    },
+}
+
+
+@pytest.mark.parametrize("summing", sorted(ADAPTIVE_RUNS))
+@pytest.mark.parametrize(("initial", "all_fit"), [(1e-4, False), (50.0, True)])
+def test_adaptive_clipping_moves_the_clip_norm_in_a_federated_run(
+    summing: str,
+    initial: float,
+    all_fit: bool,
+    tiny_backbone: Path,
+    small_jsonl: Path,
+    tmp_path: Path,
+) -> None:
+    # Prepare: C far below (or above) every client's update norm, almost no noise
+    output = tmp_path / summing
+
+    # Execute
+    grid, rows = federate(
+        tiny_backbone,
+        small_jsonl,
+        output,
+        clients=3,
+        **{
+            "num-server-rounds": 2,
+            "secagg.clip-norm": 50.0,
+            "dp.clip-norm": initial,
+            "dp.adaptive-clip": True,
+            "dp.noise-multiplier": 1e-3,
+            "dp.clipped-count-stddev": 1e-3,
+            **ADAPTIVE_RUNS[summing],
+        },
+    )
+
+    # Assert: each round's C reached the clients and moved by the released share
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert rows[0][dp.CLIP_NORM] == rows[1][dp.CLIP_NORM] == initial
+    for row in rows[1:]:
+        assert row["clients"] == 3
+        assert row[dp.UNCLIPPED_FRACTION] == pytest.approx(
+            1.0 if all_fit else 0.0, abs=0.01
+        )
+    first, second = rows[1], rows[2]
+    assert second[dp.CLIP_NORM] == min(
+        50.0,
+        dp.next_clip_norm(first[dp.CLIP_NORM], first[dp.UNCLIPPED_FRACTION], 0.5, 0.2),
+    )
+    assert (second[dp.CLIP_NORM] > initial) != all_fit
+    sent: dict[Any, set[Any]] = {}
+    for message in grid.sent:
+        if message.metadata.message_type == MessageType.TRAIN:
+            record = message.content.config_records[keys.CONFIG_RECORD]
+            sent.setdefault(record[keys.CFG_ROUND], set()).add(
+                record[keys.CFG_DP_CLIP_NORM]
+            )
+    assert sent == {1: {first[dp.CLIP_NORM]}, 2: {second[dp.CLIP_NORM]}}
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["privacy"]["adaptive_clip"] is True
+
+
+def test_the_adaptive_clip_norm_survives_a_resume(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
+    # Prepare: two rounds, then the same run resumed for a third
+    output = tmp_path / "resumed"
+    settings = {
+        "num-server-rounds": 2,
+        "dp.clip-norm": 1e-4,
+        "dp.adaptive-clip": True,
+        "dp.noise-multiplier": 0.5,
+        "dp.clipped-count-stddev": 1.0,
+    }
+    _, before = federate(tiny_backbone, small_jsonl, output, clients=2, **settings)
+
+    # Execute
+    grid, rows = federate(
+        tiny_backbone,
+        small_jsonl,
+        output,
+        clients=2,
+        **{**settings, "num-server-rounds": 3, "resume": True},
+    )
+
+    # Assert: round 3 clipped at C moved by round 2's released share
+    assert rows[:3] == before
+    expected = dp.next_clip_norm(
+        rows[2][dp.CLIP_NORM], rows[2][dp.UNCLIPPED_FRACTION], 0.5, 0.2
+    )
+    assert rows[3][dp.CLIP_NORM] == expected
+    sent = next(
+        m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN
+    ).content.config_records[keys.CONFIG_RECORD]
+    assert sent[keys.CFG_DP_CLIP_NORM] == expected
+    assert sent[keys.CFG_DP_NOISE_MULTIPLIER] == pytest.approx(
+        dp.delta_noise_multiplier(0.5, 1.0)
+    )
+    assert rows[3][dp.EPSILON] == pytest.approx(
+        reference_epsilon(3, 1.0, 0.5, 1e-5), rel=1e-9
+    )
+
+
+# -- the ready secagg-dp config ------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parent.parent / "simulations" / "configs"
+SECAGG_DP = CONFIGS / "secagg-dp.toml"
+
+
+def test_the_secagg_dp_config_is_valid_and_its_budget_affords_rounds() -> None:
+    # Execute
+    from simulations.cli import load_config
+
+    config = load_config(str(SECAGG_DP), [])
+
+    # Assert: secure aggregation, distributed client-level DP, a budget, offline data
+    assert config.secagg.enabled and config.dp.client_level
+    assert config.dp.mode == "distributed" and config.dp.target_epsilon > 0
+    assert config.data.path == ""  # the built-in demo corpus
+    every_round = dp.RoundCharge(config.train.fraction, config.dp.noise_multiplier)
+    assert dp.PrivacyAccountant(config.dp.delta, [every_round]).epsilon() < (
+        config.dp.target_epsilon
+    )
+
+
+@pytest.mark.slow
+def test_the_secagg_dp_config_runs_until_its_budget_stops_it(
+    tiny_backbone: Path, tmp_path: Path
+) -> None:
+    # Prepare: the config as written, on the tiny backbone with one step per round
+    from simulations.cli import load_config
+
+    config = load_config(str(SECAGG_DP), [])
+    flat = {
+        **config.flat,
+        "model.name": str(tiny_backbone),
+        "model.max-length": 16,
+        "train.max-steps": 1,
+        "output.dir": str(tmp_path / "run"),
+    }
+    clients = config.sim.num_clients
+    cache = str(tmp_path / "cache")
+    nodes = {
+        100 + i: {"partition-id": i, "num-partitions": clients, "cache-dir": cache}
+        for i in range(clients)
+    }
+
+    # Execute
+    coordinate(InProcessGrid(client_app, nodes), RunConfig.from_flat(flat))  # type: ignore[arg-type]
+
+    # Assert: the budget affords five of the six rounds; noise shares all present
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert [row["round"] for row in rows] == [0, 1, 2, 3, 4, 5]
+    assert all(row[dp.EPSILON] <= config.dp.target_epsilon for row in rows)
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["stopped_early"] is True
+    assert "before round 6" in summary["stop_reason"]
+    assert all(row[dp.NOISE_SHORTFALL] == 0.0 for row in rows[1:])
+    assert all(row["clients"] == clients for row in rows[1:])

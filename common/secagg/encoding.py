@@ -27,6 +27,7 @@ import numpy as np
 
 RING_BITS = 32
 NARROW_RING_BITS = 16
+NARROW_MIN_STEP = 1e-2  # the coarsest step the 16-bit ring accepts (~300 clients)
 _RING_DTYPES = {32: np.uint32, 16: np.uint16}
 _SIGNED_DTYPES = {32: np.int32, 16: np.int16}
 
@@ -161,13 +162,18 @@ class FixedPoint:
     def decode_sum(self, ring_sum: np.ndarray) -> tuple[np.ndarray, float]:
         """Signed decoding of an unmasked sum: (sum of weighted deltas
         ``(P,) float64``, total weight)."""
-        signed = (
-            ring_sum.astype(self.ring)
+        signed = self.decode(ring_sum)
+        return signed[:-1], float(signed[-1])
+
+    def decode(self, ring_values: np.ndarray) -> np.ndarray:
+        """Ring elements as signed reals ``float64``, in steps of ``1 / scale``."""
+        return (
+            np.asarray(ring_values)
+            .astype(self.ring)
             .view(_SIGNED_DTYPES[self.ring_bits])
             .astype(np.float64)
             / self.scale
         )
-        return signed[:-1], float(signed[-1])
 
 
 def flatten(state: Mapping[str, np.ndarray]) -> np.ndarray:

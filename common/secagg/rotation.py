@@ -22,18 +22,12 @@ import numpy as np
 
 from common.secagg.masking import prg
 
-MAX_BLOCK = 4096
-
-
-def block_size(length: int) -> int:
-    """Rotation block: the smallest power of two covering ``length``, at most 4096."""
-    return min(MAX_BLOCK, 1 << max(0, math.ceil(math.log2(max(length, 1)))))
+BLOCK = 4096  # coordinates per Hadamard block: fixed, so the bound is known upfront
 
 
 def rotated_length(length: int) -> int:
     """Length after padding ``length`` coordinates to whole blocks."""
-    block = block_size(length)
-    return math.ceil(length / block) * block
+    return max(1, math.ceil(length / BLOCK)) * BLOCK
 
 
 def _signs(seed: bytes, length: int) -> np.ndarray:
@@ -62,24 +56,23 @@ def rotate(vector: np.ndarray, seed: bytes) -> np.ndarray:
     padded = np.zeros(rotated_length(length), dtype=np.float64)
     padded[:length] = vector
     padded *= _signs(seed, padded.size)
-    return _hadamard(padded.reshape(-1, block_size(length))).ravel()
+    return _hadamard(padded.reshape(-1, BLOCK)).ravel()
 
 
 def unrotate(rotated: np.ndarray, seed: bytes, length: int) -> np.ndarray:
     """``D H y``: the first ``length`` coordinates of the inverse rotation, float64."""
-    block = block_size(length)
     if rotated.size != rotated_length(length):
         raise ValueError(
             f"rotated vector has {rotated.size} coordinates, expected "
             f"{rotated_length(length)} for {length}"
         )
-    restored = _hadamard(np.asarray(rotated, np.float64).reshape(-1, block)).ravel()
+    restored = _hadamard(np.asarray(rotated, np.float64).reshape(-1, BLOCK)).ravel()
     return (restored * _signs(seed, restored.size))[:length]
 
 
-def coordinate_bound(clip_norm: float, length: int, sigmas: float = 6.0) -> float:
+def coordinate_bound(clip_norm: float, sigmas: float = 6.0) -> float:
     """A bound that a rotated coordinate of a delta of norm at most ``clip_norm``
     exceeds with probability below ``2 exp(-sigmas^2 / 2)`` (about 3e-8 at 6):
-    ``sigmas * clip_norm / sqrt(block)``, for the worst case of all the norm in one
+    ``sigmas * clip_norm / sqrt(BLOCK)``, for the worst case of all the norm in one
     block. Coordinates beyond it are clipped to it."""
-    return sigmas * clip_norm / math.sqrt(block_size(length))
+    return sigmas * clip_norm / math.sqrt(BLOCK)
