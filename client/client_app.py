@@ -5,8 +5,8 @@ One training round, as data::
     instructions -> locate backbone (or ask for it) -> global adapter -> starting
     adapter (client.adapters: the site's rank, its own kept factors) -> local rows
     -> train this round's phase -> upload (deltas of what is shared) -> (DP: clip to
-    dp.clip-norm; distributed: add this site's share of the noise) -> encode or mask
-    -> reply
+    the round's C; distributed: add this site's share of the noise; adaptive
+    clipping: the bit ||delta|| <= C rides in the mask) -> encode or mask -> reply
 
 Only the encoded delta, ``num-examples`` and training metrics leave the site.
 
@@ -38,9 +38,9 @@ from common.backbone import (
 )
 from common.codec import build_codec, dense_reference, downlink_codec
 from common.config import RunConfig
-from common.data import Example, load_examples
+from common.data import Example
 from common.secagg.encoding import flatten
-from common.splits import client_examples, evaluation_examples
+from common.splits import client_examples, evaluation_examples, read_rows
 from common.wire import from_array_record, json_field, to_array_record
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,31 @@ class Instructions:
     labels: tuple[str, ...]
     server_round: int
     expected_clients: int
+    # Client-level DP of the round: C (adaptive clipping moves it), the delta's
+    # noise multiplier and sigma_b; the config's values when the coordinator sent none.
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_count_stddev: float = 0.0
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> Instructions:
         """Decode and validate (the run config is re-validated on this side)."""
+        config = RunConfig.from_flat(json_field(record, keys.CFG_RUN_CONFIG))
         return cls(
-            config=RunConfig.from_flat(json_field(record, keys.CFG_RUN_CONFIG)),
+            config=config,
             backbone_ref=str(record[keys.CFG_BACKBONE_REF]),
             fingerprint=str(record[keys.CFG_BACKBONE_FINGERPRINT]),
             pooling=str(record[keys.CFG_POOLING]),
             labels=tuple(json_field(record, keys.CFG_LABELS)),
             server_round=int(record[keys.CFG_ROUND]),  # type: ignore[arg-type]
             expected_clients=int(record.get(keys.CFG_EXPECTED_CLIENTS, 0)),  # type: ignore[arg-type]
+            dp_clip_norm=float(
+                record.get(keys.CFG_DP_CLIP_NORM, config.dp.clip_norm)  # type: ignore[arg-type]
+            ),
+            dp_noise_multiplier=float(
+                record.get(keys.CFG_DP_NOISE_MULTIPLIER, config.dp.noise_multiplier)  # type: ignore[arg-type]
+            ),
+            dp_count_stddev=float(record.get(keys.CFG_DP_COUNT_STDDEV, 0.0)),  # type: ignore[arg-type]
         )
 
 
@@ -95,9 +108,7 @@ def _site_evaluation_rows(
     (its own domain)."""
     eval_path = str(context.node_config.get("eval-path", ""))
     if eval_path:
-        rows = load_examples(
-            eval_path, config.data.text_column, config.data.label_column
-        )
+        rows = read_rows(eval_path, config.data)
         return [row for row in rows if row.label in labels]
     held = {example.label for example in examples}
     return [
@@ -136,27 +147,19 @@ def train(message: Message, context: Context) -> Message:
 
     # torch and transformers load only here: a SuperNode starts a fresh process for
     # every message, and the secure-aggregation stages need neither.
-    from client import private_training
-    from client.finetune import LocalTraining, train_phase
-    from client.runtime import (
-        cached_features,
-        cached_prefix,
-        encoded_examples,
-        loaded_backbone,
-        rows_key,
-    )
-    from common.evaluation import evaluate
-    from common.model import adapter_state, encoder_digest, load_adapter_state
+    from client.finetune import LocalTraining
+    from client.sites import open_site
 
     lora = adapters.site_lora(config, context.node_config)
-    backbone = loaded_backbone(
+    # The task's model (client.sites): text classifier, causal LM or image classifier.
+    site = open_site(
+        config,
         backbone_dir,
         task.fingerprint,
         lora,
         task.pooling,
-        len(task.labels),
-        config.seed,
-        config.model.quantize,
+        task.labels,
+        cache_dir,
     )
     partition_id, num_partitions = _partition(context)
     examples = client_examples(
@@ -166,14 +169,7 @@ def train(message: Message, context: Context) -> Message:
         num_partitions,
         site_data_path=str(context.node_config.get("data-path", "")),
     )
-    encoded = encoded_examples(
-        examples,
-        task.labels,
-        backbone,
-        task.fingerprint,
-        config.model.max_length,
-        cache_dir,
-    )
+    encoded = site.encode(examples)
     # One seed per site and round: the codec's rounding noise and the batch order.
     round_seed = config.seed * 100_003 + task.server_round * 1_009 + partition_id
     codec = build_codec(
@@ -184,41 +180,25 @@ def train(message: Message, context: Context) -> Message:
     received = from_array_record(message.content.array_records[keys.ADAPTER_RECORD])
     global_state = downlink_codec(codec).decode(received, dense_reference(received))
     start = adapters.starting_state(global_state, config, lora, context)
-    load_adapter_state(backbone.model, start)
+    site.load_state(start)
     phase = config.train.phase(task.server_round)
     plan = LocalTraining.from_config(
         config,
         phase,
         seed=round_seed,
     )
-    sample_epsilon = None
-    if config.dp.sample_level:
-        result, history, sample_epsilon = private_training.dp_sgd(
-            backbone.model,
-            encoded,
-            backbone.pad_id,
-            plan,
-            config.dp,
-            private_training.load_history(context),
-        )
-        private_training.save_history(context, history)
-    else:
-        rows = rows_key(
-            examples, task.labels, task.fingerprint, config.model.max_length
-        )
-        result = train_phase(
-            backbone.model,
-            encoded,
-            backbone.pad_id,
-            plan,
-            phase,
-            lambda: cached_features(backbone, encoded, rows, encoder_digest(start)),
-            lambda: cached_prefix(backbone, encoded, rows, cache_dir),
-        )
-    trained = adapter_state(backbone.model)
+    # With dp.level = sample the text site trains with DP-SGD and reports epsilon.
+    result, sample_epsilon = site.train(encoded, plan, phase, start, context)
+    trained = site.state()
     change = adapters.upload(trained, start, phase, config.aggregation.rule)
+    secure = keys.SECAGG_RECORD in message.content.config_records
+    unclipped = None
     if config.dp.client_level:
-        change = dp.clip_to_norm(change, config.dp.clip_norm)
+        unclipped = dp.is_unclipped(change, task.dp_clip_norm)
+        # Under adaptive clipping a plain sum's coordinator measures each norm
+        # against C itself (it sees each delta anyway): the delta goes up whole.
+        if not (config.dp.adaptive_clip and not secure):
+            change = dp.clip_to_norm(change, task.dp_clip_norm)
     adapters.keep_local(trained, config.aggregation.rule, context)
     log.info(
         "round %d (%s): trained %d samples on %s in %.1fs, loss %.4f",
@@ -238,19 +218,10 @@ def train(message: Message, context: Context) -> Message:
         metrics[keys.SAMPLE_EPSILON] = sample_epsilon
     if config.aggregation.rule == "fedsa":
         own = _site_evaluation_rows(config, context, examples, task.labels)
-        if own:
-            rows = encoded_examples(
-                own,
-                task.labels,
-                backbone,
-                task.fingerprint,
-                config.model.max_length,
-                cache_dir,
-            )
-            metrics[keys.PERSONAL_ACCURACY] = evaluate(
-                backbone.model, rows, backbone.pad_id
-            ).accuracy
-    if keys.SECAGG_RECORD in message.content.config_records:
+        personal = site.accuracy(own) if own else None
+        if personal is not None:
+            metrics[keys.PERSONAL_ACCURACY] = personal
+    if secure:
         # The example count travels only inside the masked vector; under DP every
         # client weighs the same (max-weight encodes as weight 1).
         flat = flatten(change)
@@ -260,7 +231,8 @@ def train(message: Message, context: Context) -> Message:
             task.server_round,
             flat,
             config.secagg.max_weight if config.dp.client_level else result.num_examples,
-            noise=_distributed_noise(config, task.expected_clients, flat.size),
+            noise=_distributed_noise(task, flat.size),
+            tail=_unclipped_bit(task, unclipped),
         )
         content = RecordDict(
             {
@@ -282,24 +254,38 @@ def train(message: Message, context: Context) -> Message:
         }
     )
     if config.aggregation.rule == "fedavg-per-label":
-        counts = np.bincount(encoded.labels, minlength=len(task.labels))
+        counts = site.label_counts(encoded, len(task.labels))
         content[keys.LABEL_COUNTS_RECORD] = to_array_record(
             {"counts": counts.astype(np.float32)}
         )
     return Message(content, reply_to=message)
 
 
-def _distributed_noise(
-    config: RunConfig, expected_clients: int, size: int
-) -> np.ndarray | None:
+def _distributed_noise(task: Instructions, size: int) -> np.ndarray | None:
     """This site's share of the DP noise, ``N(0, (sigma C)^2 / m)`` per coordinate
-    (distributed mode only), from a CSPRNG-seeded generator."""
+    (distributed mode only; the round's ``C`` and delta noise multiplier), from a
+    CSPRNG-seeded generator."""
+    config = task.config
     if not (config.dp.client_level and config.dp.mode == "distributed"):
         return None
     std = dp.distributed_noise_std(
-        config.dp.noise_multiplier, config.dp.clip_norm, expected_clients
+        task.dp_noise_multiplier, task.dp_clip_norm, task.expected_clients
     )
     return dp.gaussian_noise(size, std, dp.secure_generator())
+
+
+def _unclipped_bit(task: Instructions, unclipped: bool | None) -> np.ndarray | None:
+    """Adaptive clipping behind secure aggregation: ``b_i`` (plus, in distributed
+    mode, this site's share ``N(0, sigma_b^2 / m)`` of the count's noise), to ride
+    after the weight inside the masked vector."""
+    if not task.config.dp.adaptive_clip or unclipped is None:
+        return None
+    bit = np.array([float(unclipped)])  # (1,) float64
+    if task.config.dp.mode != "distributed":
+        return bit
+    # m shares of variance sigma_b^2 / m: the count's noise, split like the delta's.
+    std = dp.distributed_noise_std(task.dp_count_stddev, 1.0, task.expected_clients)
+    return bit + dp.gaussian_noise(1, std, dp.secure_generator())
 
 
 @app.query(keys.ACTION_BACKBONE)

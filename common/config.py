@@ -20,6 +20,7 @@ DEFAULTS: dict[str, ConfigValue] = {
     "num-server-rounds": 3,
     "seed": 42,
     "model.name": "minilm",
+    "model.task": "text-cls",
     "model.distribute": "auto",
     "model.max-length": 128,
     "model.pooling": "native",
@@ -35,6 +36,9 @@ DEFAULTS: dict[str, ConfigValue] = {
     "data.test-path": "",
     "data.text-column": "text",
     "data.label-column": "label",
+    "data.prompt-column": "",
+    "data.response-column": "response",
+    "data.image-column": "image",
     "data.labels": "",
     "data.partition": "column:domain",
     "data.dirichlet-alpha": 0.5,
@@ -79,6 +83,10 @@ DEFAULTS: dict[str, ConfigValue] = {
     "dp.noise-multiplier": 1.0,
     "dp.delta": 1e-5,
     "dp.target-epsilon": 0.0,
+    "dp.adaptive-clip": False,
+    "dp.target-quantile": 0.5,
+    "dp.clip-lr": 0.2,
+    "dp.clipped-count-stddev": 0.0,
     "output.dir": "",
     "resume": False,
 }
@@ -124,6 +132,9 @@ DISTRIBUTE_MODES = ("auto", "never")
 POOLING_MODES = ("native", "mean", "cls", "max")
 QUANTISATIONS = ("none", "8bit", "4bit")
 HEAD_INITS = ("label-names", "random")
+#: What is fine-tuned: a text classifier, a causal language model, or an image
+#: classifier.
+TASKS = ("text-cls", "causal-lm", "image-cls")
 TRAIN_MODES = ("lora", "head", "lp-ft")
 #: Where DP noise is added: by the coordinator, or split among the clients.
 DP_MODES = ("central", "distributed")
@@ -216,6 +227,10 @@ class ModelConfig:
         ``none``, or ``4bit`` / ``8bit``: clients load the frozen backbone quantised
         by bitsandbytes (QLoRA) on CUDA; the adapters and the coordinator stay in full
         precision.
+    task : str
+        ``text-cls`` (a text classifier: encoder, pooling, linear head),
+        ``causal-lm`` (a causal language model, no head; evaluated by perplexity) or
+        ``image-cls`` (an image backbone, pooling, linear head).
     """
 
     name: str
@@ -223,6 +238,7 @@ class ModelConfig:
     max_length: int
     pooling: str
     quantize: str = "none"
+    task: str = "text-cls"
 
 
 @dataclass(frozen=True)
@@ -259,7 +275,23 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the rows come from and how they are split into clients."""
+    """Where the rows come from and how they are split into clients.
+
+    Attributes
+    ----------
+    task : str
+        ``model.task``: what a row holds. ``text-cls``: a text and a label;
+        ``causal-lm``: a text the loss covers (``text_column``, or
+        ``response_column`` after the prompt in ``prompt_column``); ``image-cls``:
+        an image file (``image_column``, or an image folder) and a label.
+    prompt_column : str
+        Instruction data (``causal-lm``): the prompt, which conditions the response
+        but carries no loss; empty = plain text, every token carries loss.
+    response_column : str
+        Instruction data: the response, the only tokens that carry loss.
+    image_column : str
+        ``image-cls`` files: the image path, relative to the listing file.
+    """
 
     path: str
     test_path: str
@@ -269,6 +301,10 @@ class DataConfig:
     partition: str
     dirichlet_alpha: float
     holdout_fraction: float
+    task: str = "text-cls"
+    prompt_column: str = ""
+    response_column: str = "response"
+    image_column: str = "image"
 
     @property
     def partition_column(self) -> str | None:
@@ -382,6 +418,14 @@ class CodecConfig:
     name: str
     topk_fraction: float
 
+    @property
+    def secure_ring_bits(self) -> int:
+        """The ring secure aggregation sums in with this codec: 32 bits for
+        ``fp32``; 16 for ``fp16``, ``bf16`` and ``int8``, which then quantise in the
+        fixed-point encoding itself (a rotated delta, stochastic rounding: half of
+        fp32's upload)."""
+        return 32 if self.name == "fp32" else 16
+
 
 @dataclass(frozen=True)
 class SecAggConfig:
@@ -437,6 +481,16 @@ class DpConfig:
         The delta epsilon is reported at.
     target_epsilon : float
         Stop before a round that would take epsilon above this; 0 = no budget.
+    adaptive_clip : bool
+        Adapt ``C`` every round towards the ``target_quantile`` of the clients'
+        update norms (Andrew et al. 2021); ``clip_norm`` is then the first round's.
+    target_quantile : float
+        ``gamma``: the share of clients whose delta should fit within ``C``.
+    clip_lr : float
+        ``eta_C`` of the geometric update ``C <- C exp(-eta_C (b - gamma))``.
+    clipped_count_stddev : float
+        ``sigma_b``, the noise on the count of unclipped clients; 0 = ``m / 20``
+        for ``m`` clients sampled in the first round.
     """
 
     enabled: bool
@@ -446,6 +500,10 @@ class DpConfig:
     noise_multiplier: float
     delta: float
     target_epsilon: float
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clipped_count_stddev: float = 0.0
 
     @property
     def client_level(self) -> bool:
@@ -521,6 +579,7 @@ class RunConfig:
                 v["model.max-length"],
                 v["model.pooling"],
                 v["model.quantize"],
+                task=v["model.task"],
             ),
             head=HeadConfig(v["head.init"], v["head.label-descriptions"]),
             lora=LoraSettings(
@@ -539,6 +598,10 @@ class RunConfig:
                 partition=v["data.partition"],
                 dirichlet_alpha=v["data.dirichlet-alpha"],
                 holdout_fraction=v["data.holdout-fraction"],
+                task=v["model.task"],
+                prompt_column=v["data.prompt-column"],
+                response_column=v["data.response-column"],
+                image_column=v["data.image-column"],
             ),
             sim=SimConfig(
                 v["sim.num-clients"],
@@ -588,6 +651,10 @@ class RunConfig:
                 noise_multiplier=v["dp.noise-multiplier"],
                 delta=v["dp.delta"],
                 target_epsilon=v["dp.target-epsilon"],
+                adaptive_clip=v["dp.adaptive-clip"],
+                target_quantile=v["dp.target-quantile"],
+                clip_lr=v["dp.clip-lr"],
+                clipped_count_stddev=v["dp.clipped-count-stddev"],
             ),
             output_dir=v["output.dir"],
             resume=v["resume"],
@@ -743,11 +810,23 @@ class RunConfig:
             "must be in (0, 1]",
         )
         _require(
-            not (self.secagg.enabled and self.codec.name != "fp32"),
+            not (self.secagg.enabled and self.codec.name == "topk"),
             "codec",
-            f"codec = {self.codec.name} compresses plain uploads, but secure "
-            "aggregation uploads masked 32-bit words of its own fixed-point encoding; "
-            "use codec = fp32 with secagg.enabled = true",
+            "codec = topk sends each client's own choice of coordinates, which masks "
+            "cannot sum; with secagg.enabled = true use fp32 (32-bit ring) or "
+            "fp16, bf16, int8 (16-bit ring: half the upload)",
+        )
+        _require(
+            not (
+                self.secagg.enabled
+                and self.codec.name != "fp32"
+                and self.dp.client_level
+                and self.dp.mode == "distributed"
+            ),
+            "codec",
+            f"codec = {self.codec.name} sums in a 16-bit ring, which has no headroom "
+            "for the clients' noise of dp.mode = distributed; use codec = fp32, or "
+            "dp.mode = central",
         )
         _require(
             not (rule == "flexlora" and self.train.max_update_norm > 0),
@@ -781,6 +860,106 @@ class RunConfig:
         _require(secagg.max_weight >= 1, "secagg.max-weight", "must be >= 1")
         _require(secagg.timeout > 0, "secagg.timeout", "must be > 0 seconds")
         self._validate_dp()
+        self._validate_task()
+
+    def _validate_task(self) -> None:
+        """Refuse settings that have no meaning for ``model.task``, naming the key."""
+        task = self.model.task
+        _require(
+            task in TASKS, "model.task", f"got {task!r}; use one of {', '.join(TASKS)}"
+        )
+        data = self.data
+        _require(
+            task == "causal-lm" or not data.prompt_column,
+            "data.prompt-column",
+            f"is read only with model.task = causal-lm (instruction data); "
+            f"model.task = {task} reads data.text-column or data.image-column",
+        )
+        if task == "text-cls":
+            return
+        _require(
+            self.model.quantize == "none",
+            "model.quantize",
+            f"quantised backbones load for model.task = text-cls only; with "
+            f"model.task = {task} set model.quantize = none",
+        )
+        _require(
+            not (self.dp.enabled and self.dp.level == "sample"),
+            "dp.level",
+            f"dp.level = sample (DP-SGD through Opacus) trains text classifiers only; "
+            f"with model.task = {task} use dp.level = client",
+        )
+        if task == "image-cls":
+            _require(
+                self.head.init == "random",
+                "head.init",
+                "head.init = label-names embeds the label names with a text encoder, "
+                "which an image backbone does not have; set head.init = random for "
+                "model.task = image-cls",
+            )
+            _require(
+                bool(data.path),
+                "data.path",
+                "model.task = image-cls needs images: an image folder (one sub-folder "
+                "per class) or a .csv/.jsonl file listing image paths and labels",
+            )
+            _require(
+                self.aggregation.rule != "flexlora",
+                "aggregation",
+                "aggregation = flexlora refactorises 2-D LoRA factors, but an image "
+                "backbone's adapters may sit on convolutions (4-D factors); use "
+                "another rule with model.task = image-cls",
+            )
+            return
+        # causal-lm: no classification head and no labels.
+        refusals = (
+            (
+                self.model.pooling == "native",
+                "model.pooling",
+                "a causal language model pools nothing; leave model.pooling = native",
+            ),
+            (
+                not self.head.label_descriptions,
+                "head.label-descriptions",
+                "a causal language model has no classification head",
+            ),
+            (
+                self.train.mode == "lora",
+                "train.mode",
+                f"train.mode = {self.train.mode} trains a classification head, which "
+                "a causal language model does not have; use train.mode = lora",
+            ),
+            (
+                self.aggregation.rule != "fedavg-per-label",
+                "aggregation",
+                "fedavg-per-label averages head rows per label, but a causal language "
+                "model has neither; use fedavg or another rule",
+            ),
+            (
+                data.partition != "dirichlet",
+                "data.partition",
+                "dirichlet skews labels, but causal language model rows have none; use "
+                "iid or column:<name>",
+            ),
+            (
+                not data.labels,
+                "data.labels",
+                "a causal language model has no label map; leave data.labels empty",
+            ),
+            (
+                not data.prompt_column or bool(data.path),
+                "data.prompt-column",
+                "instruction data needs data.path (the built-in demo corpus is plain "
+                "text); set data.path or leave data.prompt-column empty",
+            ),
+            (
+                not data.prompt_column or bool(data.response_column),
+                "data.response-column",
+                "name the response column of the instruction data",
+            ),
+        )
+        for condition, key, message in refusals:
+            _require(condition, key, f"{message} (model.task = causal-lm)")
 
     def _validate_dp(self) -> None:
         dp = self.dp
@@ -802,11 +981,42 @@ class RunConfig:
         _require(
             dp.target_epsilon >= 0, "dp.target-epsilon", "must be >= 0 (0 = no budget)"
         )
+        _require(
+            0.0 <= dp.target_quantile <= 1.0,
+            "dp.target-quantile",
+            "must be in [0, 1], e.g. 0.5 (the median norm)",
+        )
+        _require(dp.clip_lr > 0, "dp.clip-lr", "must be > 0, e.g. 0.2")
+        _require(
+            dp.clipped_count_stddev >= 0,
+            "dp.clipped-count-stddev",
+            "must be >= 0 (0 = the clients sampled per round / 20)",
+        )
         if not dp.enabled:
             return
         if dp.level == "sample":
+            _require(
+                not dp.adaptive_clip,
+                "dp.adaptive-clip",
+                "adapts the clip norm of client-level DP; with dp.level = sample "
+                "the per-example clip norm stays dp.clip-norm, so set "
+                "dp.adaptive-clip = false",
+            )
             self._validate_dp_sgd()
             return
+        # Andrew et al. 2021, Thm 1: the delta's noise multiplier is raised to
+        # (z^-2 - (2 sigma_b)^-2)^-1/2, finite only when 2 sigma_b > z. The default
+        # sigma_b = m / 20 depends on the round's sample: checked at the first round.
+        _require(
+            not dp.adaptive_clip
+            or dp.clipped_count_stddev == 0
+            or 2 * dp.clipped_count_stddev > dp.noise_multiplier,
+            "dp.clipped-count-stddev",
+            f"must be above dp.noise-multiplier / 2 = {dp.noise_multiplier / 2:g} "
+            f"(got {dp.clipped_count_stddev:g}) with dp.adaptive-clip = true, or "
+            "the count of unclipped clients alone would spend the whole "
+            "dp.noise-multiplier budget; raise it or lower dp.noise-multiplier",
+        )
         rule = self.aggregation.rule
         _require(
             rule not in RULES_NEEDING_INDIVIDUAL_UPDATES,
@@ -916,6 +1126,7 @@ __all__ = [
     "RunConfig",
     "SecAggConfig",
     "SimConfig",
+    "TASKS",
     "TrainConfig",
     "parse_assignment",
 ]

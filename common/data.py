@@ -60,35 +60,37 @@ def _records_to_examples(
     records: Iterable[tuple[str, Any]],
     path: Path,
     text_column: str,
-    label_column: str,
+    label_column: str | None,
     source: str | None = None,
 ) -> list[Example]:
     examples: list[Example] = []
+    # Without a label column (causal language model text) every label is "".
+    columns = (text_column, label_column) if label_column else (text_column,)
     for where, record in records:
         if not isinstance(record, dict):
             raise DataError(
                 f"{where}: expected an object with named columns, got {record!r:.80}"
             )
-        for column in (text_column, label_column):
+        for column in columns:
             if column not in record:
                 raise DataError(
                     f"{where}: no column '{column}' "
                     f"(columns: {', '.join(map(str, record))}); "
-                    f"set data.text-column / data.label-column to the right names"
+                    "set the key that names it (data.text-column, data.label-column; "
+                    "data.response-column or data.image-column for those tasks)"
                 )
-        text, label = record[text_column], record[label_column]
+        text = record[text_column]
+        label = record[label_column] if label_column else ""
         if not isinstance(text, str) or not text.strip():
             raise DataError(
                 f"{where}: column '{text_column}' must be non-empty text, "
                 f"got {text!r:.80}"
             )
-        if label is None or (isinstance(label, str) and not label.strip()):
+        if label_column and (
+            label is None or (isinstance(label, str) and not label.strip())
+        ):
             raise DataError(f"{where}: column '{label_column}' is empty")
-        extra = {
-            str(k): _as_label(v)
-            for k, v in record.items()
-            if k not in (text_column, label_column)
-        }
+        extra = {str(k): _as_label(v) for k, v in record.items() if k not in columns}
         if source is not None and SOURCE_COLUMN not in record:
             # A file's own ``source`` column wins: it was there before the list was.
             extra[SOURCE_COLUMN] = source
@@ -267,7 +269,7 @@ def resolve_paths(spec: str | Path) -> list[Path]:
     return files
 
 
-def _source_names(files: Sequence[Path]) -> list[str]:
+def source_names(files: Sequence[Path]) -> list[str]:
     """Each file's stem; where two stems clash, every file's path below their common
     folder, so that ``column:source`` never merges two sites by accident."""
     stems = [file.stem for file in files]
@@ -279,7 +281,7 @@ def _source_names(files: Sequence[Path]) -> list[str]:
 
 
 def _load_file(
-    source: Path, text_column: str, label_column: str, source_name: str | None
+    source: Path, text_column: str, label_column: str | None, source_name: str | None
 ) -> list[Example]:
     if source.is_dir():
         records = _saved_dataset_records(source)
@@ -303,7 +305,7 @@ def _load_file(
 
 
 def load_examples(
-    path: str | Path, text_column: str = "text", label_column: str = "label"
+    path: str | Path, text_column: str = "text", label_column: str | None = "label"
 ) -> list[Example]:
     """Load labelled rows from one or several files or ``save_to_disk`` directories.
 
@@ -315,7 +317,8 @@ def load_examples(
         ``datasets.save_to_disk``; or a comma-separated list of such paths and glob
         patterns (see :func:`resolve_paths`).
     text_column, label_column : str
-        Column names of the text and the label.
+        Column names of the text and the label; ``label_column = None`` reads
+        unlabelled text (every label is ``""``).
 
     Returns
     -------
@@ -334,7 +337,7 @@ def load_examples(
     if _names_one_path(path):
         return _load_file(files[0], text_column, label_column, None)
     examples: list[Example] = []
-    for file, name in zip(files, _source_names(files), strict=True):
+    for file, name in zip(files, source_names(files), strict=True):
         examples.extend(_load_file(file, text_column, label_column, name))
     return examples
 

@@ -16,11 +16,17 @@ from common.model import TextClassifier
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean cross-entropy and accuracy over ``num_examples`` rows."""
+    """Mean cross-entropy and accuracy over ``num_examples`` rows.
+
+    For a causal language model (``model.task = causal-lm``) the loss is the mean
+    over the tokens that carry loss, the accuracy is next-token accuracy on them, and
+    ``perplexity`` is ``exp(loss)``; classifiers leave it ``None``.
+    """
 
     loss: float
     accuracy: float
     num_examples: int
+    perplexity: float | None = None
 
 
 @torch.no_grad()

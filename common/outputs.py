@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +87,15 @@ class RunOutputs:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json`` atomically."""
         _write_json_atomically(self.directory / SUMMARY_FILE, summary)
+
+    def write_folder(self, name: str, write: Callable[[Path], None]) -> Path:
+        """Have ``write`` fill a staging folder, then rename it to ``name`` (any
+        task's ``adapter/`` or ``merged/``), replacing an older one."""
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.directory))
+        write(staging)
+        target = self.directory / name
+        _replace_dir(staging, target)
+        return target
 
     def save_adapter(self, model: TextClassifier, labels: tuple[str, ...]) -> Path:
         """PEFT-format adapter (``PeftModel.from_pretrained(backbone, dir)`` loads it)

@@ -30,6 +30,31 @@ def _number(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+#: Metrics where lower is better.
+LOWER_IS_BETTER = frozenset({"eval_perplexity", "eval_loss"})
+
+
+def main_metric(row: Mapping[str, Any]) -> tuple[str, float | None]:
+    """A round's headline metric: ``eval_perplexity`` for a causal language model
+    (lower is better), ``eval_accuracy`` for a classifier."""
+    if row.get("eval_perplexity") is not None:
+        return "eval_perplexity", float(row["eval_perplexity"])
+    value = row.get("eval_accuracy")
+    return "eval_accuracy", None if value is None else float(value)
+
+
+def best_round(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The round with the best headline metric (lowest perplexity, highest
+    accuracy): ``{"metric", "round", "value"}``, or ``None`` without any."""
+    scored = [(row["round"], *main_metric(row)) for row in rows]
+    scored = [entry for entry in scored if entry[2] is not None]
+    if not scored:
+        return None
+    sign = 1.0 if scored[-1][1] in LOWER_IS_BETTER else -1.0
+    server_round, name, value = min(scored, key=lambda entry: sign * entry[2])
+    return {"metric": name, "round": server_round, "value": value}
+
+
 class RoundRecorder:
     """Writes each round's metrics line, logs it, and drives a live progress bar.
 
@@ -86,13 +111,14 @@ class RoundRecorder:
         self.rows.append(row)
         self.outputs.append_metrics(row)
         if self._progress is not None:
+            name, value = main_metric(row)
             self._progress.update(
                 self._task,
                 completed=row["round"],
                 description=(
                     f"round {row['round']}/{self.total_rounds} "
                     f"clients {row.get('clients', 0)}/{row.get('sampled', 0)} "
-                    f"eval_accuracy {row['eval_accuracy']:.4f}"
+                    f"{name} {_number(value)}"
                 ),
             )
         clients = (
@@ -110,6 +136,10 @@ class RoundRecorder:
             _megabytes(row.get("bytes_up")),
             row["seconds"],
         )
+        if row.get("eval_perplexity") is not None:
+            log.info(
+                "round %d eval_perplexity %.4f", row["round"], row["eval_perplexity"]
+            )
 
 
 def totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -129,11 +159,14 @@ def totals(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def summary_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
     """A rich table of every round."""
     table = Table(title=title)
+    # A causal language model's rows also carry perplexity (its headline metric).
+    perplexity = any(row.get("eval_perplexity") is not None for row in rows)
     for column in (
         "round",
         "clients",
         "train loss",
         "eval loss",
+        *(["eval ppl"] if perplexity else []),
         "eval acc",
         "MB up",
         "MB down",
@@ -146,6 +179,7 @@ def summary_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
             str(row.get("clients", "-")),
             _number(row.get("train_loss")),
             _number(row.get("eval_loss")),
+            *([_number(row.get("eval_perplexity"), 2)] if perplexity else []),
             _number(row.get("eval_accuracy")),
             _megabytes(row.get("bytes_up")),
             _megabytes(row.get("bytes_down")),

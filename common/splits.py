@@ -52,6 +52,50 @@ def read_examples(path: str, text_column: str, label_column: str) -> list[Exampl
     return list(_cached_load(path, stamps, text_column, label_column))
 
 
+@lru_cache(maxsize=8)
+def _cached_task_load(
+    path: str,
+    stamps: tuple[tuple[str, float], ...],
+    task: str,
+    columns: tuple[str, ...],
+) -> tuple[Example, ...]:
+    del stamps  # cache key only, as in _cached_load
+    if task == "image-cls":
+        from common.image_data import load_image_examples
+
+        return tuple(load_image_examples(path, *columns))
+    from common.lm_data import load_lm_examples
+
+    return tuple(load_lm_examples(path, *columns))
+
+
+def read_rows(path: str, data: DataConfig) -> list[Example]:
+    """The rows of ``path`` as ``data.task`` reads them, cached per process.
+
+    ``text-cls`` reads texts and labels (:func:`read_examples`); ``causal-lm`` reads
+    plain text or instruction rows (:mod:`common.lm_data`); ``image-cls`` reads image
+    folders and listings (:mod:`common.image_data`).
+    """
+    if data.task == "text-cls":
+        return read_examples(path, data.text_column, data.label_column)
+    columns = (
+        (data.image_column, data.label_column)
+        if data.task == "image-cls"
+        else (data.text_column, data.prompt_column, data.response_column)
+    )
+    files = [os.path.abspath(file) for file in resolve_paths(path)]
+    # An image folder changes when a class folder gains or loses an image.
+    watched = files + [
+        os.path.join(file, entry.name)
+        for file in files
+        if os.path.isdir(file)
+        for entry in os.scandir(file)
+        if entry.is_dir()
+    ]
+    stamps = tuple((file, os.stat(file).st_mtime) for file in watched)
+    return list(_cached_task_load(path, stamps, data.task, columns))
+
+
 @dataclass(frozen=True)
 class Pools:
     """The training pool and the coordinator's evaluation rows of a run."""
@@ -65,17 +109,14 @@ def pools(data: DataConfig, seed: int) -> Pools:
     if not data.path:
         train = demo_train_examples(seed)
         test = (
-            read_examples(data.test_path, data.text_column, data.label_column)
+            read_rows(data.test_path, data)
             if data.test_path
             else demo_test_examples(seed)
         )
         return Pools(train, test)
-    everything = read_examples(data.path, data.text_column, data.label_column)
+    everything = read_rows(data.path, data)
     if data.test_path:
-        return Pools(
-            everything,
-            read_examples(data.test_path, data.text_column, data.label_column),
-        )
+        return Pools(everything, read_rows(data.test_path, data))
     train, held_out = holdout_split(everything, data.holdout_fraction, seed)
     return Pools(train, held_out)
 
@@ -84,13 +125,15 @@ def evaluation_examples(data: DataConfig, seed: int) -> list[Example]:
     """The rows the coordinator evaluates on, without reading ``data.path`` if
     avoidable."""
     if data.test_path:
-        return read_examples(data.test_path, data.text_column, data.label_column)
+        return read_rows(data.test_path, data)
     return pools(data, seed).test
 
 
 def run_labels(data: DataConfig, seed: int) -> tuple[str, ...]:
     """The run's label map: ``data.labels`` if given, else every label the
-    coordinator sees."""
+    coordinator sees; none for a causal language model."""
+    if data.task == "causal-lm":
+        return ()
     if data.labels:
         return data.labels
     if data.test_path and data.path:
@@ -130,7 +173,7 @@ def client_examples(
         When the file cannot be read or the client would get no rows.
     """
     if site_data_path:
-        return read_examples(site_data_path, data.text_column, data.label_column)
+        return read_rows(site_data_path, data)
     if not 0 <= partition_id < num_partitions:
         raise DataError(
             f"partition-id {partition_id} is outside 0..{num_partitions - 1}; "

@@ -8,7 +8,7 @@ import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,7 +32,16 @@ from common.model import (
     trainable_parameter_count,
 )
 from common.outputs import RunOutputs
-from common.reporting import RoundRecorder, print_table, summary_table, totals
+from common.reporting import (
+    RoundRecorder,
+    best_round,
+    print_table,
+    summary_table,
+    totals,
+)
+
+if TYPE_CHECKING:
+    from common.tasks import RunBench
 
 log = logging.getLogger(__name__)
 
@@ -192,21 +201,7 @@ class Workbench:
         extra : Mapping, optional
             More top-level entries for ``summary.json`` (how the run ended, privacy).
         """
-        recorder.close()
-        self.export(outputs, state)
-        outputs.write_summary(
-            {
-                "kind": kind,
-                "config": self.config.as_dict(),
-                "backbone": self.backbone_facts(),
-                "labels": list(self.labels),
-                "final": recorder.rows[-1],
-                "totals": totals(recorder.rows),
-                "wall_seconds": round(time.perf_counter() - started, 2),
-            }
-            | dict(extra or {})
-        )
-        print_table(summary_table(f"{kind} run: {outputs.directory}", recorder.rows))
+        finish_run(self, kind, outputs, recorder, state, started, extra)
 
     def backbone_facts(self) -> dict[str, object]:
         """Name, fingerprint, pooling and sizes for ``summary.json``."""
@@ -224,3 +219,32 @@ class Workbench:
             "float32_bytes": encoder_params * 4,
             "trainable_parameters": trainable_parameter_count(self.model),
         }
+
+
+def finish_run(
+    bench: RunBench,
+    kind: str,
+    outputs: RunOutputs,
+    recorder: RoundRecorder,
+    state: AdapterState,
+    started: float,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Export ``state`` with ``bench``, write ``summary.json`` and print the
+    per-round table (any task's workbench; see :meth:`Workbench.finish_run`)."""
+    recorder.close()
+    bench.export(outputs, state)
+    outputs.write_summary(
+        {
+            "kind": kind,
+            "config": bench.config.as_dict(),
+            "backbone": bench.backbone_facts(),
+            "labels": list(bench.labels),
+            "final": recorder.rows[-1],
+            "best": best_round(recorder.rows),
+            "totals": totals(recorder.rows),
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        }
+        | dict(extra or {})
+    )
+    print_table(summary_table(f"{kind} run: {outputs.directory}", recorder.rows))

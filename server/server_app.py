@@ -12,6 +12,7 @@ A run, as data::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from common.config import RunConfig
 from common.outputs import RunOutputs, default_output_dir
 from common.reporting import RoundRecorder
 from common.splits import evaluation_examples, run_labels
-from common.workbench import Workbench
+from common.tasks import open_bench
 from server.aggregation import build_rule
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.privacy import ClientLevelDP, privacy_summary
@@ -54,9 +55,8 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         config.check_resumable_from(resumed.config)
         log.info("resuming %s after round %d", output_dir, resumed.server_round)
     labels = run_labels(config.data, config.seed)
-    bench = Workbench.open(
-        config, labels, evaluation_examples(config.data, config.seed)
-    )
+    # The task's workbench (common.tasks): text classifier, causal LM or images.
+    bench = open_bench(config, labels, evaluation_examples(config.data, config.seed))
     completed = resumed.rows if resumed else ()
     outputs = RunOutputs(output_dir, completed)
     recorder = RoundRecorder(outputs, config.num_server_rounds, completed)
@@ -65,12 +65,15 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
     codec = build_codec(config.codec.name, config.codec.topk_fraction, config.seed)
     if resumed is not None and isinstance(rule, StatefulRule):
         rule.load_state_arrays(resumed.rule_state)
-    privacy = ClientLevelDP(config.dp, completed) if config.dp.client_level else None
-    # Distributed DP: the clients' noise, sigma * C in all, rides in the secure sum.
-    summed_noise = (
-        config.dp.noise_multiplier * config.dp.clip_norm
-        if config.dp.client_level and config.dp.mode == "distributed"
-        else 0.0
+    privacy = (
+        ClientLevelDP(
+            config.dp,
+            completed,
+            # Adaptive clipping stays within the bound the secure sum is sized for.
+            clip_ceiling=config.secagg.clip_norm if config.secagg.enabled else math.inf,
+        )
+        if config.dp.client_level
+        else None
     )
 
     def after_round(metrics: dict[str, Any], state: AdapterState) -> None:
@@ -86,7 +89,14 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
             config.model.name, bench.fingerprint, bench.pooling, bench.backbone_dir
         ),
         labels=labels,
-        summer=SecureSum(config.secagg, config.seed, summed_noise)
+        # With client-level DP the clients' noise (distributed mode) and unclipped
+        # bits (adaptive clipping) ride in the secure sum, sized afresh each round.
+        summer=SecureSum(
+            config.secagg,
+            config.seed,
+            extras=privacy.ring_extras if privacy is not None else None,
+            ring_bits=config.codec.secure_ring_bits,
+        )
         if config.secagg.enabled
         else PlainSum(
             codec,

@@ -121,29 +121,41 @@ class RoundReport:
         extras = personal_metrics | self.privacy
         if site_epsilons:
             extras["sample_epsilon_max"] = float(max(site_epsilons))
-        return {
-            "round": self.server_round,
-            "phase": self.phase,
-            "sampled": self.sampled,
-            "clients": self.clients,
-            # Node ids as text: they are uint64 and JSON readers often use doubles.
-            "participants": [str(node) for node in self.participants],
-            "failed": self.failed,
-            "rejected": self.rejected,
-            "train_loss": train_loss,
-            "train_samples": int(
-                sum(m.get(keys.TRAIN_SAMPLES, 0) for m in self.client_metrics)
-            ),
-            "clients_on_cuda": int(
-                sum(m.get(keys.ON_CUDA, 0) for m in self.client_metrics)
-            ),
-            "eval_loss": evaluation.loss,
-            "eval_accuracy": evaluation.accuracy,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "bytes_backbone": self.bytes_backbone,
-            "seconds": round(seconds, 3),
-        } | extras
+        return (
+            {
+                "round": self.server_round,
+                "phase": self.phase,
+                "sampled": self.sampled,
+                "clients": self.clients,
+                # Node ids as text: they are uint64 and JSON readers often use doubles.
+                "participants": [str(node) for node in self.participants],
+                "failed": self.failed,
+                "rejected": self.rejected,
+                "train_loss": train_loss,
+                "train_samples": int(
+                    sum(m.get(keys.TRAIN_SAMPLES, 0) for m in self.client_metrics)
+                ),
+                "clients_on_cuda": int(
+                    sum(m.get(keys.ON_CUDA, 0) for m in self.client_metrics)
+                ),
+                "eval_loss": evaluation.loss,
+                "eval_accuracy": evaluation.accuracy,
+                "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down,
+                "bytes_backbone": self.bytes_backbone,
+                "seconds": round(seconds, 3),
+            }
+            | extras
+            | _perplexity(evaluation)
+        )
+
+
+def _perplexity(evaluation: EvalResult) -> dict[str, float]:
+    """``eval_perplexity`` for a causal language model (lower is better); nothing
+    for a classifier."""
+    if evaluation.perplexity is None:
+        return {}
+    return {"eval_perplexity": evaluation.perplexity}
 
 
 @dataclass(frozen=True)
@@ -315,8 +327,9 @@ class FederatedLoRA:
         return [nodes[int(position)] for position in sorted(chosen)]
 
     def instructions(self, server_round: int, expected_clients: int) -> ConfigRecord:
-        """The round's instructions: backbone identity, label map, run config and
-        ``m``, the clients sampled (each adds 1/m of the noise in distributed DP)."""
+        """The round's instructions: backbone identity, label map, run config,
+        ``m``, the clients sampled (each adds 1/m of the noise in distributed DP),
+        and with client-level DP the round's clip norm and noise."""
         return ConfigRecord(
             {
                 keys.CFG_BACKBONE_REF: self.backbone.reference,
@@ -326,6 +339,7 @@ class FederatedLoRA:
                 keys.CFG_RUN_CONFIG: json.dumps(dict(self.config.flat)),
                 keys.CFG_ROUND: server_round,
                 keys.CFG_EXPECTED_CLIENTS: expected_clients,
+                **(self.privacy.instructions() if self.privacy is not None else {}),
             }
         )
 

@@ -88,8 +88,9 @@ def check_data(config: RunConfig) -> int:
     num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
     clients = all_client_examples(config.data, config.seed, num_clients)
     labels = run_labels(config.data, config.seed)
-    for rows in clients:
-        encode_labels(rows, labels)
+    if config.model.task != "causal-lm":  # a language model's rows have no labels
+        for rows in clients:
+            encode_labels(rows, labels)
     if config.secagg.enabled:
         FixedPoint.for_clients(
             num_clients, config.secagg.clip_norm, config.secagg.max_weight
@@ -152,8 +153,14 @@ def simulate(config: RunConfig) -> Path:
             f"the simulation ended without writing {output_dir / SUMMARY_FILE}; "
             "see the log above"
         )
-    if config.sim.local_baseline:
+    if config.sim.local_baseline and config.model.task == "text-cls":
         _compare_with_local_training(config, output_dir)
+    elif config.sim.local_baseline:
+        log.info(
+            "sim.local-baseline: the clients-alone comparison covers model.task = "
+            "text-cls; skipped for %s",
+            config.model.task,
+        )
     return output_dir
 
 
@@ -210,7 +217,19 @@ def _parser() -> argparse.ArgumentParser:
         "predict", help="classify texts with a merged/ folder or an export"
     )
     predict.add_argument("model_dir", help="a run's merged/ folder or an export")
-    predict.add_argument("texts", nargs="+")
+    predict.add_argument("texts", nargs="+", help="texts, or image files (image-cls)")
+    generate = commands.add_parser(
+        "generate", help="continue a prompt with a causal-lm run's merged model"
+    )
+    generate.add_argument("model_dir", help="a causal-lm run, its merged/ or export")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    demo = commands.add_parser(
+        "make-task-demo",
+        help="write tiny offline backbones and data for the causal-lm and image-cls "
+        "demo configs",
+    )
+    demo.add_argument("out_dir", nargs="?", default="runs/task-demo")
     export = commands.add_parser("export", help="write a run's merged model elsewhere")
     export.add_argument("run_dir", help="a run's output.dir (or its merged/ folder)")
     export.add_argument("--format", choices=("hf", "onnx"), default="hf")
@@ -230,12 +249,48 @@ def _keys(arguments: argparse.Namespace) -> None:
 
 
 def _predict(arguments: argparse.Namespace) -> None:
-    from common.inference import load_classifier
+    from common.inference import MergedClassifier, OnnxClassifier, load_classifier
+    from common.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, read_task
+    from common.vision import MergedImageClassifier
 
-    classifier = load_classifier(arguments.model_dir)
+    task = read_task(Path(arguments.model_dir))
+    if task == CAUSAL_LM:
+        raise ExportError(
+            f"{arguments.model_dir} is a causal language model; use "
+            "`fedgraft generate DIR PROMPT`"
+        )
+    classifier: MergedClassifier | OnnxClassifier | MergedImageClassifier
+    if task == IMAGE_CLASSIFICATION:
+        classifier = MergedImageClassifier.load(arguments.model_dir)
+    else:
+        classifier = load_classifier(arguments.model_dir)
     predictions = classifier.predict(arguments.texts)
     for text, (label, probability) in zip(arguments.texts, predictions, strict=True):
         print(f"{label}\t{probability:.3f}\t{text}")
+
+
+def _generate(arguments: argparse.Namespace) -> None:
+    from common.causal_lm import generate
+    from common.tasks import CAUSAL_LM, read_task
+    from simulations.export import merged_dir
+
+    folder = merged_dir(Path(arguments.model_dir))
+    task = read_task(folder)
+    if task != CAUSAL_LM:
+        raise ExportError(
+            f"{folder} holds a {task} model; `generate` needs a causal-lm run "
+            "(`fedgraft predict` classifies)"
+        )
+    if arguments.max_new_tokens < 1:
+        raise ExportError("--max-new-tokens must be at least 1")
+    print(generate(folder, arguments.prompt, arguments.max_new_tokens))
+
+
+def _make_task_demo(arguments: argparse.Namespace) -> None:
+    from simulations.task_demo import write_task_demo
+
+    for name, path in write_task_demo(Path(arguments.out_dir)).items():
+        print(f"{name}\t{path}")
 
 
 def _export(arguments: argparse.Namespace) -> None:
@@ -269,6 +324,12 @@ def _train(arguments: argparse.Namespace) -> None:
         config = load_config(arguments.config, arguments.set)
     if arguments.command == "simulate":
         print(f"outputs: {simulate(config)}")
+    elif config.model.task != "text-cls":
+        raise ConfigError(
+            f"model.task = {config.model.task}: `fedgraft centralized` trains text "
+            "classifiers; run `fedgraft simulate` with sim.num-clients = 1 for a "
+            "single-site baseline"
+        )
     else:
         from simulations.baselines import train_centralized
 
@@ -279,6 +340,8 @@ def _train(arguments: argparse.Namespace) -> None:
 _COMMANDS = {
     "keys": _keys,
     "predict": _predict,
+    "generate": _generate,
+    "make-task-demo": _make_task_demo,
     "export": _export,
     "inspect": _inspect,
     "report": _report,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from common.outputs import MERGED_DIR
+from common.tasks import TASK_FILE, TEXT_CLASSIFICATION, read_task
 
 ONNX_FILE = "model.onnx"
 EXPORT_FORMATS = ("hf", "onnx")
@@ -32,13 +33,15 @@ def merged_dir(run_or_merged: Path) -> Path:
         When neither holds a merged model.
     """
     for candidate in (run_or_merged / MERGED_DIR, run_or_merged):
-        if (candidate / "fedgraft_head.json").exists():
+        markers = ("fedgraft_head.json", TASK_FILE)
+        if any((candidate / name).exists() for name in markers):
             return candidate
     raise ExportError(f"{run_or_merged}: no merged model; point at a run's output.dir")
 
 
 def export_hf(source: Path, out: Path) -> Path:
-    """Copy the merged Hugging Face folder (encoder, head, tokenizer, labels)."""
+    """Copy the merged Hugging Face folder (encoder, head, tokenizer, labels; for a
+    causal LM, the merged ``AutoModelForCausalLM`` folder and its tokenizer)."""
     shutil.copytree(source, out, dirs_exist_ok=True)
     return out
 
@@ -110,4 +113,10 @@ def export_run(run_or_merged: Path, fmt: str, out: Path) -> Path:
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"--format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
     source = merged_dir(run_or_merged)
+    task = read_task(source)
+    if fmt == "onnx" and task != TEXT_CLASSIFICATION:
+        raise ExportError(
+            f"--format onnx exports text classifiers; this {task} model exports with "
+            "--format hf (a Hugging Face folder)"
+        )
     return export_hf(source, out) if fmt == "hf" else export_onnx(source, out)

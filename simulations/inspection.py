@@ -19,7 +19,7 @@ from rich.text import Text
 
 from common.config import DEFAULTS
 from common.outputs import METRICS_FILE, SUMMARY_FILE
-from common.reporting import summary_table, totals
+from common.reporting import best_round, summary_table, totals
 
 #: Characters of the backbone's sha256 fingerprint shown (as elsewhere in logs).
 SHORT_FINGERPRINT = 12
@@ -174,6 +174,13 @@ def _totals_table(
     table.add_row("rejected updates", str(summed.get("rejected", 0)))
     table.add_row("failed replies", str(summed.get("failed", 0)))
     table.add_row("final eval accuracy", "-" if accuracy is None else f"{accuracy:.4f}")
+    if final.get("eval_perplexity") is not None:  # a causal language model
+        table.add_row("final eval perplexity", f"{final['eval_perplexity']:.4f}")
+    best = best_round(rows)
+    if best is not None:
+        table.add_row(
+            f"best {best['metric']}", f"{best['value']:.4f} (round {best['round']})"
+        )
     baseline = (summary or {}).get("local_baseline")
     if isinstance(baseline, Mapping) and baseline.get("best_accuracy") is not None:
         table.add_row("best client trained alone", f"{baseline['best_accuracy']:.4f}")

@@ -55,13 +55,19 @@ def _title(directory: Path, summary: Mapping[str, Any] | None, what: str) -> str
 def plot_accuracy_loss(
     rows: Sequence[Mapping[str, Any]], path: Path, title: str
 ) -> Path:
-    """Eval accuracy, eval loss and (where present) train loss per round."""
+    """Eval accuracy (a causal language model: eval perplexity), eval loss and
+    (where present) train loss per round."""
     figure = Figure(figsize=(7, 6), layout="constrained")
     accuracy_axes, loss_axes = figure.subplots(2, 1, sharex=True)
-    rounds, accuracy = _series(rows, "eval_accuracy")
-    accuracy_axes.plot(rounds, accuracy, marker="o", color="tab:green")
-    accuracy_axes.set_ylabel("eval accuracy")
-    accuracy_axes.set_ylim(0, 1.02)
+    rounds, perplexity = _series(rows, "eval_perplexity")
+    if perplexity:
+        accuracy_axes.plot(rounds, perplexity, marker="o", color="tab:green")
+        accuracy_axes.set_ylabel("eval perplexity (lower is better)")
+    else:
+        rounds, accuracy = _series(rows, "eval_accuracy")
+        accuracy_axes.plot(rounds, accuracy, marker="o", color="tab:green")
+        accuracy_axes.set_ylabel("eval accuracy")
+        accuracy_axes.set_ylim(0, 1.02)
     accuracy_axes.grid(alpha=0.3)
     for key, colour in (("eval_loss", "tab:red"), ("train_loss", "tab:blue")):
         rounds, values = _series(rows, key)

@@ -1,0 +1,148 @@
+"""A causal language model at a site (``model.task = causal-lm``): loaded once per
+process, rows tokenised once (in memory, and on the site's disk for deployments,
+where every message starts a fresh process), and trained on the tokens that carry
+loss."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+from transformers import PreTrainedTokenizerBase
+
+from client.finetune import FinetuneResult, LocalTraining
+from client.runtime import pick_device
+from client.task_training import train_steps
+from common.causal_lm import (
+    CausalLanguageModel,
+    collate_lm,
+    lm_adapter_state,
+    load_causal_lm,
+    load_lm_adapter_state,
+    load_lm_tokenizer,
+    token_losses,
+)
+from common.codec import AdapterState
+from common.config import LoraSettings, RunConfig
+from common.data import Example
+from common.lm_data import LmEncoded, encode_lm, load_lm_encoded, save_lm_encoded
+
+log = logging.getLogger(__name__)
+
+_Loaded = tuple[CausalLanguageModel, PreTrainedTokenizerBase, int]
+_MODELS: dict[tuple[str, LoraSettings], _Loaded] = {}
+_ENCODED: dict[str, LmEncoded] = {}
+_MAX_ENCODED = 32
+
+
+def lm_rows_key(
+    examples: list[Example], fingerprint: str, max_length: int, prompt_column: str
+) -> str:
+    """A digest of what the tokenised rows depend on."""
+    digest = hashlib.sha256(f"lm|{fingerprint}|{max_length}|{prompt_column}".encode())
+    for example in examples:
+        prompt = example.extra.get(prompt_column, "") if prompt_column else ""
+        digest.update(prompt.encode() + b"\0" + example.text.encode() + b"\n")
+    return digest.hexdigest()
+
+
+@dataclass
+class CausalLMSite:
+    """The site's causal LM, tokenizer and settings."""
+
+    config: RunConfig
+    model: CausalLanguageModel
+    tokenizer: PreTrainedTokenizerBase
+    pad_id: int
+    fingerprint: str
+    cache_dir: Path | None
+
+    def encode(self, examples: list[Example]) -> LmEncoded:
+        """Tokenise the rows once: from memory, from the site's disk, or afresh."""
+        data, max_length = self.config.data, self.config.model.max_length
+        key = lm_rows_key(examples, self.fingerprint, max_length, data.prompt_column)
+        if key in _ENCODED:
+            return _ENCODED[key]
+        stored = (
+            self.cache_dir / "tokens" / f"{key}.npz"
+            if self.cache_dir is not None
+            else None
+        )
+        if stored is not None and stored.exists():
+            encoded = load_lm_encoded(stored)
+        else:
+            encoded = encode_lm(
+                self.tokenizer, examples, data.prompt_column, max_length
+            )
+            if stored is not None:
+                save_lm_encoded(encoded, stored)
+        if len(_ENCODED) >= _MAX_ENCODED:  # bounded memory across virtual clients
+            _ENCODED.pop(next(iter(_ENCODED)))
+        _ENCODED[key] = encoded
+        return encoded
+
+    def load_state(self, state: AdapterState) -> None:
+        load_lm_adapter_state(self.model, state)
+
+    def train(
+        self,
+        rows: LmEncoded,
+        plan: LocalTraining,
+        phase: str,
+        start: AdapterState,
+        context: Context,
+    ) -> tuple[FinetuneResult, float | None]:
+        """Fine-tune the adapters; the loss is the mean over a batch's tokens that
+        carry loss (config validation leaves ``phase = lora`` only)."""
+        del start, context  # no cached features and no DP-SGD for a language model
+        if phase != "lora":
+            raise ValueError(f"a causal language model trains LoRA only, not {phase}")
+        device = next(self.model.parameters()).device
+
+        def step_loss(batch_rows: list[int]) -> tuple[torch.Tensor, int]:
+            batch = collate_lm(rows, batch_rows, self.pad_id)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            logits = self.model(batch["input_ids"], batch["attention_mask"])
+            summed, tokens, _ = token_losses(logits, batch["labels"])
+            return summed / max(tokens, 1), tokens
+
+        return train_steps(
+            self.model, [len(ids) for ids in rows.ids], step_loss, plan
+        ), None
+
+    def state(self) -> AdapterState:
+        return lm_adapter_state(self.model)
+
+    def accuracy(self, examples: list[Example]) -> float | None:
+        """``None``: a language model has no labels (FedSA reports no personal
+        accuracy)."""
+        return None
+
+    def label_counts(self, rows: LmEncoded, num_labels: int) -> np.ndarray:
+        raise ValueError("a causal language model has no labels to count")
+
+
+def open_causal_lm_site(
+    config: RunConfig,
+    backbone_dir: Path,
+    fingerprint: str,
+    lora: LoraSettings,
+    cache_dir: Path | None,
+) -> CausalLMSite:
+    """The process's causal LM for this backbone and LoRA shape, loaded once (only
+    the latest is kept, to bound memory)."""
+    key = (fingerprint, lora)
+    if key not in _MODELS:
+        _MODELS.clear()
+        device = pick_device()
+        model = load_causal_lm(backbone_dir, lora, config.seed, device)
+        tokenizer, pad_id = load_lm_tokenizer(backbone_dir)
+        _MODELS[key] = (model, tokenizer, pad_id)
+        log.info("loaded causal LM %s on %s", fingerprint[:12], device)
+    model, tokenizer, pad_id = _MODELS[key]
+    return CausalLMSite(config, model, tokenizer, pad_id, fingerprint, cache_dir)

@@ -1,0 +1,147 @@
+"""An image classifier at a site (``model.task = image-cls``): loaded once per
+process, each image read and preprocessed once per process (pixels are kept in
+memory, not on disk: they are larger than the files), and trained end to end or, in
+head-only rounds, on pooled features computed once per adapter state."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from torch.nn import functional as F
+
+from client.finetune import FinetuneResult, LocalTraining, train_head
+from client.runtime import pick_device
+from client.task_training import train_steps
+from common.codec import AdapterState
+from common.config import LoraSettings, RunConfig
+from common.data import Example
+from common.features import FeatureCache
+from common.model import encoder_digest
+from common.vision import (
+    ImageClassifier,
+    ImageEncoded,
+    encode_images,
+    evaluate_images,
+    image_adapter_state,
+    image_features,
+    load_image_adapter_state,
+    load_image_classifier,
+    load_image_processor,
+)
+
+log = logging.getLogger(__name__)
+
+_MODELS: dict[tuple[str, LoraSettings, str, int], tuple[ImageClassifier, Any]] = {}
+_ENCODED: dict[str, ImageEncoded] = {}
+_MAX_ENCODED = 8
+_FEATURES = FeatureCache(capacity=8)
+
+
+def image_rows_key(
+    examples: list[Example], labels: tuple[str, ...], fingerprint: str
+) -> str:
+    """A digest of the images (path, size, modification time), labels and backbone."""
+    digest = hashlib.sha256(f"image|{fingerprint}|{'|'.join(labels)}".encode())
+    for example in examples:
+        path = Path(example.text)
+        size, modified = (
+            (path.stat().st_size, path.stat().st_mtime_ns)
+            if path.exists()
+            else (-1, -1)
+        )
+        line = f"{example.text}\0{example.label}\0{size}\0{modified}\n"
+        digest.update(line.encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class VisionSite:
+    """The site's image classifier, image processor and label map."""
+
+    config: RunConfig
+    model: ImageClassifier
+    processor: Any
+    labels: tuple[str, ...]
+    fingerprint: str
+
+    def encode(self, examples: list[Example]) -> ImageEncoded:
+        """Preprocess the images once per process."""
+        key = image_rows_key(examples, self.labels, self.fingerprint)
+        if key not in _ENCODED:
+            if len(_ENCODED) >= _MAX_ENCODED:  # bounded memory across clients
+                _ENCODED.pop(next(iter(_ENCODED)))
+            encoded = encode_images(self.processor, examples, self.labels)
+            _ENCODED[key] = dataclasses.replace(encoded, key=key)
+        return _ENCODED[key]
+
+    def load_state(self, state: AdapterState) -> None:
+        load_image_adapter_state(self.model, state)
+
+    def train(
+        self,
+        rows: ImageEncoded,
+        plan: LocalTraining,
+        phase: str,
+        start: AdapterState,
+        context: Context,
+    ) -> tuple[FinetuneResult, float | None]:
+        """``head``: the head alone on pooled features (cached per adapter state);
+        ``lora``: adapters and head end to end."""
+        del context  # no DP-SGD for images (config validation refuses it)
+        if phase == "head":
+            features = _FEATURES.get(
+                rows.key,
+                encoder_digest(start),
+                lambda: image_features(self.model, rows),
+            )
+            return train_head(self.model.head, features, rows.labels, plan), None
+        device = self.model.head.weight.device
+        targets = torch.from_numpy(rows.labels)
+
+        def step_loss(batch_rows: list[int]) -> tuple[torch.Tensor, int]:
+            index = torch.as_tensor(batch_rows)
+            logits = self.model(rows.pixels[index].to(device, non_blocking=True))
+            loss = F.cross_entropy(logits.float(), targets[index].to(device))
+            return loss, len(batch_rows)
+
+        return train_steps(self.model, [1] * len(rows), step_loss, plan), None
+
+    def state(self) -> AdapterState:
+        return image_adapter_state(self.model)
+
+    def accuracy(self, examples: list[Example]) -> float | None:
+        return evaluate_images(self.model, self.encode(examples)).accuracy
+
+    def label_counts(self, rows: ImageEncoded, num_labels: int) -> np.ndarray:
+        return np.bincount(rows.labels, minlength=num_labels)
+
+
+def open_vision_site(
+    config: RunConfig,
+    backbone_dir: Path,
+    fingerprint: str,
+    lora: LoraSettings,
+    pooling: str,
+    labels: tuple[str, ...],
+) -> VisionSite:
+    """The process's image classifier for this backbone, LoRA shape, pooling and
+    label count, loaded once (only the latest is kept, to bound memory)."""
+    key = (fingerprint, lora, pooling, len(labels))
+    if key not in _MODELS:
+        _MODELS.clear()
+        device = pick_device()
+        model = load_image_classifier(
+            backbone_dir, lora, pooling, len(labels), config.seed, device
+        )
+        _MODELS[key] = (model, load_image_processor(backbone_dir))
+        log.info("loaded image backbone %s on %s", fingerprint[:12], device)
+    model, processor = _MODELS[key]
+    return VisionSite(config, model, processor, labels, fingerprint)
