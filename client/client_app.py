@@ -211,11 +211,14 @@ def train(message: Message, context: Context) -> Message:
     )
     metrics = {
         keys.TRAIN_LOSS: result.train_loss,
-        keys.TRAIN_SECONDS: result.seconds,
         keys.ON_CUDA: int(result.device == "cuda"),
     }
-    if sample_epsilon is not None:
-        metrics[keys.SAMPLE_EPSILON] = sample_epsilon
+    # Training time and a DP-SGD epsilon both follow the site's row count, which
+    # secure aggregation keeps inside the mask: they go up only in plain rounds.
+    if not secure:
+        metrics[keys.TRAIN_SECONDS] = result.seconds
+        if sample_epsilon is not None:
+            metrics[keys.SAMPLE_EPSILON] = sample_epsilon
     if config.aggregation.rule == "fedsa":
         own = _site_evaluation_rows(config, context, examples, task.labels)
         personal = site.accuracy(own) if own else None
@@ -275,12 +278,12 @@ def _distributed_noise(task: Instructions, size: int) -> np.ndarray | None:
 
 
 def _unclipped_bit(task: Instructions, unclipped: bool | None) -> np.ndarray | None:
-    """Adaptive clipping behind secure aggregation: ``b_i`` (plus, in distributed
-    mode, this site's share ``N(0, sigma_b^2 / m)`` of the count's noise), to ride
-    after the weight inside the masked vector."""
+    """Adaptive clipping behind secure aggregation: the centred bit ``b_i - 1/2``
+    (plus, in distributed mode, this site's share ``N(0, sigma_b^2 / m)`` of the
+    count's noise), to ride after the weight inside the masked vector."""
     if not task.config.dp.adaptive_clip or unclipped is None:
         return None
-    bit = np.array([float(unclipped)])  # (1,) float64
+    bit = np.array([dp.centred_bit(unclipped)])  # (1,) float64
     if task.config.dp.mode != "distributed":
         return bit
     # m shares of variance sigma_b^2 / m: the count's noise, split like the delta's.

@@ -40,6 +40,7 @@ class LoadedBackbone:
     model: TextClassifier
     tokenizer: PreTrainedTokenizerBase
     pad_id: int
+    quantize: str = "none"
 
 
 _MODELS: dict[tuple[str, LoraSettings, str, int, str], LoadedBackbone] = {}
@@ -73,7 +74,7 @@ def loaded_backbone(
         model = attach_lora(encoder, lora, pooling, num_labels, seed)
         tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        _MODELS[key] = LoadedBackbone(model, tokenizer, pad_id)
+        _MODELS[key] = LoadedBackbone(model, tokenizer, pad_id, quantize)
         log.info("loaded backbone %s on %s", fingerprint[:12], device)
     return _MODELS[key]
 
@@ -152,11 +153,12 @@ def cached_prefix(
     """The output of the frozen layers for the client's rows (``lora.layers``),
     computed once: from memory, from the site's disk, or afresh.
 
-    Those layers carry no adapter, so their output depends only on the backbone and
-    the tokens (``key``, from ``rows_key``), never on the round.
+    Those layers carry no adapter, so their output depends only on the backbone, its
+    precision (``model.quantize``) and the tokens (``key``, from ``rows_key``), never
+    on the round.
     """
     depth = backbone.model.prefix_depth
-    key = f"{key}|prefix-{depth}"
+    key = f"{key}|prefix-{depth}|{backbone.quantize}"
     if key in _PREFIXES:
         return _PREFIXES[key]
     name = hashlib.sha256(key.encode()).hexdigest()

@@ -821,12 +821,12 @@ class RunConfig:
                 self.secagg.enabled
                 and self.codec.name != "fp32"
                 and self.dp.client_level
-                and self.dp.mode == "distributed"
             ),
             "codec",
-            f"codec = {self.codec.name} sums in a 16-bit ring, which has no headroom "
-            "for the clients' noise of dp.mode = distributed; use codec = fp32, or "
-            "dp.mode = central",
+            f"codec = {self.codec.name} sums in a 16-bit ring, whose coarse stochastic "
+            "rounding can push a clipped delta past dp.clip-norm (the noise is "
+            "calibrated to it) and has no headroom for distributed noise; use "
+            "codec = fp32 with client-level DP behind secure aggregation",
         )
         _require(
             not (rule == "flexlora" and self.train.max_update_norm > 0),
@@ -877,6 +877,12 @@ class RunConfig:
         )
         if task == "text-cls":
             return
+        _require(
+            self.lora.layers == 0,
+            "lora.layers",
+            "the frozen-prefix cache adapts the top layers of a text encoder only; "
+            f"set lora.layers = 0 for model.task = {task}",
+        )
         _require(
             self.model.quantize == "none",
             "model.quantize",
@@ -992,6 +998,12 @@ class RunConfig:
             "dp.clipped-count-stddev",
             "must be >= 0 (0 = the clients sampled per round / 20)",
         )
+        _require(
+            dp.enabled or not dp.adaptive_clip,
+            "dp.adaptive-clip",
+            "adapts the clip norm of client-level DP, which is off; set "
+            "dp.enabled = true or dp.adaptive-clip = false",
+        )
         if not dp.enabled:
             return
         if dp.level == "sample":
@@ -1016,6 +1028,18 @@ class RunConfig:
             f"(got {dp.clipped_count_stddev:g}) with dp.adaptive-clip = true, or "
             "the count of unclipped clients alone would spend the whole "
             "dp.noise-multiplier budget; raise it or lower dp.noise-multiplier",
+        )
+        _require(
+            not (
+                dp.adaptive_clip
+                and not self.secagg.enabled
+                and self.train.max_update_norm > 0
+            ),
+            "train.max-update-norm",
+            "with dp.adaptive-clip = true and no secure aggregation the clients send "
+            "their deltas whole and the coordinator clips them to the round's C; a "
+            "fixed update-norm bound would reject the large ones instead, so set "
+            "train.max-update-norm = 0",
         )
         rule = self.aggregation.rule
         _require(

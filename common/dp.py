@@ -133,6 +133,12 @@ def is_unclipped(delta: Mapping[str, np.ndarray], clip_norm: float) -> bool:
     return l2_norm(delta) <= clip_norm
 
 
+def centred_bit(unclipped: bool) -> float:
+    """``b_i - 1/2``: what is summed and noised. One client changes a sum of centred
+    bits by 1/2, the sensitivity Theorem 1 of Andrew et al. 2021 assumes."""
+    return 0.5 if unclipped else -0.5
+
+
 def default_count_stddev(expected_clients: int) -> float:
     """The paper's ``sigma_b = m / 20`` for ``m`` expected clients per round."""
     return expected_clients / 20
@@ -161,12 +167,13 @@ def delta_noise_multiplier(noise_multiplier: float, count_stddev: float) -> floa
 
 
 def noisy_unclipped_fraction(
-    count: float, expected_clients: int, std: float, rng: np.random.Generator
+    centred_count: float, expected_clients: int, std: float, rng: np.random.Generator
 ) -> float:
-    """``(count + N(0, std^2)) / m``: the released estimate of the unclipped share
-    (``std = 0`` adds nothing; distributed mode passes the already noised count)."""
+    """``(sum(b_i - 1/2) + N(0, std^2)) / m + 1/2``: the released estimate of the
+    unclipped share, from the sum of centred bits (``std = 0`` adds nothing;
+    distributed mode passes the already noised sum)."""
     noise = float(rng.normal(0.0, std)) if std > 0 else 0.0
-    return (count + noise) / max(expected_clients, 1)
+    return (centred_count + noise) / max(expected_clients, 1) + 0.5
 
 
 def next_clip_norm(

@@ -308,9 +308,10 @@ class ClientLevelDP:
     def _adapt(self, unclipped: float | None) -> float | None:
         """Release the unclipped share and move ``C`` for the next round.
 
-        ``unclipped`` is the exact count (central mode: the noise is added here) or
-        the clients' noised one (distributed mode). Returns the released share, or
-        ``None`` when the sum carried no count (``C`` then stays).
+        ``unclipped`` is the exact sum of centred bits ``b_i - 1/2`` (central mode:
+        the noise is added here) or the clients' noised one (distributed mode).
+        Returns the released share, or ``None`` when the sum carried no count (``C``
+        then stays).
         """
         if unclipped is None:
             log.warning("adaptive clipping: no unclipped count this round; C stays")
@@ -334,20 +335,21 @@ class ClientLevelDP:
         return fraction
 
     def _clipped_sum(self, summed: RoundSum) -> tuple[AdapterState, float | None]:
-        """The unweighted sum of the clipped deltas, and how many were within ``C``.
+        """The unweighted sum of the clipped deltas, and the sum of the centred bits
+        ``b_i - 1/2`` (``b_i = 1`` within ``C``).
 
         A plain sum keeps the individual deltas: clip each here (the coordinator need
         not trust the clients' clipping), count those within ``C`` and add them with
         weight 1. A secure sum is already that (clients clip and send weight 1, and
-        under adaptive clipping their summed bits).
+        under adaptive clipping their summed centred bits).
         """
         if not summed.contributions:
             return dict(summed.total), summed.unclipped
         clip = self.clip_norm
         total = {k: np.zeros(v.shape, np.float64) for k, v in summed.total.items()}
-        unclipped = 0
+        unclipped = 0.0
         for contribution in summed.contributions:
-            unclipped += dp.is_unclipped(contribution.change, clip)
+            unclipped += dp.centred_bit(dp.is_unclipped(contribution.change, clip))
             clipped = dp.clip_to_norm(contribution.change, clip)
             for name in total:
                 total[name] += clipped[name]

@@ -24,10 +24,10 @@ from common import keys
 from common.config import SecAggConfig
 from common.secagg import crypto
 from common.secagg.encoding import (
-    NARROW_MIN_STEP,
     RING_BITS,
     FixedPoint,
     HeadroomError,
+    round_encoding,
     unflatten,
 )
 from common.secagg.protocol import (
@@ -37,7 +37,7 @@ from common.secagg.protocol import (
     default_threshold,
     neighbour_graph,
 )
-from common.secagg.rotation import coordinate_bound, rotated_length, unrotate
+from common.secagg.rotation import rotated_length, unrotate
 from server.summation import RoundStats, RoundSum, reply_metrics
 from server.validation import log_rejection
 
@@ -81,12 +81,10 @@ class SecureSum:
         Neighbours, threshold, clip norm, weight scaling and stage timeout.
     seed : int
         Seeds each round's neighbour graph.
-    noise_std : float
-        Standard deviation of the noise the clients add to the sum altogether
-        (distributed DP: ``sigma * C``); the encoding leaves room for it.
     extras : Callable[[], RingExtras], optional
-        Asked at every round instead of ``noise_std``, when that changes between
-        rounds or clients append values (adaptive clipping moves ``C``).
+        Asked at every round: the noise the clients add (distributed DP) and the
+        values they append (adaptive clipping), which the encoding leaves room
+        for; none without DP.
     ring_bits : int
         32, or 16 (the quantising codecs: half the upload): clients then rotate their
         delta with a public seed of the round before encoding it
@@ -97,7 +95,6 @@ class SecureSum:
         self,
         settings: SecAggConfig,
         seed: int,
-        noise_std: float = 0.0,
         extras: Callable[[], RingExtras] | None = None,
         ring_bits: int = RING_BITS,
     ) -> None:
@@ -105,7 +102,6 @@ class SecureSum:
         self.ring_bits = ring_bits
         self._rotation_seed = b""
         self.seed = seed
-        self.noise_std = noise_std
         self.extras = extras
         self._tail = 0
         self._round: CoordinatorRound | None = None
@@ -210,7 +206,7 @@ class SecureSum:
             return {}
         # Each coordinate of the sum stays within n * clip, plus the noise's headroom;
         # an appended bit's sum within n, plus its noise's.
-        extras = self.extras() if self.extras else RingExtras(self.noise_std)
+        extras = self.extras() if self.extras else RingExtras()
         self._tail = extras.tail
         n = len(participants)
         bound = self.settings.clip_norm + NOISE_HEADROOM_STDS * extras.noise_std / n
@@ -222,14 +218,7 @@ class SecureSum:
         )
         try:
             self._encoding = dataclasses.replace(
-                FixedPoint.for_clients(
-                    len(participants),
-                    bound,
-                    self.settings.max_weight,
-                    min_step=NARROW_MIN_STEP if narrow else 1e-6,
-                    ring_bits=self.ring_bits,
-                    coordinate_bound=coordinate_bound(bound) if narrow else 0.0,
-                ),
+                round_encoding(n, bound, self.settings.max_weight, self.ring_bits),
                 clip_norm=self.settings.clip_norm,
             )
         except HeadroomError as error:

@@ -44,8 +44,9 @@ class RoundSum:
     reference : AdapterState
         The global tensors the updates are relative to (those shared this round).
     unclipped : float or None
-        Adaptive clipping behind secure aggregation: the sum of the clients' bits
-        ``1[||delta_i|| <= C]`` (plus their noise shares in distributed DP).
+        Adaptive clipping behind secure aggregation: the sum of the clients' centred
+        bits ``1[||delta_i|| <= C] - 1/2`` (plus their noise shares in distributed
+        DP).
     """
 
     total: AdapterState

@@ -20,7 +20,7 @@ from typing import Any
 from common.config import DEFAULTS, ConfigError, RunConfig, parse_assignment
 from common.data import DataError, encode_labels
 from common.outputs import SUMMARY_FILE, default_output_dir
-from common.secagg.encoding import FixedPoint, HeadroomError
+from common.secagg.encoding import HeadroomError, round_encoding
 from common.splits import (
     all_client_examples,
     default_num_clients,
@@ -92,8 +92,11 @@ def check_data(config: RunConfig) -> int:
         for rows in clients:
             encode_labels(rows, labels)
     if config.secagg.enabled:
-        FixedPoint.for_clients(
-            num_clients, config.secagg.clip_norm, config.secagg.max_weight
+        round_encoding(
+            num_clients,
+            config.secagg.clip_norm,
+            config.secagg.max_weight,
+            config.codec.secure_ring_bits,
         )
     log.info(
         "%d clients with %s rows; %d labels",

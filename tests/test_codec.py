@@ -517,14 +517,15 @@ def test_dense_codecs_pick_the_ring_of_secure_aggregation(
     assert config.secagg.enabled and config.codec.secure_ring_bits == ring_bits
 
 
-def test_the_16_bit_ring_is_refused_with_distributed_dp_noise() -> None:
-    with pytest.raises(ConfigError, match="config key 'codec'.*dp.mode = distributed"):
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_the_16_bit_ring_is_refused_with_client_level_dp(mode: str) -> None:
+    with pytest.raises(ConfigError, match="config key 'codec'.*dp.clip-norm"):
         RunConfig.from_flat(
             {
                 "codec": "int8",
                 "secagg.enabled": True,
                 "dp.enabled": True,
-                "dp.mode": "distributed",
+                "dp.mode": mode,
             }
         )
 

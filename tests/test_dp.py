@@ -712,6 +712,10 @@ def test_the_default_clipped_count_noise_is_m_over_20_of_the_first_round() -> No
         ({"dp.clip-lr": 0.0}, "dp.clip-lr"),
         ({"dp.clipped-count-stddev": -1.0}, "dp.clipped-count-stddev"),
         ({"dp.adaptive-clip": True, "dp.level": "sample"}, "dp.adaptive-clip"),
+        (
+            {"dp.adaptive-clip": True, "train.max-update-norm": 5.0},
+            "train.max-update-norm",
+        ),
     ],
 )
 def test_invalid_adaptive_clipping_settings_are_refused_naming_the_key(
@@ -719,6 +723,28 @@ def test_invalid_adaptive_clipping_settings_are_refused_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         RunConfig.from_flat({"dp.enabled": True, **overrides})
+
+
+def test_adaptive_clipping_without_dp_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="config key 'dp.adaptive-clip'"):
+        RunConfig.from_flat({"dp.enabled": False, "dp.adaptive-clip": True})
+
+
+@pytest.mark.parametrize(
+    ("unclipped", "share"), [(10, 1.0), (0, 0.0), (4, 0.4), (7, 0.7)]
+)
+def test_the_released_share_is_rebuilt_from_centred_bits(
+    unclipped: int, share: float
+) -> None:
+    # Prepare: ten clients, each adding b_i - 1/2 (one client moves the sum by 1/2)
+    bits = [dp.centred_bit(i < unclipped) for i in range(10)]
+
+    # Execute
+    released = dp.noisy_unclipped_fraction(sum(bits), 10, 0.0, np.random.default_rng(0))
+
+    # Assert
+    assert {abs(b) for b in bits} == {0.5}
+    assert released == pytest.approx(share)
 
 
 def test_the_adaptive_clip_norm_is_rebuilt_from_the_metrics_rows() -> None:

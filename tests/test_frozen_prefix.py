@@ -89,6 +89,40 @@ def test_negative_lora_layers_is_refused_naming_the_key() -> None:
         RunConfig.from_flat({"lora.layers": -1})
 
 
+@pytest.mark.parametrize("task", ["causal-lm", "image-cls"])
+def test_lora_layers_is_refused_outside_text_classification(task: str) -> None:
+    flat = {"model.task": task, "lora.layers": 2, "data.path": "x.csv"}
+    if task == "image-cls":
+        flat["head.init"] = "random"
+    with pytest.raises(ConfigError, match="config key 'lora.layers'"):
+        RunConfig.from_flat(flat)
+
+
+def test_a_prefix_computed_at_another_precision_is_not_reused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Prepare: the same rows, stored once by a full-precision site
+    model = top_layer_classifier(1)
+    full = runtime.LoadedBackbone(model, tokenizer=None, pad_id=0)  # type: ignore[arg-type]
+    quantised = runtime.LoadedBackbone(model, None, 0, quantize="4bit")  # type: ignore[arg-type]
+    monkeypatch.setattr(runtime, "_PREFIXES", {})
+    runtime.cached_prefix(full, ROWS, "rows-c", tmp_path)
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return prefix_states(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "prefix_states", counted)
+
+    # Execute
+    runtime.cached_prefix(quantised, ROWS, "rows-c", tmp_path)
+
+    # Assert
+    assert len(calls) == 1
+    assert len(list((tmp_path / "prefix").glob("*.npz"))) == 2
+
+
 def test_the_cache_refuses_an_encoder_without_bert_layers_naming_the_key() -> None:
     gpt2 = AutoModel.from_config(GPT2Config(n_layer=2, n_embd=16, n_head=2))
     with pytest.raises(ValueError, match=r"lora.layers.*GPT2Model"):

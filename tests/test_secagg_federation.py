@@ -151,6 +151,10 @@ def test_clients_send_no_example_count_and_a_uint32_upload_within_5_percent_of_f
         assert (
             keys.TRAIN_SAMPLES not in reply.content.metric_records[keys.METRICS_RECORD]
         )
+        # training time follows the row count too
+        assert (
+            keys.TRAIN_SECONDS not in reply.content.metric_records[keys.METRICS_RECORD]
+        )
         vector = next(
             iter(reply.content.array_records[keys.MASKED_RECORD].values())
         ).numpy()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from common import keys
-from common.secagg.encoding import FixedPoint, HeadroomError
+from common.secagg.encoding import FixedPoint, HeadroomError, round_encoding
 from common.secagg.rotation import (
     BLOCK,
     coordinate_bound,
@@ -68,6 +68,13 @@ def test_the_narrow_ring_leaves_headroom_for_every_client_and_rounding_step() ->
 def test_the_narrow_ring_refuses_too_many_clients_naming_the_fix() -> None:
     with pytest.raises(HeadroomError, match="16 bits.*codec = fp32"):
         FixedPoint.for_clients(5000, 10.0, 1000.0, 1e-3, ring_bits=16)
+
+
+def test_the_start_up_check_sizes_the_ring_of_the_codec() -> None:
+    # 400 clients fit the 32-bit ring but not the 16-bit one
+    assert round_encoding(400, 1.0, 1000.0, 32).ring == np.uint32
+    with pytest.raises(HeadroomError, match="16 bits.*codec = fp32"):
+        round_encoding(400, 1.0, 1000.0, 16)
 
 
 def test_stochastic_rounding_in_the_narrow_ring_is_unbiased() -> None:

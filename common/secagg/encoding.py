@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.secagg.rotation import coordinate_bound
+
 RING_BITS = 32
 NARROW_RING_BITS = 16
 NARROW_MIN_STEP = 1e-2  # the coarsest step the 16-bit ring accepts (~300 clients)
@@ -174,6 +176,29 @@ class FixedPoint:
             .astype(np.float64)
             / self.scale
         )
+
+
+def round_encoding(
+    num_clients: int, bound: float, max_weight: float, ring_bits: int = RING_BITS
+) -> FixedPoint:
+    """The encoding of a round of ``num_clients`` whose coordinates stay within
+    ``bound`` each (the clip norm, plus any noise headroom): the 32-bit ring as is, the
+    16-bit ring for a rotated delta with its per-coordinate bound and coarser floor.
+
+    Raises
+    ------
+    HeadroomError
+        When the ring cannot hold that many clients at a useful step.
+    """
+    narrow = ring_bits < RING_BITS
+    return FixedPoint.for_clients(
+        num_clients,
+        bound,
+        max_weight,
+        min_step=NARROW_MIN_STEP if narrow else 1e-6,
+        ring_bits=ring_bits,
+        coordinate_bound=coordinate_bound(bound) if narrow else 0.0,
+    )
 
 
 def flatten(state: Mapping[str, np.ndarray]) -> np.ndarray:
