@@ -60,10 +60,10 @@ from common.config import CODECS as ALL_CODECS  # noqa: E402
 log = logging.getLogger("benchmarks.codec")
 
 
-def base_config(args: argparse.Namespace) -> dict[str, Any]:
+def base_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The settings every codec's run shares (data, split, budget)."""
     return {
-        **data_settings(args.quick),
+        **data_settings(args.quick, args.test_per_label, out),
         "data.partition": "dirichlet",
         "data.dirichlet-alpha": 0.1,
         "sim.num-clients": args.num_clients,
@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         help="codecs also run behind secure aggregation (empty: none)",
     )
     parser.add_argument("--secagg-max-weight", type=float, default=2000.0)
+    parser.add_argument(
+        "--test-per-label",
+        type=int,
+        default=0,
+        help="evaluate on this many CLINC150 test rows per intent (0: all 30)",
+    )
     parser.add_argument("--out", default="", help="folder for the runs' outputs")
     args = parser.parse_args(argv)
     command = "python benchmarks/codec.py " + " ".join(
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     codecs = ["fp32", *[c for c in codecs if c != "fp32"]]
     out = Path(args.out or tempfile.mkdtemp(prefix="fedgraft-codec-"))
     out.mkdir(parents=True, exist_ok=True)
-    flat = base_config(args)
+    flat = base_config(args, out)
     secure = {"secagg.enabled": True, "secagg.max-weight": args.secagg_max_weight}
     cells: list[tuple[str, dict[str, Any] | None]] = [(c, None) for c in codecs]
     cells += [(c.strip(), secure) for c in args.secure_codecs.split(",") if c.strip()]
