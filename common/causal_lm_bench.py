@@ -30,7 +30,7 @@ from common.evaluation import EvalResult
 from common.lm_data import LmEncoded, encode_lm
 from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
 from common.reporting import RoundRecorder
-from common.workbench import finish_run
+from common.workbench import backbone_facts, finish_run
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +132,7 @@ class CausalLMWorkbench:
 
     def backbone_facts(self) -> dict[str, object]:
         """Name, fingerprint and sizes for ``summary.json``."""
-        frozen = sum(
-            p.numel() for n, p in self.model.named_parameters() if "lora_" not in n
-        )
-        return {
-            "name": self.config.model.name,
-            "dir": str(self.backbone_dir),
-            "fingerprint": self.fingerprint,
-            "pooling": self.pooling,
-            "parameters": frozen,
-            "float32_bytes": frozen * 4,
-            "trainable_parameters": sum(
-                p.numel() for p in self.model.parameters() if p.requires_grad
-            ),
-        }
+        return backbone_facts(self, self.model)
 
     def finish_run(
         self,

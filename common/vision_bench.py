@@ -34,7 +34,7 @@ from common.vision import (
     save_image_adapter,
     save_merged_image_classifier,
 )
-from common.workbench import finish_run
+from common.workbench import backbone_facts, finish_run
 
 log = logging.getLogger(__name__)
 
@@ -146,22 +146,7 @@ class VisionWorkbench:
 
     def backbone_facts(self) -> dict[str, object]:
         """Name, fingerprint, pooling and sizes for ``summary.json``."""
-        frozen = sum(
-            p.numel()
-            for n, p in self.model.encoder.named_parameters()
-            if "lora_" not in n
-        )
-        return {
-            "name": self.config.model.name,
-            "dir": str(self.backbone_dir),
-            "fingerprint": self.fingerprint,
-            "pooling": self.pooling,
-            "parameters": frozen,
-            "float32_bytes": frozen * 4,
-            "trainable_parameters": sum(
-                p.numel() for p in self.model.parameters() if p.requires_grad
-            ),
-        }
+        return backbone_facts(self, self.model.encoder)
 
     def finish_run(
         self,

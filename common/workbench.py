@@ -205,20 +205,23 @@ class Workbench:
 
     def backbone_facts(self) -> dict[str, object]:
         """Name, fingerprint, pooling and sizes for ``summary.json``."""
-        encoder_params = sum(
-            p.numel()
-            for n, p in self.model.encoder.named_parameters()
-            if "lora_" not in n
-        )
-        return {
-            "name": self.config.model.name,
-            "dir": str(self.backbone_dir),
-            "fingerprint": self.fingerprint,
-            "pooling": self.pooling,
-            "parameters": encoder_params,
-            "float32_bytes": encoder_params * 4,
-            "trainable_parameters": trainable_parameter_count(self.model),
-        }
+        return backbone_facts(self, self.model.encoder)
+
+
+def backbone_facts(bench: Any, backbone: torch.nn.Module) -> dict[str, object]:
+    """What ``summary.json`` says of a run's backbone, for every task's bench: its
+    name, folder, fingerprint and pooling, the frozen parameters of ``backbone`` (all
+    but the LoRA factors) and the trainable ones of ``bench.model``."""
+    frozen = sum(p.numel() for n, p in backbone.named_parameters() if "lora_" not in n)
+    return {
+        "name": bench.config.model.name,
+        "dir": str(bench.backbone_dir),
+        "fingerprint": bench.fingerprint,
+        "pooling": bench.pooling,
+        "parameters": frozen,
+        "float32_bytes": frozen * 4,
+        "trainable_parameters": trainable_parameter_count(bench.model),
+    }
 
 
 def finish_run(
