@@ -132,27 +132,32 @@ class QuantisationUnavailable(RuntimeError):
 def quantisation_config(mode: str, device: torch.device | str) -> object | None:
     """bitsandbytes' settings for ``model.quantize`` (None for ``none``).
 
-    4-bit is QLoRA's NF4 with double quantisation and bf16 compute; 8-bit is
-    LLM.int8(). Both need CUDA and the optional ``bitsandbytes`` package.
+    4-bit is QLoRA's NF4 with double quantisation; 8-bit is LLM.int8(). The 4-bit
+    layers compute in bf16 on CUDA and in float32 on a CPU (bitsandbytes' CPU
+    backend, from version 0.45), where bf16 matrix products are slow. Both need the
+    optional ``bitsandbytes`` package.
 
     Raises
     ------
     QuantisationUnavailable
-        On a site without CUDA or without bitsandbytes, saying how to fix it.
+        On a site without bitsandbytes (or with a version that has no CPU backend,
+        on a CPU), saying how to fix it.
     """
     if mode == "none":
         return None
-    if torch.device(device).type != "cuda":
-        raise QuantisationUnavailable(
-            f"model.quantize = {mode} needs a CUDA device and this site has none; "
-            "set model.quantize = none to train in full precision"
-        )
+    import importlib.metadata
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise QuantisationUnavailable(
             f"model.quantize = {mode} needs the optional bitsandbytes package: "
             "pip install bitsandbytes (or set model.quantize = none)"
+        )
+    on_cuda = torch.device(device).type == "cuda"
+    if not on_cuda and _version(importlib.metadata.version("bitsandbytes")) < (0, 45):
+        raise QuantisationUnavailable(
+            f"model.quantize = {mode} on a CPU needs bitsandbytes >= 0.45 (its CPU "
+            "backend): pip install -U bitsandbytes, or set model.quantize = none"
         )
     from transformers import BitsAndBytesConfig
 
@@ -161,9 +166,14 @@ def quantisation_config(mode: str, device: torch.device | str) -> object | None:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=torch.bfloat16 if on_cuda else torch.float32,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"0.50.2"`` as ``(0, 50, 2)``; suffixes such as ``.dev0`` are ignored."""
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
 
 def load_encoder(
@@ -174,18 +184,19 @@ def load_encoder(
     Parameters
     ----------
     quantize : str
-        ``model.quantize``: ``4bit`` or ``8bit`` load the weights quantised by
-        bitsandbytes straight onto ``device`` (CUDA only).
+        ``model.quantize``: ``4bit`` or ``8bit`` load the linear layers' weights
+        quantised by bitsandbytes straight onto ``device``.
     """
     settings = quantisation_config(quantize, device)
     if settings is None:
         encoder = AutoModel.from_pretrained(str(backbone_dir))
         encoder.requires_grad_(False)
         return encoder.to(device)
+    target = torch.device(device)
     encoder = AutoModel.from_pretrained(
         str(backbone_dir),
         quantization_config=settings,
-        device_map={"": torch.device(device).index or 0},
+        device_map={"": target.index or 0} if target.type == "cuda" else "cpu",
     )
     encoder.requires_grad_(False)
     return encoder

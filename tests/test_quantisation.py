@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,12 +22,20 @@ def test_full_precision_needs_neither_cuda_nor_bitsandbytes(
     assert next(encoder.parameters()).dtype == torch.float32
 
 
-@pytest.mark.parametrize("mode", ["4bit", "8bit"])
-def test_a_quantised_backbone_on_a_site_without_cuda_is_refused_naming_the_key(
-    mode: str, tiny_backbone: Path
+def test_a_cpu_site_with_an_old_bitsandbytes_is_told_to_upgrade(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    with pytest.raises(QuantisationUnavailable, match=f"model.quantize = {mode}.*CUDA"):
-        load_encoder(tiny_backbone, "cpu", mode)
+    import importlib.metadata
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "bitsandbytes" else real(name, *a),
+    )
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.43.1")
+    with pytest.raises(QuantisationUnavailable, match="model.quantize = 4bit.*0.45"):
+        quantisation_config("4bit", "cpu")
 
 
 def test_a_quantised_backbone_without_bitsandbytes_says_how_to_install_it(
@@ -69,12 +78,12 @@ def test_an_unknown_quantisation_is_refused_naming_the_key() -> None:
         RunConfig.from_flat({"model.quantize": "2bit"})
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
-    reason="needs CUDA and bitsandbytes",
-)
-def test_a_4bit_backbone_trains_its_adapters_on_cuda(tiny_backbone: Path) -> None:
+HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _train_tiny_classifier(backbone: Path, device: str, mode: str) -> tuple:
+    """Load ``backbone`` quantised, attach LoRA, train two epochs; return the
+    result, the adapter before and after, and the model."""
     from transformers import AutoTokenizer
 
     from client.finetune import LocalTraining, finetune
@@ -82,18 +91,47 @@ def test_a_4bit_backbone_trains_its_adapters_on_cuda(tiny_backbone: Path) -> Non
     from common.config import LoraSettings
     from common.model import adapter_state, attach_lora
 
-    encoder = load_encoder(tiny_backbone, "cuda", "4bit")
+    encoder = load_encoder(backbone, device, mode)
     model = attach_lora(
         encoder, LoraSettings(4, 8, 0.0, ("query", "value")), "mean", 2, 0
     )
     before = adapter_state(model)
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone))
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone))
     rows = encode(tokenizer, ["good great love", "bad awful hate"] * 4, [0, 1] * 4, 16)
     plan = LocalTraining(
         epochs=2, max_steps=0, batch_size=4, lr=0.01, head_lr=0.01,
         weight_decay=0.0, seed=0,
     )  # fmt: skip
     result = finetune(model, rows, tokenizer.pad_token_id, plan)
-    after = adapter_state(model)
+    return result, before, adapter_state(model), model
+
+
+@pytest.mark.skipif(not HAS_BITSANDBYTES, reason="needs bitsandbytes")
+@pytest.mark.parametrize(
+    ("mode", "layer_class"), [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")]
+)
+def test_a_quantised_backbone_trains_its_adapters_on_a_cpu(
+    mode: str, layer_class: str, tiny_backbone: Path
+) -> None:
+    # Execute
+    result, before, after, model = _train_tiny_classifier(tiny_backbone, "cpu", mode)
+
+    # Assert: the frozen linear layers are bitsandbytes' ...
+    frozen = {type(m).__name__ for m in model.modules()}
+    assert layer_class in frozen
+    # ... and the LoRA factors on top of them learnt, in float32
+    assert result.device == "cpu"
+    assert any((after[k] != before[k]).any() for k in before if "lora_B" in k)
+    assert all(v.dtype == after[k].dtype for k, v in before.items())
+    assert np.isfinite(result.train_loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not HAS_BITSANDBYTES,
+    reason="needs CUDA and bitsandbytes",
+)
+def test_a_4bit_backbone_trains_its_adapters_on_cuda(tiny_backbone: Path) -> None:
+    result, before, after, _ = _train_tiny_classifier(tiny_backbone, "cuda", "4bit")
     assert result.device == "cuda"
     assert any((after[k] != before[k]).any() for k in before if "lora_B" in k)
