@@ -1,6 +1,6 @@
 """What each delta codec costs on the wire and in accuracy, on a non-IID split.
 
-Method: every codec (``fp32``, ``fp16``, ``bf16``, ``int8``, ``topk``) runs the same
+Method: every codec (``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4``, ``topk``) runs the same
 federation: CLINC150 (``../shared/data/clinc150/train.jsonl``, tested on
 ``test.jsonl``) split over ``--num-clients`` sites by a Dirichlet label skew
 (``data.partition = dirichlet``, ``data.dirichlet-alpha = 0.1``), FedAvg, the same
@@ -17,8 +17,8 @@ included) and training messages (down) the grid carried; a site that first lacke
 backbone receives round 1's message twice, and both are counted.
 ``uplink_reduction_vs_full_model`` compares one upload with sending the whole backbone
 in float32 (``summary.json``'s ``backbone.float32_bytes``). ``topk`` sends its
-downlink in float32 (clients are stateless; a sparse model is not a model), ``int8``
-quantises the downlink too.
+downlink in float32 (clients are stateless; a sparse model is not a model), ``int4``
+in int8, and ``int8`` quantises the downlink too.
 
 Behind secure aggregation (``--secure-codecs``, default ``fp32,int8``; each row has
 ``secure: true``) the upload is the masked fixed-point vector: 32-bit words for
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="demo corpus, 4 sites")
     parser.add_argument(
-        "--codecs", default=",".join(ALL_CODECS), help="comma list; default all five"
+        "--codecs", default=",".join(ALL_CODECS), help="comma list; default all six"
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=20)

@@ -2,8 +2,9 @@
 
 A codec turns float32 tensors into the arrays that travel (a client's delta up, the
 global adapter down) and back: ``fp32`` (lossless), ``fp16`` and ``bf16`` (2 bytes a
-value), ``int8`` (1 byte a value, stochastic rounding, one scale per tensor) and
-``topk`` (the largest values with their positions, with error feedback at the sender).
+value), ``int8`` (1 byte a value, stochastic rounding, one scale per tensor), ``int4``
+(half a byte a value, stochastic rounding, one scale per block of 128) and ``topk`` (the
+largest values with their positions, with error feedback at the sender).
 Decoding checks every name, dtype and shape against the expected tensors.
 """
 
@@ -232,6 +233,84 @@ class Int8Codec:
         return out
 
 
+class Int4Codec:
+    """4-bit integers in blocks: two codes per byte, one float32 scale per block of
+    ``block`` consecutive values, stochastic rounding.
+
+    Each tensor is flattened and cut into blocks; a block's codes are
+    ``q = floor(x / s + u)`` in ``[-7, 7]`` with ``s = max|x| / 7`` over the block and
+    ``u ~ U[0, 1)``, so ``q * s`` is an unbiased estimate of ``x``. Per-block scales
+    keep one large value from flattening the rest of its tensor (as QLoRA's
+    block-wise quantisation does). Codes travel offset by 8 (``1..15``), two to a
+    ``uint8``, the even position in the low half.
+
+    Parameters
+    ----------
+    seed : int
+        Seeds the rounding noise (each client and round should use its own).
+    block : int
+        Values per scale.
+    """
+
+    name = "int4"
+    LEVELS = 7
+
+    def __init__(self, seed: int = 0, block: int = 128) -> None:
+        if block < 2 or block % 2:
+            raise ValueError(f"int4 block must be an even number >= 2, got {block}")
+        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.block = block
+
+    def encode(self, change: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each tensor as packed 4-bit codes and its block scales."""
+        out = {}
+        for name in sorted(change):  # sorted: the noise must not follow dict order
+            flat = np.asarray(change[name], np.float32).ravel()
+            blocks = -(-flat.size // self.block)
+            padded = np.zeros(blocks * self.block, np.float32)
+            padded[: flat.size] = flat
+            padded = padded.reshape(blocks, self.block)
+            if not np.isfinite(flat).all():
+                # A NaN scale makes the receiver reject the tensor (see Int8Codec).
+                out[name] = np.zeros(blocks * self.block // 2, np.uint8)
+                out[name + SCALE_SUFFIX] = np.full(blocks, np.nan, np.float32)
+                continue
+            peak = np.abs(padded).max(axis=1)
+            tiny = np.finfo(np.float32).tiny
+            scale = np.where(peak > 0, np.maximum(peak / self.LEVELS, tiny), 1.0)
+            scale = scale.astype(np.float32)
+            noise = self.rng.random(padded.shape, dtype=np.float32)
+            codes = np.floor(padded / scale[:, None] + noise)
+            nibbles = (np.clip(codes, -self.LEVELS, self.LEVELS) + 8).astype(np.uint8)
+            pairs = nibbles.reshape(-1, 2)
+            out[name] = pairs[:, 0] | (pairs[:, 1] << 4)
+            out[name + SCALE_SUFFIX] = scale
+        return out
+
+    def decode(
+        self, arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+    ) -> AdapterState:
+        """Codes times their block's scale, per tensor, shaped as ``reference``."""
+        _expect_names(arrays, set(reference) | {k + SCALE_SUFFIX for k in reference})
+        out = {}
+        for name, target in reference.items():
+            blocks = -(-target.size // self.block)
+            _expect(name, arrays[name], np.uint8, (blocks * self.block // 2,))
+            scale = arrays[name + SCALE_SUFFIX]
+            _expect(name + SCALE_SUFFIX, scale, np.float32, (blocks,))
+            if not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise CodecError(f"'{name}{SCALE_SUFFIX}' must be finite and > 0")
+            packed = arrays[name]
+            nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).ravel()
+            if (nibbles == 0).any():
+                raise CodecError(f"'{name}' holds a 4-bit code outside -7..7")
+            codes = nibbles.astype(np.float32).reshape(blocks, self.block) - 8
+            values = (codes * scale[:, None]).ravel()[: target.size]
+            out[name] = values.reshape(target.shape)
+        return out
+
+
 class TopKCodec:
     """The largest ``fraction`` of each tensor's values by magnitude, as int32
     positions and float32 values (8 bytes per kept value).
@@ -327,6 +406,8 @@ def build_codec(name: str, topk_fraction: float = 0.05, seed: int = 0) -> Codec:
         return BFloat16Codec()
     if name == "int8":
         return Int8Codec(seed)
+    if name == "int4":
+        return Int4Codec(seed)
     if name == "topk":
         return TopKCodec(topk_fraction)
     raise ValueError(f"unknown codec {name!r}")
@@ -334,12 +415,18 @@ def build_codec(name: str, topk_fraction: float = 0.05, seed: int = 0) -> Codec:
 
 def downlink_codec(codec: Codec) -> Codec:
     """The codec of the global adapter sent down: the same, except that top-k falls
-    back to float32 (a sparse model is not a model; clients are stateless)."""
-    return Float32Codec() if isinstance(codec, TopKCodec) else codec
+    back to float32 (a sparse model is not a model; clients are stateless) and int4
+    to int8 (the adapter itself goes down, not a delta, and every client trains from
+    it: 4-bit rounding noise there would not average out over clients)."""
+    if isinstance(codec, TopKCodec):
+        return Float32Codec()
+    if isinstance(codec, Int4Codec):
+        return Int8Codec(codec.seed)
+    return codec
 
 
 def dense_reference(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The tensors a dense encoding (every codec but top-k) stands for, read from the
-    arrays themselves: a receiver can decode the global adapter without knowing its
-    shapes in advance."""
+    """The tensors a downlink encoding (fp32, fp16, bf16 or int8) stands for, read
+    from the arrays themselves: a receiver can decode the global adapter without
+    knowing its shapes in advance."""
     return {k: v for k, v in arrays.items() if not k.endswith(SCALE_SUFFIX)}

@@ -123,7 +123,7 @@ RULES_NEEDING_INDIVIDUAL_UPDATES = (
     "median",
     "trimmed-mean",
 )
-CODECS = ("fp32", "fp16", "bf16", "int8", "topk")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "topk")
 #: Rules that treat the LoRA factors specially (pointless without LoRA training).
 FACTOR_RULES = ("ffa", "fedsa", "flexlora")
 #: Server optimisers and their default server learning rate (``server.lr = 0``).
@@ -409,8 +409,10 @@ class CodecConfig:
     ----------
     name : str
         ``fp32`` (lossless), ``fp16``, ``bf16``, ``int8`` (stochastic rounding, one
-        scale per tensor) or ``topk`` (the largest values with error feedback; the
-        global adapter then goes down in fp32).
+        scale per tensor), ``int4`` (stochastic rounding, one scale per block of
+        128 values; the global adapter then goes down in int8) or ``topk`` (the
+        largest values with error feedback; the global adapter then goes down in
+        fp32).
     topk_fraction : float
         Share of each tensor's values ``topk`` keeps.
     """
@@ -421,9 +423,9 @@ class CodecConfig:
     @property
     def secure_ring_bits(self) -> int:
         """The ring secure aggregation sums in with this codec: 32 bits for
-        ``fp32``; 16 for ``fp16``, ``bf16`` and ``int8``, which then quantise in the
-        fixed-point encoding itself (a rotated delta, stochastic rounding: half of
-        fp32's upload)."""
+        ``fp32``; 16 for ``fp16``, ``bf16``, ``int8`` and ``int4``, which then
+        quantise in the fixed-point encoding itself (a rotated delta, stochastic
+        rounding: half of fp32's upload)."""
         return 32 if self.name == "fp32" else 16
 
 
@@ -814,7 +816,7 @@ class RunConfig:
             "codec",
             "codec = topk sends each client's own choice of coordinates, which masks "
             "cannot sum; with secagg.enabled = true use fp32 (32-bit ring) or "
-            "fp16, bf16, int8 (16-bit ring: half the upload)",
+            "fp16, bf16, int8, int4 (16-bit ring: half the upload)",
         )
         _require(
             not (
@@ -835,10 +837,11 @@ class RunConfig:
             "update-norm bound does not apply; set train.max-update-norm = 0",
         )
         _require(
-            not (rule == "flexlora" and self.codec.name == "topk"),
+            not (rule == "flexlora" and self.codec.name in ("topk", "int4")),
             "codec",
-            "aggregation = flexlora sends LoRA factors of each site's own rank, which "
-            "codec = topk cannot describe; use a dense codec (fp32, fp16, bf16, int8)",
+            "aggregation = flexlora reads each site's rank from the shape of its LoRA "
+            f"factors, which codec = {self.codec.name} flattens; use a codec that "
+            "keeps shapes (fp32, fp16, bf16, int8)",
         )
         secagg = self.secagg
         _require(

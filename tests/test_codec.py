@@ -30,6 +30,7 @@ from common.codec import (
     CodecError,
     Float16Codec,
     Float32Codec,
+    Int4Codec,
     Int8Codec,
     TopKCodec,
     build_codec,
@@ -42,7 +43,7 @@ from server.server_app import coordinate
 from tests.conftest import InProcessGrid, write_jsonl
 
 DENSE_CODECS = ("fp32", "fp16", "bf16", "int8")
-COMPRESSING = ("fp16", "bf16", "int8", "topk")
+COMPRESSING = ("fp16", "bf16", "int8", "int4", "topk")
 
 
 def sample_state(seed: int = 0) -> dict[str, np.ndarray]:
@@ -208,6 +209,81 @@ def test_int8_encodes_a_zero_tensor_as_zeros_with_a_valid_scale() -> None:
     assert np.isfinite(arrays["w" + SCALE_SUFFIX]).all()
     assert arrays["w" + SCALE_SUFFIX][0] > 0
     np.testing.assert_array_equal(decoded["w"], state["w"])
+
+
+def test_int4_error_is_at_most_one_block_step_per_value() -> None:
+    # Prepare: sizes that do not fill their last block, and one that is a single
+    # value
+    rng = np.random.default_rng(3)
+    state = {
+        "odd": rng.normal(size=(7, 45)).astype(np.float32),
+        "one": np.array([0.25], np.float32),
+        "big": rng.normal(size=(8, 256)).astype(np.float32),
+    }
+    codec = Int4Codec(seed=1)
+
+    # Execute
+    decoded = codec.decode(codec.encode(state), state)
+
+    # Assert
+    for name, value in state.items():
+        flat = np.zeros(-(-value.size // 128) * 128, np.float32)
+        flat[: value.size] = value.ravel()
+        step = np.repeat(np.abs(flat.reshape(-1, 128)).max(axis=1) / 7, 128)
+        error = np.abs(decoded[name].ravel() - value.ravel())
+        assert decoded[name].shape == value.shape
+        assert (error <= step[: value.size] * (1 + 1e-6)).all(), name
+
+
+def test_int4_is_unbiased_over_many_seeded_encodings() -> None:
+    # Prepare
+    state = {"w": np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)}
+    step = float(np.abs(state["w"][:2]).max()) / 7  # the first block's step
+
+    # Execute
+    mean = np.mean(
+        [
+            Int4Codec(seed).decode(Int4Codec(seed).encode(state), state)["w"]
+            for seed in range(2000)
+        ],
+        axis=0,
+    )
+
+    # Assert: the standard error of 2000 draws is at most step / 2 / sqrt(2000)
+    assert np.abs(mean - state["w"]).max() < 5 * step / 2 / math.sqrt(2000)
+
+
+def test_int4_block_scales_keep_one_outlier_from_flattening_its_tensor() -> None:
+    # Prepare: one value a thousand times the rest, in the first block only
+    rng = np.random.default_rng(2)
+    value = rng.normal(scale=1e-3, size=1024).astype(np.float32)
+    value[0] = 1.0
+    state = {"w": value}
+
+    # Execute
+    decoded = Int4Codec(seed=0).decode(Int4Codec(seed=0).encode(state), state)["w"]
+
+    # Assert: blocks without the outlier keep their own resolution
+    rest = slice(128, None)
+    assert np.abs(decoded[rest] - value[rest]).max() <= np.abs(value[rest]).max() / 7
+    assert np.corrcoef(decoded[rest], value[rest])[0, 1] > 0.9
+
+
+def test_int4_packs_two_codes_a_byte_offset_by_eight() -> None:
+    codec = Int4Codec(seed=0)
+    state = {"w": np.array([-7.0, 7.0, 0.0, 3.0], np.float32)}  # scale 1: exact
+    arrays = codec.encode(state)
+    assert arrays["w"].tolist() == [1 | (15 << 4), 8 | (11 << 4)] + [0x88] * 62
+    assert arrays["w" + SCALE_SUFFIX].tolist() == [1.0]
+
+
+def test_int4_does_not_turn_a_nan_change_into_finite_values() -> None:
+    state = {"w": np.array([0.001, np.nan, -0.002], np.float32)}
+    codec = Int4Codec()
+    with np.errstate(invalid="ignore"):
+        arrays = codec.encode(state)
+    with pytest.raises(CodecError, match="finite and > 0"):
+        codec.decode(arrays, state)
 
 
 @pytest.mark.parametrize(
@@ -422,6 +498,26 @@ REFUSALS = [
         )
         for bad in (0.0, -1.0, math.nan, math.inf)
     ],
+    pytest.param("int4", lambda a: a.pop(SCALE), "missing", id="int4-no-scale"),
+    pytest.param("int4", _recast(TARGET, np.int8), "dtype", id="int4-codes-dtype"),
+    pytest.param(
+        "int4", _set(TARGET, np.zeros(3, np.uint8) + 0x88), "shape", id="int4-length"
+    ),
+    pytest.param(
+        "int4", _set(SCALE, np.ones(3, np.float32)), "shape", id="int4-scale-shape"
+    ),
+    pytest.param(
+        "int4",
+        _set(SCALE, np.array([0.0, 1.0], np.float32)),
+        "finite and > 0",
+        id="int4-scale-zero",
+    ),
+    pytest.param(
+        "int4",
+        _set(TARGET, np.zeros(SIZE // 2, np.uint8)),
+        "outside -7..7",
+        id="int4-code-zero",
+    ),
     pytest.param("topk", lambda a: a.pop(INDEX), "missing", id="topk-no-index"),
     pytest.param("topk", _rename(VALUE, TARGET), "unexpected", id="topk-renamed"),
     pytest.param("topk", _recast(INDEX, np.int64), "int32", id="topk-index-dtype"),
@@ -463,6 +559,7 @@ def test_decoding_refuses_bad_arrays_naming_the_tensor(
         ("fp16", 0.5, 0.5),
         ("bf16", 0.5, 0.5),
         ("int8", 0.25, 0.2502),  # one byte a value and a 4-byte scale per tensor
+        ("int4", 0.1328, 0.1329),  # half a byte a value, 4 bytes per 128 values
         ("topk", 2 * 0.0625, 2 * 0.0625),  # 8 bytes per kept value
     ],
 )
@@ -508,7 +605,8 @@ def test_topk_is_refused_with_secure_aggregation() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "ring_bits"), [("fp32", 32), ("fp16", 16), ("bf16", 16), ("int8", 16)]
+    ("name", "ring_bits"),
+    [("fp32", 32), ("fp16", 16), ("bf16", 16), ("int8", 16), ("int4", 16)],
 )
 def test_dense_codecs_pick_the_ring_of_secure_aggregation(
     name: str, ring_bits: int
@@ -530,9 +628,10 @@ def test_the_16_bit_ring_is_refused_with_client_level_dp(mode: str) -> None:
         )
 
 
-def test_flexlora_refuses_topk() -> None:
+@pytest.mark.parametrize("name", ["topk", "int4"])
+def test_flexlora_refuses_a_codec_that_flattens_the_factors(name: str) -> None:
     with pytest.raises(ConfigError, match="config key 'codec'.*flexlora"):
-        RunConfig.from_flat({"aggregation": "flexlora", "codec": "topk"})
+        RunConfig.from_flat({"aggregation": "flexlora", "codec": name})
 
 
 @pytest.mark.parametrize("name", DENSE_CODECS)
@@ -545,10 +644,10 @@ def test_every_configurable_codec_builds_with_its_name() -> None:
     assert [build_codec(name).name for name in CODECS] == list(CODECS)
 
 
-def test_the_downlink_is_float32_for_topk_and_the_codec_itself_otherwise() -> None:
+def test_the_downlink_is_fp32_for_topk_int8_for_int4_and_the_codec_otherwise() -> None:
     for name in CODECS:
         codec = build_codec(name)
-        expected = "fp32" if name == "topk" else name
+        expected = {"topk": "fp32", "int4": "int8"}.get(name, name)
         assert downlink_codec(codec).name == expected
 
 
@@ -695,6 +794,7 @@ def _wire_dtypes(record: ArrayRecord) -> dict[str, np.dtype]:
         ("fp16", {"": np.float16}),
         ("bf16", {"": np.uint16}),
         ("int8", {"": np.int8, SCALE_SUFFIX: np.float32}),
+        ("int4", {"": np.uint8, SCALE_SUFFIX: np.float32}),
         ("topk", {INDEX_SUFFIX: np.int32, VALUE_SUFFIX: np.float32}),
     ],
 )
@@ -735,6 +835,7 @@ def test_compressing_codecs_upload_fewer_bytes_per_round_than_fp32(
     [
         ("fp32", {"": np.float32}),
         ("int8", {"": np.int8, SCALE_SUFFIX: np.float32}),
+        ("int4", {"": np.int8, SCALE_SUFFIX: np.float32}),  # the adapter itself
         ("topk", {"": np.float32}),  # a sparse model is not a model
     ],
 )
