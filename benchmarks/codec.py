@@ -1,7 +1,7 @@
 """What each delta codec costs on the wire and in accuracy, on a non-IID split.
 
-Method: every codec (``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4``, ``topk``) runs the same
-federation: CLINC150 (``../shared/data/clinc150/train.jsonl``, tested on
+Method: every codec (``fp32``, ``fp16``, ``bf16``, ``int8``, ``int4``, ``topk``) runs
+the same federation: CLINC150 (``../shared/data/clinc150/train.jsonl``, tested on
 ``test.jsonl``) split over ``--num-clients`` sites by a Dirichlet label skew
 (``data.partition = dirichlet``, ``data.dirichlet-alpha = 0.1``), FedAvg, the same
 seed, rounds, local epochs and step cap. Each run goes through the real coordinator
