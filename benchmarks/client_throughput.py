@@ -24,23 +24,28 @@ previous round ended with, as a client sampled every round would:
 ``samples_per_second`` is training samples over the wall time of the rounds (loading
 and tokenising included, evaluation excluded). Both final models are evaluated with the
 same code on the same test rows. The comparison object carries ``speedup`` (fedgraft's
-samples per second over the baseline's) and both accuracies. Paths take turns, so
-noise on the machine hits both. Run from the repository root::
+samples per second over the baseline's) and both accuracies. The paths take turns
+round by round (:func:`interleave`), so noise on the machine hits each alike. Both use
+AdamW with weight decay 0.01 (torch's default). ``--seeds`` repeats the comparison
+with other seeds (LoRA and head draws, batch order) and ends with a summary object:
+mean speedup and the paired accuracy gap with its spread. Run from the repository
+root::
 
     python benchmarks/client_throughput.py --quick
-    python benchmarks/client_throughput.py --train-rows 3000 --rounds 2
+    python benchmarks/client_throughput.py --train-rows 1500 --rounds 1 --seeds 1,2,3
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
+import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +74,7 @@ from common.model import (  # noqa: E402
 
 CLINC = ROOT.parent / "shared" / "data" / "clinc150"
 LORA = LoraSettings(r=8, alpha=16, dropout=0.05, target_modules=("query", "value"))
-BATCH, LR, MAX_LENGTH, SEED = 32, 2e-3, 128, 42
+BATCH, LR, MAX_LENGTH, WEIGHT_DECAY = 32, 2e-3, 128, 0.01
 
 log = logging.getLogger("benchmarks.client_throughput")
 
@@ -83,16 +88,25 @@ def spread_rows(rows: list[Any], count: int) -> list[Any]:
 
 
 def build_model(
-    backbone: Path, labels: tuple[str, ...], tokenizer: Any, lora: LoraSettings = LORA
+    backbone: Path,
+    labels: tuple[str, ...],
+    tokenizer: Any,
+    seed: int,
+    lora: LoraSettings = LORA,
 ) -> Any:
-    """Backbone from disk, LoRA, and the label-name head."""
+    """Backbone from disk, LoRA drawn from ``seed``, and the label-name head."""
     model = attach_lora(
-        load_encoder(backbone), lora, pooling_mode(backbone), len(labels), SEED
+        load_encoder(backbone), lora, pooling_mode(backbone), len(labels), seed
     )
     init_head_from_texts(
         model, tokenizer, label_texts(labels), MAX_LENGTH, tokenizer.pad_token_id
     )
     return model
+
+
+#: One path's rounds: each ``next()`` trains one round and yields the model and the
+#: samples it trained on.
+Rounds = Iterator[tuple[TextClassifier, int]]
 
 
 def fedgraft_rounds(
@@ -102,13 +116,13 @@ def fedgraft_rounds(
     texts: list[str],
     label_ids: list[int],
     rounds: int,
+    seed: int,
     top_layers: int = 0,
-) -> tuple[TextClassifier, float, int]:
+) -> Rounds:
     """Load once, tokenise once, bucketed dynamic padding; with ``top_layers``, LoRA
     on those layers only and the frozen layers' output computed once."""
-    started = time.perf_counter()
     lora = dataclasses.replace(LORA, layers=top_layers)
-    model = build_model(backbone, labels, tokenizer, lora)
+    model = build_model(backbone, labels, tokenizer, seed, lora)
     encoded = encode(tokenizer, texts, label_ids, MAX_LENGTH)
     prefix = (
         prefix_states(
@@ -117,19 +131,18 @@ def fedgraft_rounds(
         if model.prefix_depth
         else None
     )
-    samples = 0
     for server_round in range(rounds):
         state = adapter_state(model)  # what the global adapter would be
         load_adapter_state(model, state)
-        plan = LocalTraining(1, 0, BATCH, LR, LR, 0.0, SEED + server_round)
-        samples += finetune(
+        plan = LocalTraining(1, 0, BATCH, LR, LR, WEIGHT_DECAY, seed + server_round)
+        result = finetune(
             model,
             encoded,
             tokenizer.pad_token_id,
             plan,
             (lambda: prefix) if prefix is not None else None,
-        ).samples
-    return model, time.perf_counter() - started, samples
+        )
+        yield model, result.samples
 
 
 def baseline_rounds(
@@ -139,13 +152,12 @@ def baseline_rounds(
     texts: list[str],
     label_ids: list[int],
     rounds: int,
-) -> tuple[TextClassifier, float, int]:
+    seed: int,
+) -> Rounds:
     """Reload every round, pad to max_length, plain shuffled batches."""
-    started = time.perf_counter()
     state = None
-    samples = 0
     for server_round in range(rounds):
-        model = build_model(backbone, labels, tokenizer)
+        model = build_model(backbone, labels, tokenizer, seed)
         if state is not None:
             load_adapter_state(model, state)
         batch = tokenizer(
@@ -157,10 +169,13 @@ def baseline_rounds(
         )
         targets = torch.tensor(label_ids)
         optimiser = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=LR
+            [p for p in model.parameters() if p.requires_grad],
+            lr=LR,
+            weight_decay=WEIGHT_DECAY,
         )
-        generator = torch.Generator().manual_seed(SEED + server_round)
+        generator = torch.Generator().manual_seed(seed + server_round)
         model.train()
+        samples = 0
         for rows in torch.randperm(len(texts), generator=generator).split(BATCH):
             logits = model(batch["input_ids"][rows], batch["attention_mask"][rows])
             loss = F.cross_entropy(logits, targets[rows])
@@ -170,7 +185,30 @@ def baseline_rounds(
             samples += len(rows)
         model.eval()
         state = adapter_state(model)
-    return model, time.perf_counter() - started, samples
+        yield model, samples
+
+
+def interleave(
+    paths: dict[str, Rounds],
+) -> dict[str, tuple[TextClassifier, float, int]]:
+    """Advance every path one round at a time, in turn, so that whatever else loads
+    the machine hits each path alike; return each path's final model, seconds (its
+    own rounds only) and samples."""
+    seconds = dict.fromkeys(paths, 0.0)
+    samples = dict.fromkeys(paths, 0)
+    models: dict[str, TextClassifier] = {}
+    live = dict(paths)
+    while live:
+        for name, rounds in list(live.items()):
+            started = time.perf_counter()
+            try:
+                models[name], trained = next(rounds)
+            except StopIteration:
+                del live[name]
+                continue
+            seconds[name] += time.perf_counter() - started
+            samples[name] += trained
+    return {name: (models[name], seconds[name], samples[name]) for name in paths}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,9 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads")
     parser.add_argument(
+        "--seeds", default="42", help="comma list: one side-by-side run per seed"
+    )
+    parser.add_argument(
         "--top-layers", type=int, default=2, help="lora.layers of the third path"
     )
     args = parser.parse_args(argv)
+    command = "python benchmarks/client_throughput.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
@@ -201,61 +245,92 @@ def main(argv: list[str] | None = None) -> int:
     test_encoded = encode(tokenizer, [e.text for e in test], test_ids, MAX_LENGTH)
     texts = [e.text for e in train]
     lengths = [len(ids) for ids in encode(tokenizer, texts, train_ids, MAX_LENGTH).ids]
-    torch.manual_seed(SEED)
-    results: dict[str, dict[str, Any]] = {}
-    paths = (
-        ("baseline", baseline_rounds),
-        ("fedgraft", fedgraft_rounds),
-        (
-            "fedgraft-top-layers",
-            functools.partial(fedgraft_rounds, top_layers=args.top_layers),
-        ),
-    )
-    for path, run in paths:
-        model, seconds, samples = run(
-            backbone, tokenizer, labels, texts, train_ids, args.rounds
-        )
-        accuracy = evaluate(model, test_encoded, tokenizer.pad_token_id).accuracy
-        results[path] = {
-            "benchmark": "client_throughput",
-            "path": path,
-            "samples": samples,
-            "seconds": round(seconds, 2),
-            "samples_per_second": round(samples / seconds, 2),
-            "accuracy": accuracy,
-            "train_rows": len(texts),
-            "test_rows": len(test),
-            "rounds": args.rounds,
-            "mean_tokens_per_row": round(float(np.mean(lengths)), 1),
-            "torch_threads": torch.get_num_threads(),
-            "lora_layers": args.top_layers if path == "fedgraft-top-layers" else 0,
-        }
-        print(json.dumps(results[path]), flush=True)
-    print(
-        json.dumps(
+    data = (backbone, tokenizer, labels, texts, train_ids, args.rounds)
+    comparisons = []
+    for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+        torch.manual_seed(seed)
+        trained = interleave(
             {
-                "benchmark": "client_throughput",
-                "comparison": True,
-                "speedup": round(
-                    results["fedgraft"]["samples_per_second"]
-                    / results["baseline"]["samples_per_second"],
-                    2,
+                "baseline": baseline_rounds(*data, seed),
+                "fedgraft": fedgraft_rounds(*data, seed),
+                "fedgraft-top-layers": fedgraft_rounds(
+                    *data, seed, top_layers=args.top_layers
                 ),
-                "accuracy_fedgraft": results["fedgraft"]["accuracy"],
-                "accuracy_baseline": results["baseline"]["accuracy"],
-                "speedup_top_layers": round(
-                    results["fedgraft-top-layers"]["samples_per_second"]
-                    / results["baseline"]["samples_per_second"],
-                    2,
-                ),
-                "accuracy_top_layers": results["fedgraft-top-layers"]["accuracy"],
-                "command": "python benchmarks/client_throughput.py "
-                + " ".join(sys.argv[1:] if argv is None else argv),
             }
-        ),
-        flush=True,
-    )
+        )
+        results: dict[str, dict[str, Any]] = {}
+        for path, (model, seconds, samples) in trained.items():
+            accuracy = evaluate(model, test_encoded, tokenizer.pad_token_id).accuracy
+            results[path] = {
+                "benchmark": "client_throughput",
+                "path": path,
+                "seed": seed,
+                "samples": samples,
+                "seconds": round(seconds, 2),
+                "samples_per_second": round(samples / seconds, 2),
+                "accuracy": accuracy,
+                "train_rows": len(texts),
+                "test_rows": len(test),
+                "rounds": args.rounds,
+                "mean_tokens_per_row": round(float(np.mean(lengths)), 1),
+                "torch_threads": torch.get_num_threads(),
+                "lora_layers": args.top_layers if path == "fedgraft-top-layers" else 0,
+                "command": command,
+            }
+            print(json.dumps(results[path]), flush=True)
+        comparison = {
+            "benchmark": "client_throughput",
+            "comparison": True,
+            "seed": seed,
+            "speedup": speedup(results, "fedgraft"),
+            "accuracy_fedgraft": results["fedgraft"]["accuracy"],
+            "accuracy_baseline": results["baseline"]["accuracy"],
+            "speedup_top_layers": speedup(results, "fedgraft-top-layers"),
+            "accuracy_top_layers": results["fedgraft-top-layers"]["accuracy"],
+            "command": command,
+        }
+        comparisons.append(comparison)
+        print(json.dumps(comparison), flush=True)
+    if len(comparisons) > 1:
+        print(json.dumps(across_seeds(comparisons, len(test), command)), flush=True)
     return 0
+
+
+def speedup(results: dict[str, dict[str, Any]], path: str) -> float:
+    """``path``'s samples per second over the baseline's."""
+    return round(
+        results[path]["samples_per_second"] / results["baseline"]["samples_per_second"],
+        2,
+    )
+
+
+def across_seeds(
+    comparisons: list[dict[str, Any]], test_rows: int, command: str
+) -> dict[str, Any]:
+    """Mean and spread of the per-seed comparisons, and the paired accuracy gap
+    (fedgraft minus baseline) against one binomial standard error of its size."""
+    gaps = [c["accuracy_fedgraft"] - c["accuracy_baseline"] for c in comparisons]
+    accuracy = float(np.mean([c["accuracy_baseline"] for c in comparisons]))
+    return {
+        "benchmark": "client_throughput",
+        "summary": True,
+        "seeds": [c["seed"] for c in comparisons],
+        "speedup_mean": round(float(np.mean([c["speedup"] for c in comparisons])), 2),
+        "speedup_min": min(c["speedup"] for c in comparisons),
+        "speedup_top_layers_mean": round(
+            float(np.mean([c["speedup_top_layers"] for c in comparisons])), 2
+        ),
+        "accuracy_fedgraft_mean": round(
+            float(np.mean([c["accuracy_fedgraft"] for c in comparisons])), 4
+        ),
+        "accuracy_baseline_mean": round(accuracy, 4),
+        "accuracy_gap_mean": round(float(np.mean(gaps)), 4),
+        "accuracy_gap_std": round(float(np.std(gaps, ddof=1)), 4),
+        "binomial_standard_error": round(
+            math.sqrt(accuracy * (1 - accuracy) / test_rows), 4
+        ),
+        "command": command,
+    }
 
 
 if __name__ == "__main__":
