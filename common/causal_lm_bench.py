@@ -5,7 +5,7 @@ adapter, perplexity on the held-out rows, and the exported ``adapter/`` and
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,9 +103,23 @@ class CausalLMWorkbench:
         """The current LoRA factors."""
         return lm_adapter_state(self.model)
 
-    def evaluate(self, state: AdapterState | None = None) -> EvalResult:
+    def evaluate(
+        self,
+        state: AdapterState | None = None,
+        labels: Collection[int] | None = None,
+    ) -> EvalResult:
         """Per-token loss, next-token accuracy and perplexity of ``state`` (or the
-        current adapter) on the evaluation rows."""
+        current adapter) on the evaluation rows.
+
+        Raises
+        ------
+        ValueError
+            When ``labels`` is given: a language model's rows have no labels.
+        """
+        if labels is not None:
+            raise ValueError(
+                "a causal language model has no labels to evaluate a subset of"
+            )
         if state is not None:
             load_lm_adapter_state(self.model, state)
         return evaluate_lm(self.model, self.test, self.pad_id)

@@ -28,6 +28,14 @@ class EvalResult:
     num_examples: int
     perplexity: float | None = None
 
+    def as_metrics(self) -> dict[str, float]:
+        """The evaluation columns of a metrics line: ``eval_loss``,
+        ``eval_accuracy`` and, for a causal language model, ``eval_perplexity``."""
+        metrics = {"eval_loss": self.loss, "eval_accuracy": self.accuracy}
+        if self.perplexity is not None:
+            metrics["eval_perplexity"] = self.perplexity
+        return metrics
+
 
 @torch.no_grad()
 def evaluate_head(

@@ -14,7 +14,7 @@ Saved models carry a small ``fedgraft_task.json`` that says which task wrote the
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,8 +46,14 @@ class RunBench(Protocol):
         """The current adapter state."""
         ...
 
-    def evaluate(self, state: AdapterState | None = None) -> EvalResult:
-        """Evaluate ``state`` (or the current adapter) on the evaluation rows."""
+    def evaluate(
+        self,
+        state: AdapterState | None = None,
+        labels: Collection[int] | None = None,
+    ) -> EvalResult:
+        """Evaluate ``state`` (or the current adapter) on the evaluation rows, or on
+        those of ``labels`` only (a client's own domain; a task without a label map
+        refuses ``labels``)."""
         ...
 
     def export(self, outputs: RunOutputs, state: AdapterState) -> None:

@@ -1,31 +1,136 @@
 """Baselines in the same harness: centralised training on the union of the clients'
-rows, and each client training alone.
+rows, and each client training alone, for every task (``model.task``).
 
-Both train the same model from the same seeded initial adapter, and both see as many
-training samples as the federated run they are compared with.
+Both train the run's own model (the coordinator's workbench, :mod:`common.tasks`)
+from the same seeded initial adapter, as a site of its task trains it
+(:mod:`client.sites`), and both see as many training samples as the federated run
+they are compared with.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.finetune import LocalTraining, train_phase
+import numpy as np
+from flwr.app import Context, RecordDict
+
+from client.causal_lm_site import CausalLMSite
+from client.finetune import FinetuneResult, LocalTraining, train_phase
+from client.runtime import rows_key
+from client.sites import SiteModel, TextRows
+from client.vision_site import VisionSite
+from common.causal_lm_bench import CausalLMWorkbench
+from common.codec import AdapterState
 from common.config import RunConfig
+from common.data import Example
+from common.evaluation import evaluate
+from common.model import load_adapter_state
 from common.outputs import RunOutputs, default_output_dir
-from common.reporting import RoundRecorder
+from common.reporting import LOWER_IS_BETTER, RoundRecorder, main_metric
 from common.splits import (
     all_client_examples,
     default_num_clients,
     evaluation_examples,
     run_labels,
 )
+from common.tasks import RunBench, open_bench
+from common.vision_bench import VisionWorkbench
 from common.workbench import Workbench
 
 log = logging.getLogger(__name__)
+
+#: The per-client columns :func:`local_only_summary` sums up, where present.
+SUMMARISED = ("eval_accuracy", "own_domain_accuracy", "eval_perplexity")
+
+
+@dataclass
+class WorkbenchText:
+    """The text classifier of a :class:`~common.workbench.Workbench` as a
+    :class:`~client.sites.SiteModel`: trained with :func:`client.finetune.train_phase`
+    as a site trains it, head-only rounds on the bench's cached features. No DP-SGD:
+    the baselines are the non-private reference."""
+
+    bench: Workbench
+
+    def encode(self, examples: list[Example]) -> TextRows:
+        return TextRows(examples, self.bench.encode_examples(examples))
+
+    def load_state(self, state: AdapterState) -> None:
+        load_adapter_state(self.bench.model, state)
+
+    def train(
+        self,
+        rows: TextRows,
+        plan: LocalTraining,
+        phase: str,
+        start: AdapterState,
+        context: Context,
+    ) -> tuple[FinetuneResult, float | None]:
+        del start, context  # the bench keys its features by the current adapter
+        bench, encoded = self.bench, rows.encoded
+        key = rows_key(
+            rows.examples,
+            bench.labels,
+            bench.fingerprint,
+            bench.config.model.max_length,
+        )
+        result = train_phase(
+            bench.model,
+            encoded,
+            bench.pad_id,
+            plan,
+            phase,
+            lambda: bench.features_of(encoded, key),
+        )
+        return result, None
+
+    def state(self) -> AdapterState:
+        return self.bench.state()
+
+    def accuracy(self, examples: list[Example]) -> float | None:
+        rows = self.encode(examples)
+        return evaluate(self.bench.model, rows.encoded, self.bench.pad_id).accuracy
+
+    def label_counts(self, rows: TextRows, num_labels: int) -> np.ndarray:
+        return np.bincount(rows.encoded.labels, minlength=num_labels)
+
+
+def trainable(bench: RunBench) -> SiteModel:
+    """The model of ``bench``, trained in place as a site of the run's task trains
+    it: the one place the baselines tell the tasks apart.
+
+    Raises
+    ------
+    TypeError
+        For a workbench of no known task.
+    """
+    if isinstance(bench, CausalLMWorkbench):
+        return CausalLMSite(
+            bench.config,
+            bench.model,
+            bench.tokenizer,
+            bench.pad_id,
+            bench.fingerprint,
+            cache_dir=None,
+        )
+    if isinstance(bench, VisionWorkbench):
+        return VisionSite(
+            bench.config, bench.model, bench.processor, bench.labels, bench.fingerprint
+        )
+    if isinstance(bench, Workbench):
+        return WorkbenchText(bench)
+    raise TypeError(f"no baseline training for a {type(bench).__name__}")
+
+
+def baseline_context(client: int) -> Context:
+    """A fresh Flower context for one trainee (its state holds nothing yet)."""
+    return Context(
+        run_id=0, node_id=client, node_config={}, state=RecordDict(), run_config={}
+    )
 
 
 def federated_samples_per_round(config: RunConfig, client_sizes: list[int]) -> int:
@@ -43,12 +148,26 @@ def federated_samples_per_round(config: RunConfig, client_sizes: list[int]) -> i
     return round(sum(per_client) * config.train.fraction)
 
 
+def open_run_bench(config: RunConfig) -> tuple[RunBench, list[list[Example]]]:
+    """The run's workbench with the seeded initial adapter, and every simulated
+    client's rows."""
+    num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
+    clients = all_client_examples(config.data, config.seed, num_clients)
+    bench = open_bench(
+        config,
+        run_labels(config.data, config.seed),
+        evaluation_examples(config.data, config.seed),
+    )
+    return bench, clients
+
+
 def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path:
     """Train one LoRA model on the union of every client's rows.
 
     Each "round" trains on as many samples as one federated round processes (see
     :func:`federated_samples_per_round`), then evaluates, so that ``metrics.jsonl`` can
-    be read side by side with the federated run's.
+    be read side by side with the federated run's (``eval_perplexity`` too for a
+    causal language model).
 
     Returns
     -------
@@ -61,25 +180,20 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
         if config.output_dir
         else default_output_dir("centralized")
     )
-    num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
-    clients = all_client_examples(config.data, config.seed, num_clients)
+    bench, clients = open_run_bench(config)
+    model = trainable(bench)
     union = [example for rows in clients for example in rows]
-    labels = run_labels(config.data, config.seed)
-    bench = Workbench.open(
-        config, labels, evaluation_examples(config.data, config.seed)
-    )
-    encoded = bench.encode_examples(union)
+    encoded = model.encode(union)
     per_round = federated_samples_per_round(config, [len(rows) for rows in clients])
+    context = baseline_context(0)
     outputs = RunOutputs(target)
     recorder = RoundRecorder(outputs, config.num_server_rounds)
-    evaluation = bench.evaluate()
     recorder.record(
         {
             "round": 0,
             "clients": 1,
             "train_loss": None,
-            "eval_loss": evaluation.loss,
-            "eval_accuracy": evaluation.accuracy,
+            **bench.evaluate().as_metrics(),
             "train_samples": 0,
             "seconds": 0.0,
         }
@@ -91,18 +205,10 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
             config,
             phase,
             seed=config.seed * 100_003 + server_round,
-            epochs=per_round / len(encoded),
+            epochs=per_round / len(union),
             max_steps=0,
         )
-        result = train_phase(
-            bench.model,
-            encoded,
-            bench.pad_id,
-            plan,
-            phase,
-            lambda: bench.features_of(encoded, "train"),
-        )
-        evaluation = bench.evaluate()
+        result, _ = model.train(encoded, plan, phase, bench.state(), context)
         recorder.record(
             {
                 "round": server_round,
@@ -110,8 +216,7 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
                 "clients": 1,
                 "train_loss": result.train_loss,
                 "train_samples": result.samples,
-                "eval_loss": evaluation.loss,
-                "eval_accuracy": evaluation.accuracy,
+                **bench.evaluate().as_metrics(),
                 "seconds": round(time.perf_counter() - round_started, 3),
             }
         )
@@ -120,25 +225,23 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
 
 
 def local_only(config: RunConfig) -> list[dict[str, Any]]:
-    """Accuracy of each client trained alone: on the coordinator's evaluation rows
-    (``eval_accuracy``) and on those of the labels the client holds
+    """Each client trained alone, evaluated on the coordinator's evaluation rows
+    (``eval_loss``, ``eval_accuracy``, and ``eval_perplexity`` for a causal language
+    model) and, for a task with labels, on those of the labels the client holds
     (``own_domain_accuracy``: its own domain under ``column:domain``).
 
     Each client trains from the initial adapter for ``num-server-rounds`` rounds of
     ``local-epochs`` passes over its own rows, in the same phases as the federated run:
     the compute it spends there, without anybody else's knowledge.
     """
-    num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
-    clients = all_client_examples(config.data, config.seed, num_clients)
-    labels = run_labels(config.data, config.seed)
-    bench = Workbench.open(
-        config, labels, evaluation_examples(config.data, config.seed)
-    )
+    bench, clients = open_run_bench(config)
+    model = trainable(bench)
     initial = bench.state()
     results = []
-    for client, rows in enumerate(clients):
-        bench.evaluate(initial)  # resets the adapter to the initial state
-        encoded = bench.encode_examples(rows)
+    for client, examples in enumerate(clients):
+        model.load_state(initial)
+        encoded = model.encode(examples)
+        context = baseline_context(client)
         for server_round in range(1, config.num_server_rounds + 1):
             phase = config.train.phase(server_round)
             plan = LocalTraining.from_config(
@@ -146,41 +249,39 @@ def local_only(config: RunConfig) -> list[dict[str, Any]]:
                 phase,
                 seed=config.seed * 100_003 + server_round * 1_009 + client,
             )
-            train_phase(
-                bench.model,
-                encoded,
-                bench.pad_id,
-                plan,
-                phase,
-                partial(bench.features_of, encoded, f"client-{client}"),
-            )
-        evaluation = bench.evaluate()
-        own = bench.evaluate(labels=set(encoded.labels.tolist()))
-        results.append(
-            {
-                "client": client,
-                "rows": len(rows),
-                "eval_accuracy": evaluation.accuracy,
-                "own_domain_accuracy": own.accuracy,
-                "own_domain_rows": own.num_examples,
-            }
-        )
+            model.train(encoded, plan, phase, bench.state(), context)
+        row: dict[str, Any] = {
+            "client": client,
+            "rows": len(examples),
+            **bench.evaluate().as_metrics(),
+        }
+        if bench.labels:  # a causal language model has no labels, so no own domain
+            held = np.flatnonzero(model.label_counts(encoded, len(bench.labels)))
+            own = bench.evaluate(labels=held.tolist())
+            row["own_domain_accuracy"] = own.accuracy
+            row["own_domain_rows"] = own.num_examples
+        results.append(row)
+        name, value = main_metric(row)
         log.info(
-            "client %d alone: eval_accuracy %.4f, own domain %.4f, on %d rows",
-            client,
-            evaluation.accuracy,
-            own.accuracy,
-            len(rows),
+            "client %d alone: %s %.4f on %d rows", client, name, value, len(examples)
         )
     return results
 
 
 def local_only_summary(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean and worst client of :func:`local_only`, on both evaluation sets."""
+    """Mean, best and worst client of :func:`local_only` for each column of
+    :data:`SUMMARISED` every client has (best is the lowest perplexity, the highest
+    accuracy)."""
     summary: dict[str, float] = {}
-    for key in ("eval_accuracy", "own_domain_accuracy"):
+    for key in SUMMARISED:
+        if not results or any(key not in row for row in results):
+            continue
         values = [row[key] for row in results]
+        lowest_first = sorted(values)
+        best, worst = lowest_first[0], lowest_first[-1]
+        if key not in LOWER_IS_BETTER:
+            best, worst = worst, best
         summary[f"mean_{key}"] = sum(values) / len(values)
-        summary[f"worst_{key}"] = min(values)
-        summary[f"best_{key}"] = max(values)
+        summary[f"worst_{key}"] = worst
+        summary[f"best_{key}"] = best
     return summary

@@ -156,37 +156,41 @@ def simulate(config: RunConfig) -> Path:
             f"the simulation ended without writing {output_dir / SUMMARY_FILE}; "
             "see the log above"
         )
-    if config.sim.local_baseline and config.model.task == "text-cls":
-        _compare_with_local_training(config, output_dir)
-    elif config.sim.local_baseline:
-        log.info(
-            "sim.local-baseline: the clients-alone comparison covers model.task = "
-            "text-cls; skipped for %s",
-            config.model.task,
-        )
+    if config.sim.local_baseline:
+        compare_with_local_training(config, output_dir)
     return output_dir
 
 
-def _compare_with_local_training(config: RunConfig, output_dir: Path) -> None:
+def compare_with_local_training(config: RunConfig, output_dir: Path) -> None:
+    """Train each client alone (:func:`simulations.baselines.local_only`), add the
+    results to the run's ``summary.json`` as ``local_baseline`` and print them beside
+    the run's headline metric (``eval_perplexity`` for a causal language model,
+    ``eval_accuracy`` otherwise)."""
+    from common.reporting import main_metric
     from simulations.baselines import local_only, local_only_summary
 
     summary_path = output_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text())
     alone = local_only(config)
     stats = local_only_summary(alone)
-    federated = summary["final"]["eval_accuracy"]
+    name, federated = main_metric(summary["final"])
     summary["local_baseline"] = {
         "clients": alone,
-        "best_accuracy": stats["best_eval_accuracy"],
+        # best_accuracy, or best_perplexity: what `fedgraft inspect` shows
+        f"best_{name.removeprefix('eval_')}": stats[f"best_{name}"],
         **stats,
     }
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    own = (
+        f"on their own domains: mean {stats['mean_own_domain_accuracy']:.4f}, worst "
+        f"{stats['worst_own_domain_accuracy']:.4f}; "
+        if "mean_own_domain_accuracy" in stats
+        else ""
+    )
     print(
-        f"\nfederated eval_accuracy {federated:.4f} vs clients trained alone on the "
-        f"same rows: best {stats['best_eval_accuracy']:.4f}, mean "
-        f"{stats['mean_eval_accuracy']:.4f}, worst {stats['worst_eval_accuracy']:.4f} "
-        f"(on their own domains: mean {stats['mean_own_domain_accuracy']:.4f}, worst "
-        f"{stats['worst_own_domain_accuracy']:.4f}; {len(alone)} clients)"
+        f"\nfederated {name} {federated:.4f} vs clients trained alone on the same "
+        f"rows: best {stats[f'best_{name}']:.4f}, mean {stats[f'mean_{name}']:.4f}, "
+        f"worst {stats[f'worst_{name}']:.4f} ({own}{len(alone)} clients)"
     )
 
 
@@ -327,12 +331,6 @@ def _train(arguments: argparse.Namespace) -> None:
         config = load_config(arguments.config, arguments.set)
     if arguments.command == "simulate":
         print(f"outputs: {simulate(config)}")
-    elif config.model.task != "text-cls":
-        raise ConfigError(
-            f"model.task = {config.model.task}: `fedgraft centralized` trains text "
-            "classifiers; run `fedgraft simulate` with sim.num-clients = 1 for a "
-            "single-site baseline"
-        )
     else:
         from simulations.baselines import train_centralized
 

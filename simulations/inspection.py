@@ -182,8 +182,12 @@ def _totals_table(
             f"best {best['metric']}", f"{best['value']:.4f} (round {best['round']})"
         )
     baseline = (summary or {}).get("local_baseline")
-    if isinstance(baseline, Mapping) and baseline.get("best_accuracy") is not None:
-        table.add_row("best client trained alone", f"{baseline['best_accuracy']:.4f}")
+    for key in ("best_accuracy", "best_perplexity"):
+        if isinstance(baseline, Mapping) and baseline.get(key) is not None:
+            metric = key.removeprefix("best_")
+            table.add_row(
+                f"best client trained alone ({metric})", f"{baseline[key]:.4f}"
+            )
     if wall is None:
         table.caption = "* summed over rounds (no summary)"
     return table
