@@ -1,27 +1,97 @@
 """``fedgraft export``: a run's merged model as a Hugging Face folder or as ONNX.
 
-The ONNX graph is traced with eager attention on a padded batch (so padding masks stay
-in the graph), then checked with onnxruntime against the PyTorch logits before the
-export is reported as done.
+Every task's ONNX export follows one path: its plan (:class:`OnnxPlan`) names the
+module to trace, the batch to trace it on, another batch (of another shape) with the
+PyTorch logits the graph must reproduce on it, and the files that go beside
+``model.onnx``; :func:`export_onnx` traces the plan, writes those files and checks the
+graph with onnxruntime (:func:`check_onnx`) before the export is reported as done.
+
+- ``text-cls``: ``input_ids, attention_mask -> logits (batch, labels)``, with the
+  tokenizer and the head's metadata (labels, pooling);
+- ``causal-lm``: ``input_ids, attention_mask -> logits (batch, sequence, vocab)``, no
+  KV cache, with the tokenizer;
+- ``image-cls``: ``pixel_values -> logits (batch, labels)`` at the image processor's
+  size, with the processor's config and the head's metadata (labels, pooling).
+
+Transformer graphs are traced with eager attention on a padded batch, so the padding
+mask stays in the graph (the fused attention path specialises on the example batch).
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common.outputs import MERGED_DIR
-from common.tasks import TASK_FILE, TEXT_CLASSIFICATION, read_task
+from common.tasks import (
+    CAUSAL_LM,
+    IMAGE_CLASSIFICATION,
+    TASK_FILE,
+    TEXT_CLASSIFICATION,
+    read_task,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ONNX_FILE = "model.onnx"
 EXPORT_FORMATS = ("hf", "onnx")
-_CHECK_TEXTS = ["a", "a longer sentence to make the batch need padding on one row"]
+#: The graph is traced on one batch and checked on another of a different shape, so
+#: the check also covers the dynamic batch (and sequence) axes.
+_TRACE_TEXTS = ["a", "a longer sentence to make the batch need padding on one row"]
+_CHECK_TEXTS = [
+    "another sentence, of a third length",
+    "b",
+    "a row longer than the traced ones, so that the check batch has its own shape",
+]
+_TRACE_IMAGES, _CHECK_IMAGES = 2, 3
+_HEAD_META = "fedgraft_head.json"
 
 
 class ExportError(ValueError):
     """The export cannot be made or does not reproduce the model's logits."""
+
+
+@dataclass(frozen=True)
+class OnnxPlan:
+    """What one task's ONNX export traces, writes and checks.
+
+    Attributes
+    ----------
+    traced : nn.Module
+        In eval mode; ``forward`` takes the inputs in ``trace_inputs``' order and
+        returns the logits alone.
+    trace_inputs, check_inputs : Mapping[str, np.ndarray]
+        The graph's inputs by name: the batch to trace and the batch to check with.
+    expected : np.ndarray
+        The PyTorch logits on ``check_inputs`` of the model loaded as ``predict`` or
+        ``generate`` load the folder (computed before ``traced`` is loaded, so that
+        a large model is not held twice).
+    dynamic_axes : dict[str, dict[int, str]]
+        The axes left free in the graph, per input and for ``logits``.
+    write_files : Callable[[Path], None]
+        Writes what reads the graph's inputs and outputs (tokenizer, image processor,
+        labels) into the export folder.
+    model_type : str
+        The backbone's family (``config.model_type``), for error messages.
+    compare_where : str or None
+        An input whose zeros mark positions without meaning (padding): their logits
+        are not compared.
+    """
+
+    traced: nn.Module
+    trace_inputs: Mapping[str, np.ndarray]
+    check_inputs: Mapping[str, np.ndarray]
+    expected: np.ndarray
+    dynamic_axes: dict[str, dict[int, str]]
+    write_files: Callable[[Path], None]
+    model_type: str
+    compare_where: str | None = None
 
 
 def merged_dir(run_or_merged: Path) -> Path:
@@ -33,7 +103,7 @@ def merged_dir(run_or_merged: Path) -> Path:
         When neither holds a merged model.
     """
     for candidate in (run_or_merged / MERGED_DIR, run_or_merged):
-        markers = ("fedgraft_head.json", TASK_FILE)
+        markers = (_HEAD_META, TASK_FILE)
         if any((candidate / name).exists() for name in markers):
             return candidate
     raise ExportError(f"{run_or_merged}: no merged model; point at a run's output.dir")
@@ -46,17 +116,17 @@ def export_hf(source: Path, out: Path) -> Path:
     return out
 
 
-def export_onnx(source: Path, out: Path, tolerance: float = 1e-4) -> Path:
-    """Write ``model.onnx`` (input_ids, attention_mask -> logits) with the tokenizer
-    and head metadata, then check it against PyTorch with onnxruntime.
+def _logits(model: nn.Module, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``model``'s logits on ``inputs`` (passed in their order), as numpy."""
+    import torch
 
-    Raises
-    ------
-    ExportError
-        When onnxruntime's logits differ from PyTorch's by more than ``tolerance``.
-    """
-    # torch, transformers and onnxruntime load only for this command.
-    import onnxruntime
+    with torch.no_grad():
+        logits = model(*(torch.from_numpy(v) for v in inputs.values()))
+    return np.asarray(logits.numpy())
+
+
+def _text_classifier_plan(source: Path) -> OnnxPlan:
+    """A text classifier: ``input_ids, attention_mask -> logits (batch, labels)``."""
     import torch
     from transformers import AutoModel
 
@@ -64,59 +134,293 @@ def export_onnx(source: Path, out: Path, tolerance: float = 1e-4) -> Path:
     from common.model import TextClassifier
 
     reference = MergedClassifier.load(source)
-    # Eager attention traces the padding mask into the graph; the fused kernel path
-    # specialises on the example batch.
-    encoder = AutoModel.from_pretrained(str(source), attn_implementation="eager")
-    model = TextClassifier(encoder, reference.model.pooling, len(reference.labels))
-    model.head.load_state_dict(reference.model.head.state_dict())
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    batch = reference.tokenizer(_CHECK_TEXTS, return_tensors="pt", padding=True)
+    encoder = AutoModel.from_pretrained(
+        str(source), attn_implementation="eager", dtype=torch.float32
+    )
+    traced = TextClassifier(encoder, reference.model.pooling, len(reference.labels))
+    traced.head.load_state_dict(reference.model.head.state_dict())
+
+    def batch(texts: list[str]) -> dict[str, np.ndarray]:
+        encoded = reference.tokenizer(texts, return_tensors="np", padding=True)
+        return {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+
+    check = batch(_CHECK_TEXTS)
+
+    def write_files(out: Path) -> None:
+        reference.tokenizer.save_pretrained(str(out))
+        for name in HEAD_FILES:
+            shutil.copy2(source / name, out / name)
+
     axes = {0: "batch", 1: "sequence"}
-    torch.onnx.export(
-        model,
-        (batch["input_ids"], batch["attention_mask"]),
-        str(out / ONNX_FILE),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
+    return OnnxPlan(
+        traced=traced.float().eval(),
+        trace_inputs=batch(_TRACE_TEXTS),
+        check_inputs=check,
+        expected=_logits(reference.model.float().eval(), check),
         dynamic_axes={
             "input_ids": axes,
             "attention_mask": axes,
             "logits": {0: "batch"},
         },
-        dynamo=False,
+        write_files=write_files,
+        model_type=str(encoder.config.model_type),
     )
-    reference.tokenizer.save_pretrained(str(out))
-    for name in HEAD_FILES:
-        shutil.copy2(source / name, out / name)
-    session = onnxruntime.InferenceSession(str(out / ONNX_FILE))
-    check = reference.tokenizer(_CHECK_TEXTS[::-1], return_tensors="np", padding=True)
-    (logits,) = session.run(
-        None,
-        {k: check[k].astype(np.int64) for k in ("input_ids", "attention_mask")},
-    )
-    with torch.no_grad():
-        expected = reference.model(
-            torch.from_numpy(check["input_ids"]),
-            torch.from_numpy(check["attention_mask"]),
-        ).numpy()
-    difference = float(np.abs(logits - expected).max())
-    if difference > tolerance:
+
+
+def _next_token_logits(lm: nn.Module) -> nn.Module:
+    """``lm`` called without a KV cache, returning the logits alone (the ONNX graph's
+    one output)."""
+    import torch
+    from torch import nn
+
+    class NextTokenLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        ) -> torch.Tensor:
+            """Logits ``(batch, seq, vocab)``."""
+            output = self.lm(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            )
+            return output.logits
+
+    return NextTokenLogits().eval()
+
+
+def _causal_lm_plan(source: Path) -> OnnxPlan:
+    """A causal LM: ``input_ids, attention_mask -> logits (batch, seq, vocab)``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.causal_lm import load_lm_tokenizer
+
+    if not (source / "config.json").exists():
         raise ExportError(
-            f"ONNX logits differ from PyTorch by {difference:.2e} (> {tolerance:.0e})"
+            f"{source}: no config.json; a causal-lm merged/ folder holds the merged "
+            "AutoModelForCausalLM"
         )
+    tokenizer, pad_id = load_lm_tokenizer(source)
+
+    def batch(texts: list[str]) -> dict[str, np.ndarray]:
+        # Right-padded with the pad id the runs use: tokenizers without a pad token
+        # (GPT-2's) cannot pad by themselves.
+        rows = [tokenizer(text)["input_ids"] for text in texts]
+        width = max(len(row) for row in rows)
+        input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+        for line, row in enumerate(rows):
+            input_ids[line, : len(row)] = row
+            attention_mask[line, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    check = batch(_CHECK_TEXTS)
+    # The reference loads as `fedgraft generate` loads it (the default attention).
+    reference = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    expected = _logits(_next_token_logits(reference), check)
+    del reference
+    traced = AutoModelForCausalLM.from_pretrained(
+        str(source), attn_implementation="eager", dtype=torch.float32
+    )
+    axes = {0: "batch", 1: "sequence"}
+    return OnnxPlan(
+        traced=_next_token_logits(traced),
+        trace_inputs=batch(_TRACE_TEXTS),
+        check_inputs=check,
+        expected=expected,
+        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes},
+        write_files=lambda out: tokenizer.save_pretrained(str(out)),
+        model_type=str(traced.config.model_type),
+        compare_where="attention_mask",
+    )
+
+
+def _image_classifier_plan(source: Path) -> OnnxPlan:
+    """An image classifier: ``pixel_values -> logits (batch, labels)``."""
+    from PIL import Image
+
+    from common.vision import MergedImageClassifier, load_image_processor
+
+    processor = load_image_processor(source)  # names the folder when it has none
+    # One module is traced and checked: without a padding mask, the attention path
+    # does not specialise on the example batch.
+    model = MergedImageClassifier.load(source).model.float().eval()
+
+    def batch(count: int, seed: int) -> dict[str, np.ndarray]:
+        # Noise images of mixed sizes: the processor resizes them to its own.
+        rng = np.random.default_rng(seed)
+        images = [
+            Image.fromarray(
+                rng.integers(0, 256, (24 + 8 * i, 40 - 4 * i, 3), dtype=np.uint8)
+            )
+            for i in range(count)
+        ]
+        pixels = processor(images=images, return_tensors="np")["pixel_values"]
+        return {"pixel_values": np.asarray(pixels, dtype=np.float32)}
+
+    def write_files(out: Path) -> None:
+        processor.save_pretrained(str(out))
+        shutil.copy2(source / _HEAD_META, out / _HEAD_META)
+
+    check = batch(_CHECK_IMAGES, seed=1)
+    return OnnxPlan(
+        traced=model,
+        trace_inputs=batch(_TRACE_IMAGES, seed=0),
+        check_inputs=check,
+        expected=_logits(model, check),
+        dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+        write_files=write_files,
+        model_type=str(getattr(model.encoder.config, "model_type", "")),
+    )
+
+
+#: task -> the plan of its ONNX export.
+ONNX_PLANS: dict[str, Callable[[Path], OnnxPlan]] = {
+    TEXT_CLASSIFICATION: _text_classifier_plan,
+    CAUSAL_LM: _causal_lm_plan,
+    IMAGE_CLASSIFICATION: _image_classifier_plan,
+}
+
+
+def check_onnx(
+    path: Path,
+    inputs: Mapping[str, np.ndarray],
+    expected: np.ndarray,
+    tolerance: float,
+    compare_where: str | None = None,
+) -> float:
+    """Run ``path`` with onnxruntime on ``inputs`` and compare with ``expected``.
+
+    Parameters
+    ----------
+    path : Path
+        The ONNX graph (its only output: the logits).
+    inputs : Mapping[str, np.ndarray]
+        The graph's inputs by name.
+    expected : np.ndarray
+        PyTorch's logits on ``inputs``.
+    tolerance : float
+        The largest difference allowed, relative to the largest logit when that is
+        above one (a language model's logits are in the tens).
+    compare_where : str or None
+        An input whose zeros mark positions whose logits are not compared.
+
+    Returns
+    -------
+    float
+        The largest absolute difference.
+
+    Raises
+    ------
+    ExportError
+        When onnxruntime cannot run the graph on ``inputs`` (a batch of another shape
+        than the traced one), the shapes differ, a logit is not finite or the
+        difference is larger than allowed.
+    """
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"]
+    )
+    try:
+        (logits,) = session.run(None, dict(inputs))
+    except Exception as error:  # onnxruntime raises its own pybind11 exception types
+        raise ExportError(
+            f"{path}: onnxruntime cannot run the graph on the check batch (another "
+            f"shape than the traced one): {error}"
+        ) from error
+    if logits.shape != expected.shape:
+        raise ExportError(
+            f"{path}: ONNX logits have shape {logits.shape}, PyTorch's {expected.shape}"
+        )
+    if compare_where is not None:
+        keep = inputs[compare_where].astype(bool)  # (batch, seq)
+        logits, expected = logits[keep], expected[keep]
+    if not (np.isfinite(logits).all() and np.isfinite(expected).all()):
+        raise ExportError(
+            f"{path}: the ONNX or the PyTorch logits are not all finite; the "
+            "merged model does not compute usable logits"
+        )
+    difference = float(np.abs(logits - expected).max())
+    allowed = tolerance * max(1.0, float(np.abs(expected).max()))
+    if difference > allowed:
+        raise ExportError(
+            f"{path}: ONNX logits differ from PyTorch by {difference:.2e} "
+            f"(> {allowed:.1e})"
+        )
+    return difference
+
+
+def export_onnx(source: Path, out: Path, tolerance: float = 1e-4) -> Path:
+    """Write ``model.onnx`` for the merged model in ``source`` with the files that
+    read its inputs and outputs, then check it against PyTorch with onnxruntime.
+
+    Parameters
+    ----------
+    source : Path
+        A run's ``merged/`` folder; its task file says which task it is.
+    out : Path
+        The folder to write.
+    tolerance : float
+        See :func:`check_onnx`.
+
+    Raises
+    ------
+    ExportError
+        For a task without an ONNX export, a model the exporter cannot trace (naming
+        its family), or a graph whose logits differ from PyTorch's.
+    """
+    # torch and onnxruntime load only for this command.
+    import torch
+
+    task = read_task(source)
+    if task not in ONNX_PLANS:
+        raise ExportError(
+            f"{source / TASK_FILE}: task {task!r} has no ONNX export; "
+            f"--format onnx exports {', '.join(ONNX_PLANS)} (--format hf copies any)"
+        )
+    plan = ONNX_PLANS[task](source)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.onnx.export(
+            plan.traced,
+            tuple(torch.from_numpy(v) for v in plan.trace_inputs.values()),
+            str(out / ONNX_FILE),
+            input_names=list(plan.trace_inputs),
+            output_names=["logits"],
+            dynamic_axes=plan.dynamic_axes,
+            dynamo=False,
+        )
+    except Exception as error:  # the exporter's errors have no common base
+        raise ExportError(
+            f"{source}: torch.onnx.export cannot trace this {plan.model_type or task} "
+            f"model ({type(error).__name__}: {error}); --format hf exports it"
+        ) from error
+    plan.write_files(out)
+    if (source / TASK_FILE).exists():
+        shutil.copy2(source / TASK_FILE, out / TASK_FILE)
+    check_onnx(
+        out / ONNX_FILE,
+        plan.check_inputs,
+        plan.expected,
+        tolerance,
+        plan.compare_where,
+    )
     return out
 
 
 def export_run(run_or_merged: Path, fmt: str, out: Path) -> Path:
-    """Export a run's merged model in ``fmt`` (``hf`` or ``onnx``) to ``out``."""
+    """Export a run's merged model in ``fmt`` (``hf`` or ``onnx``) to ``out``.
+
+    Raises
+    ------
+    ExportError
+        For an unknown format, a folder without a merged model, or an ONNX export
+        that fails (see :func:`export_onnx`).
+    """
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"--format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
     source = merged_dir(run_or_merged)
-    task = read_task(source)
-    if fmt == "onnx" and task != TEXT_CLASSIFICATION:
-        raise ExportError(
-            f"--format onnx exports text classifiers; this {task} model exports with "
-            "--format hf (a Hugging Face folder)"
-        )
     return export_hf(source, out) if fmt == "hf" else export_onnx(source, out)
