@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Context
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from client import private_training
 from client.finetune import FinetuneResult, LocalTraining
 from client.runtime import pick_device
 from client.task_training import train_steps
@@ -25,6 +27,7 @@ from common.causal_lm import (
     load_causal_lm,
     load_lm_adapter_state,
     load_lm_tokenizer,
+    sequence_losses,
     token_losses,
 )
 from common.codec import AdapterState
@@ -35,7 +38,7 @@ from common.lm_data import LmEncoded, encode_lm, load_lm_encoded, save_lm_encode
 log = logging.getLogger(__name__)
 
 _Loaded = tuple[CausalLanguageModel, PreTrainedTokenizerBase, int]
-_MODELS: dict[tuple[str, LoraSettings], _Loaded] = {}
+_MODELS: dict[tuple[str, LoraSettings, str], _Loaded] = {}
 _ENCODED: dict[str, LmEncoded] = {}
 _MAX_ENCODED = 32
 
@@ -98,10 +101,18 @@ class CausalLMSite:
         context: Context,
     ) -> tuple[FinetuneResult, float | None]:
         """Fine-tune the adapters; the loss is the mean over a batch's tokens that
-        carry loss (config validation leaves ``phase = lora`` only)."""
-        del start, context  # no cached features and no DP-SGD for a language model
+        carry loss (config validation leaves ``phase = lora`` only).
+
+        With ``dp.level = sample`` the adapters train with DP-SGD instead
+        (:func:`client.private_training.dp_sgd_at_site`): one example is one
+        sequence, its loss the mean over its tokens that carry loss; the site's
+        epsilon comes back with the result.
+        """
+        del start  # no cached features for a language model
         if phase != "lora":
             raise ValueError(f"a causal language model trains LoRA only, not {phase}")
+        if self.config.dp.sample_level:
+            return self._train_private(rows, plan, context)
         device = next(self.model.parameters()).device
 
         def step_loss(batch_rows: list[int]) -> tuple[torch.Tensor, int]:
@@ -114,6 +125,29 @@ class CausalLMSite:
         return train_steps(
             self.model, [len(ids) for ids in rows.ids], step_loss, plan
         ), None
+
+    def _train_private(
+        self, rows: LmEncoded, plan: LocalTraining, context: Context
+    ) -> tuple[FinetuneResult, float]:
+        if len(rows) == 0:
+            raise ValueError("no training rows: this client has an empty partition")
+        # Padded once to the site's longest row; each batch is cut to its own.
+        batch = collate_lm(rows, list(range(len(rows))), self.pad_id)
+
+        def batch_loss(private: nn.Module, tensors: list[torch.Tensor]) -> torch.Tensor:
+            input_ids, attention, labels = tensors
+            width = int(attention.sum(1).max().item())
+            logits = private(input_ids[:, :width], attention[:, :width])
+            return sequence_losses(logits, labels[:, :width]).mean()
+
+        return private_training.dp_sgd_at_site(
+            self.model,
+            [batch["input_ids"], batch["attention_mask"], batch["labels"]],
+            batch_loss,
+            plan,
+            self.config.dp,
+            context,
+        )
 
     def state(self) -> AdapterState:
         return lm_adapter_state(self.model)
@@ -134,15 +168,21 @@ def open_causal_lm_site(
     lora: LoraSettings,
     cache_dir: Path | None,
 ) -> CausalLMSite:
-    """The process's causal LM for this backbone and LoRA shape, loaded once (only
-    the latest is kept, to bound memory)."""
-    key = (fingerprint, lora)
+    """The process's causal LM for this backbone, LoRA shape and precision
+    (``model.quantize``), loaded once (only the latest is kept, to bound memory)."""
+    quantize = config.model.quantize
+    key = (fingerprint, lora, quantize)
     if key not in _MODELS:
         _MODELS.clear()
         device = pick_device()
-        model = load_causal_lm(backbone_dir, lora, config.seed, device)
+        model = load_causal_lm(backbone_dir, lora, config.seed, device, quantize)
         tokenizer, pad_id = load_lm_tokenizer(backbone_dir)
         _MODELS[key] = (model, tokenizer, pad_id)
-        log.info("loaded causal LM %s on %s", fingerprint[:12], device)
+        log.info(
+            "loaded causal LM %s on %s (quantize = %s)",
+            fingerprint[:12],
+            device,
+            quantize,
+        )
     model, tokenizer, pad_id = _MODELS[key]
     return CausalLMSite(config, model, tokenizer, pad_id, fingerprint, cache_dir)

@@ -187,7 +187,7 @@ def train(message: Message, context: Context) -> Message:
         phase,
         seed=round_seed,
     )
-    # With dp.level = sample the text site trains with DP-SGD and reports epsilon.
+    # With dp.level = sample every task's site trains with DP-SGD and reports epsilon.
     result, sample_epsilon = site.train(encoded, plan, phase, start, context)
     trained = site.state()
     change = adapters.upload(trained, start, phase, config.aggregation.rule)

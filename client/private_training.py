@@ -7,6 +7,10 @@ One round at a site, as data::
     (Opacus hooks) -> each clipped to dp.clip-norm -> summed, plus
     N(0, (sigma C)^2) -> AdamW step -> the site's accountant counts the step
 
+Every task runs this one loop (:func:`dp_sgd_steps`) with its own loss: a text or
+an image classifier's cross-entropy per row, a causal language model's mean loss
+over each sequence's tokens that carry loss (one example = one sequence).
+
 The result protects every single row of the site, whoever sees the update: the
 coordinator, the other sites or the released model. The accountant (Opacus's RDP
 accountant) is the site's own: its history (noise multiplier, sample rate, steps) is
@@ -20,9 +24,11 @@ import json
 import math
 import secrets
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 from flwr.app import ConfigRecord, Context
+from torch import nn
 from torch.nn import functional as F
 
 from client.finetune import FinetuneResult, LocalTraining
@@ -35,6 +41,13 @@ from common.sharing import is_head
 DP_SGD_RECORD = "fedgraft-dp-sgd"
 
 History = list[tuple[float, float, int]]
+
+#: ``batch_loss(private, batch)``: the mean over the batch's rows of each row's own
+#: loss, computed by ``private`` (the model under Opacus's hooks) from the batch's
+#: tensors (on the model's device). Opacus takes the mean as its loss reduction, so
+#: the per-example gradients it clips are the rows' own: a row's loss must depend
+#: on that row alone (one sequence of a language model, one image).
+BatchLoss = Callable[[nn.Module, list[torch.Tensor]], torch.Tensor]
 
 
 def load_history(context: Context) -> History:
@@ -58,10 +71,54 @@ def dp_sgd(
     settings: DpConfig,
     history: History,
 ) -> tuple[FinetuneResult, History, float]:
-    """Train like :func:`client.finetune.finetune`, with DP-SGD.
+    """Train the text classifier like :func:`client.finetune.finetune`, with DP-SGD
+    (:func:`dp_sgd_steps` on its rows, padded once to the site's longest).
+
+    Returns
+    -------
+    tuple
+        The training result, the accountant history after it, and the site's
+        sample-level epsilon at ``settings.delta`` so far.
+    """
+    if len(encoded) == 0:
+        raise ValueError("no training rows: this client has an empty partition")
+    rows = collate(encoded, range(len(encoded)), pad_id)
+
+    def batch_loss(private: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+        input_ids, attention, labels = batch
+        return F.cross_entropy(private(input_ids, attention).float(), labels)
+
+    return dp_sgd_steps(
+        model,
+        [rows["input_ids"], rows["attention_mask"], rows["labels"]],
+        batch_loss,
+        plan,
+        settings,
+        history,
+    )
+
+
+def dp_sgd_steps(
+    model: nn.Module,
+    rows: Sequence[torch.Tensor],
+    batch_loss: BatchLoss,
+    plan: LocalTraining,
+    settings: DpConfig,
+    history: History,
+) -> tuple[FinetuneResult, History, float]:
+    """Train the trainable parameters of any task's model with DP-SGD.
 
     Parameters
     ----------
+    model : nn.Module
+        The site's model; only its trainable tensors (LoRA factors, a head) get
+        per-example gradients. Frozen batch norms stay in evaluation mode, so no
+        row's output depends on another's.
+    rows : Sequence[torch.Tensor]
+        The site's rows, one tensor per field, each ``(rows, ...)`` on the CPU.
+    batch_loss : BatchLoss
+        The mean over a batch's rows of each row's own loss (see
+        :data:`BatchLoss`).
     plan : LocalTraining
         Epochs, step cap, batch size (the expected Poisson batch), learning rates.
     settings : DpConfig
@@ -73,43 +130,47 @@ def dp_sgd(
     Returns
     -------
     tuple
-        The training result, the accountant history after it, and the site's
-        sample-level epsilon at ``settings.delta`` so far.
+        The training result (``train_loss``: the mean of the rows' losses), the
+        accountant history after it, and the site's sample-level epsilon at
+        ``settings.delta`` so far.
     """
     from opacus import PrivacyEngine
 
-    if len(encoded) == 0:
+    count = len(rows[0])
+    if count == 0:
         raise ValueError("no training rows: this client has an empty partition")
-    device = next(model.head.parameters()).device
-    torch.manual_seed(plan.seed)
     named = [
         (n, p)
         for n, p in model.named_parameters()
         if p.requires_grad and not (plan.frozen and plan.frozen in n)
     ]
+    device = named[0][1].device
+    torch.manual_seed(plan.seed)
     frozen = [
         p for n, p in model.named_parameters() if plan.frozen and plan.frozen in n
     ]
     for parameter in frozen:
         parameter.requires_grad_(False)
+    groups = [
+        {"params": [p for n, p in named if not is_head(n)]},
+        {"params": [p for n, p in named if is_head(n)], "lr": plan.head_lr},
+    ]
     optimiser = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in named if not is_head(n)]},
-            {"params": [p for n, p in named if is_head(n)], "lr": plan.head_lr},
-        ],
+        [group for group in groups if group["params"]],
         lr=plan.lr,
         weight_decay=plan.weight_decay,
     )
-    # Rows padded once to the site's longest; Opacus replaces the sampler with
-    # Poisson sampling at rate batch-size / rows.
-    rows = collate(encoded, range(len(encoded)), pad_id)
+    # Opacus replaces the sampler with Poisson sampling at rate batch-size / rows.
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(
-            rows["input_ids"], rows["attention_mask"], rows["labels"]
-        ),
-        batch_size=min(plan.batch_size, len(encoded)),
+        torch.utils.data.TensorDataset(*rows),
+        batch_size=min(plan.batch_size, count),
     )
     model.train()  # Opacus refuses a module in eval mode
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # In training mode a batch norm mixes the rows of a batch (and drifts
+            # from the backbone every party shares).
+            module.eval()
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = list(history)
     noise = torch.Generator(device=device)
@@ -129,17 +190,17 @@ def dp_sgd(
     total_loss, samples, steps = 0.0, 0, 0
     try:
         while steps < steps_wanted:
-            for input_ids, attention, labels in loader:
+            for batch in loader:
                 optimiser.zero_grad(set_to_none=True)
-                if len(labels):
-                    logits = private(input_ids.to(device), attention.to(device))
-                    loss = F.cross_entropy(logits.float(), labels.to(device))
+                size = len(batch[0])
+                if size:
+                    loss = batch_loss(private, [t.to(device) for t in batch])
                     loss.backward()
-                    total_loss += loss.item() * len(labels)
-                    samples += len(labels)
+                    total_loss += loss.item() * size
+                    samples += size
                 else:
                     # An empty Poisson batch still takes its noise-only step (the
-                    # encoder cannot run on zero rows).
+                    # backbone cannot run on zero rows).
                     for _, parameter in named:
                         parameter.grad_sample = parameter.new_zeros(
                             (0, *parameter.shape)
@@ -158,7 +219,7 @@ def dp_sgd(
     history = [tuple(step) for step in engine.accountant.history]  # type: ignore[misc]
     epsilon = float(engine.accountant.get_epsilon(delta=settings.delta))
     result = FinetuneResult(
-        num_examples=len(encoded),
+        num_examples=count,
         train_loss=total_loss / max(samples, 1),
         steps=steps,
         samples=samples,
@@ -168,9 +229,35 @@ def dp_sgd(
     return result, history, epsilon
 
 
+def dp_sgd_at_site(
+    model: nn.Module,
+    rows: Sequence[torch.Tensor],
+    batch_loss: BatchLoss,
+    plan: LocalTraining,
+    settings: DpConfig,
+    context: Context,
+) -> tuple[FinetuneResult, float]:
+    """:func:`dp_sgd_steps` with the site's accountant history read from and kept
+    in its Flower context state; the result and the site's epsilon so far."""
+    result, history, epsilon = dp_sgd_steps(
+        model, rows, batch_loss, plan, settings, load_history(context)
+    )
+    save_history(context, history)
+    return result, epsilon
+
+
 def sample_rate(num_rows: int, batch_size: int) -> float:
     """The Poisson sampling rate DP-SGD uses for a site of ``num_rows`` rows."""
     return 1 / math.ceil(num_rows / min(batch_size, num_rows))
 
 
-__all__ = ["DP_SGD_RECORD", "dp_sgd", "load_history", "sample_rate", "save_history"]
+__all__ = [
+    "DP_SGD_RECORD",
+    "BatchLoss",
+    "dp_sgd",
+    "dp_sgd_at_site",
+    "dp_sgd_steps",
+    "load_history",
+    "sample_rate",
+    "save_history",
+]

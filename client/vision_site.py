@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Context
+from torch import nn
 from torch.nn import functional as F
 
+from client import private_training
 from client.finetune import FinetuneResult, LocalTraining, train_head
 from client.runtime import pick_device
 from client.task_training import train_steps
@@ -39,7 +41,7 @@ from common.vision import (
 
 log = logging.getLogger(__name__)
 
-_MODELS: dict[tuple[str, LoraSettings, str, int], tuple[ImageClassifier, Any]] = {}
+_MODELS: dict[tuple[str, LoraSettings, str, int, str], tuple[ImageClassifier, Any]] = {}
 _ENCODED: dict[str, ImageEncoded] = {}
 _MAX_ENCODED = 8
 _FEATURES = FeatureCache(capacity=8)
@@ -94,8 +96,11 @@ class VisionSite:
         context: Context,
     ) -> tuple[FinetuneResult, float | None]:
         """``head``: the head alone on pooled features (cached per adapter state);
-        ``lora``: adapters and head end to end."""
-        del context  # no DP-SGD for images (config validation refuses it)
+        ``lora``: adapters and head end to end, with DP-SGD under ``dp.level =
+        sample`` (:func:`client.private_training.dp_sgd_at_site`; the site's epsilon
+        comes back with the result)."""
+        if self.config.dp.sample_level and phase == "lora":
+            return self._train_private(rows, plan, context)
         if phase == "head":
             features = _FEATURES.get(
                 rows.key,
@@ -113,6 +118,22 @@ class VisionSite:
             return loss, len(batch_rows)
 
         return train_steps(self.model, [1] * len(rows), step_loss, plan), None
+
+    def _train_private(
+        self, rows: ImageEncoded, plan: LocalTraining, context: Context
+    ) -> tuple[FinetuneResult, float]:
+        def batch_loss(private: nn.Module, tensors: list[torch.Tensor]) -> torch.Tensor:
+            pixels, labels = tensors
+            return F.cross_entropy(private(pixels).float(), labels)
+
+        return private_training.dp_sgd_at_site(
+            self.model,
+            [rows.pixels, torch.from_numpy(rows.labels)],
+            batch_loss,
+            plan,
+            self.config.dp,
+            context,
+        )
 
     def state(self) -> AdapterState:
         return image_adapter_state(self.model)
@@ -132,16 +153,23 @@ def open_vision_site(
     pooling: str,
     labels: tuple[str, ...],
 ) -> VisionSite:
-    """The process's image classifier for this backbone, LoRA shape, pooling and
-    label count, loaded once (only the latest is kept, to bound memory)."""
-    key = (fingerprint, lora, pooling, len(labels))
+    """The process's image classifier for this backbone, LoRA shape, pooling, label
+    count and precision (``model.quantize``), loaded once (only the latest is kept,
+    to bound memory)."""
+    quantize = config.model.quantize
+    key = (fingerprint, lora, pooling, len(labels), quantize)
     if key not in _MODELS:
         _MODELS.clear()
         device = pick_device()
         model = load_image_classifier(
-            backbone_dir, lora, pooling, len(labels), config.seed, device
+            backbone_dir, lora, pooling, len(labels), config.seed, device, quantize
         )
         _MODELS[key] = (model, load_image_processor(backbone_dir))
-        log.info("loaded image backbone %s on %s", fingerprint[:12], device)
+        log.info(
+            "loaded image backbone %s on %s (quantize = %s)",
+            fingerprint[:12],
+            device,
+            quantize,
+        )
     model, processor = _MODELS[key]
     return VisionSite(config, model, processor, labels, fingerprint)

@@ -27,6 +27,7 @@ from common.config import LoraSettings
 from common.evaluation import EvalResult
 from common.lm_data import LmEncoded
 from common.lora_targets import wrap_with_lora
+from common.quantised import load_frozen
 from common.tasks import CAUSAL_LM, write_task_file
 
 IGNORE = -100  # the label of tokens without loss (PyTorch's ignore_index)
@@ -57,14 +58,18 @@ def load_causal_lm(
     settings: LoraSettings,
     seed: int,
     device: torch.device | str = "cpu",
+    quantize: str = "none",
 ) -> CausalLanguageModel:
-    """Load the frozen backbone and wrap it with seeded LoRA adapters."""
-    backbone = AutoModelForCausalLM.from_pretrained(str(backbone_dir))
-    backbone.requires_grad_(False)
-    model = CausalLanguageModel(
+    """Load the frozen backbone and wrap it with seeded LoRA adapters.
+
+    ``quantize`` (``model.quantize``) loads the backbone's linear layers in 4 or 8
+    bits (:func:`common.quantised.load_frozen`); the adapters stay float32.
+    """
+    backbone = load_frozen(AutoModelForCausalLM, backbone_dir, device, quantize)
+    # PEFT puts each adapter on its base layer's device.
+    return CausalLanguageModel(
         wrap_with_lora(backbone, settings, seed, task_type="CAUSAL_LM")
     )
-    return model.to(device)
 
 
 def load_lm_tokenizer(backbone_dir: Path) -> tuple[PreTrainedTokenizerBase, int]:
@@ -153,6 +158,22 @@ def token_losses(
     )
     correct = int(((predicted.argmax(-1) == targets) & mask).sum().item())
     return total, int(mask.sum().item()), correct
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean next-token cross-entropy over its tokens that carry loss:
+    ``(batch,)``, 0 for a sequence without any.
+
+    A row's loss depends on that row alone, so the gradient of one entry is that
+    sequence's own: DP-SGD clips per sequence (``dp.level = sample``).
+    """
+    predicted = logits[:, :-1].float()  # (batch, seq - 1, vocab)
+    targets = labels[:, 1:]  # (batch, seq - 1)
+    per_token = F.cross_entropy(
+        predicted.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+    )  # (batch, seq - 1), 0 where ignored
+    counts = (targets != IGNORE).sum(1).clamp(min=1)  # (batch,)
+    return per_token.sum(1) / counts
 
 
 @torch.no_grad()

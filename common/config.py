@@ -224,9 +224,9 @@ class ModelConfig:
         pooling config; the first token when it has none); or force ``mean``,
         ``cls`` or ``max``.
     quantize : str
-        ``none``, or ``4bit`` / ``8bit``: clients load the frozen backbone quantised
-        by bitsandbytes (QLoRA) on CUDA; the adapters and the coordinator stay in full
-        precision.
+        ``none``, or ``4bit`` / ``8bit``: clients load the frozen backbone's linear
+        layers quantised by bitsandbytes (QLoRA), on CUDA or a CPU; the adapters and
+        the coordinator stay in full precision.
     task : str
         ``text-cls`` (a text classifier: encoder, pooling, linear head),
         ``causal-lm`` (a causal language model, no head; evaluated by perplexity) or
@@ -263,7 +263,9 @@ class HeadConfig:
 class LoraSettings:
     """LoRA hyper-parameters handed to every client.
 
-    ``layers`` limits the adapters to the top layers of the encoder (0: every layer).
+    ``layers`` limits the adapters to the top blocks of the backbone's stack of
+    blocks (0: every block); a text encoder then also caches the frozen layers'
+    output (:mod:`common.frozen_prefix`).
     """
 
     r: int
@@ -866,7 +868,15 @@ class RunConfig:
         self._validate_task()
 
     def _validate_task(self) -> None:
-        """Refuse settings that have no meaning for ``model.task``, naming the key."""
+        """Refuse settings that have no meaning for ``model.task``, naming the key.
+
+        ``lora.layers``, ``model.quantize`` and ``dp.level = sample`` hold for every
+        task. What depends on the backbone is refused where it loads: ``lora.layers``
+        beyond its blocks (``common.lora_targets``), ``model.quantize`` for a
+        backbone without linear layers such as a ResNet (``common.quantised``). The
+        frozen-prefix cache below the top ``lora.layers`` is the text classifier's
+        alone; the other tasks just place their adapters on the top blocks.
+        """
         task = self.model.task
         _require(
             task in TASKS, "model.task", f"got {task!r}; use one of {', '.join(TASKS)}"
@@ -880,24 +890,6 @@ class RunConfig:
         )
         if task == "text-cls":
             return
-        _require(
-            self.lora.layers == 0,
-            "lora.layers",
-            "the frozen-prefix cache adapts the top layers of a text encoder only; "
-            f"set lora.layers = 0 for model.task = {task}",
-        )
-        _require(
-            self.model.quantize == "none",
-            "model.quantize",
-            f"quantised backbones load for model.task = text-cls only; with "
-            f"model.task = {task} set model.quantize = none",
-        )
-        _require(
-            not (self.dp.enabled and self.dp.level == "sample"),
-            "dp.level",
-            f"dp.level = sample (DP-SGD through Opacus) trains text classifiers only; "
-            f"with model.task = {task} use dp.level = client",
-        )
         if task == "image-cls":
             _require(
                 self.head.init == "random",

@@ -15,18 +15,28 @@ resolves to the backbone family's usual targets:
 Any other value of ``lora.target-modules`` (names, or ``all-linear``) is used as
 given. The resolution depends only on the backbone, so the coordinator and every site
 arrive at the same adapter.
+
+``lora.layers = N`` puts the adapters on the top N blocks of the backbone's block
+stack (:func:`block_stack`): the shallowest list of alike blocks, that is a
+transformer's layers (``model.layers`` of Llama, ``transformer.h`` of GPT-2,
+``layers`` of a ViT) and a CNN's stages (``encoder.stages`` of ResNet and
+ConvNeXt). Targets outside the stack (a ResNet's stem, a pooler) then get none, and
+``all-linear`` means every linear layer inside the chosen blocks. Only the text
+classifier also caches the output of the blocks below (``common.frozen_prefix``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from common.config import DEFAULTS, LoraSettings
+from common.config import DEFAULTS, ConfigError, LoraSettings
+from common.frozen_prefix import adapted_layers
 
 #: ``lora.target-modules`` at its default: resolved per backbone for new tasks.
 DEFAULT_TARGETS = tuple(str(DEFAULTS["lora.target-modules"]).split(","))
@@ -77,14 +87,73 @@ def _targets_conv1d(model: nn.Module, targets: tuple[str, ...]) -> bool:
     )
 
 
+def block_stack(model: nn.Module) -> tuple[str, int]:
+    """Where the backbone's blocks sit: the dotted name of its block stack and how
+    many blocks it holds.
+
+    The stack is the shallowest ``nn.ModuleList`` whose children are all of one
+    class (the longest, where several are equally shallow).
+
+    Raises
+    ------
+    ConfigError
+        When the backbone has no such list, naming ``lora.layers``.
+    """
+    stacks = [
+        (name, len(module))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(child) for child in module}) == 1
+    ]
+    if not stacks:
+        raise ConfigError(
+            f"config key 'lora.layers': {type(model).__name__} has no stack of "
+            "blocks (a list of alike layers or stages) to pick the top ones from; "
+            "set lora.layers = 0 to adapt every layer"
+        )
+    return min(stacks, key=lambda stack: (stack[0].count("."), -stack[1]))
+
+
+def _top_blocks(model: nn.Module, top: int) -> tuple[str, list[int]]:
+    """The block stack's name and the indices of its top ``top`` blocks."""
+    stack, count = block_stack(model)
+    if top > count:
+        raise ConfigError(
+            f"config key 'lora.layers': {top} blocks asked for, but this backbone "
+            f"({type(model).__name__}) has {count} in {stack}; use 1 to {count}, or "
+            "0 to adapt every block"
+        )
+    return stack, adapted_layers(count, top)
+
+
+def linear_inside(model: nn.Module, stack: str) -> list[str]:
+    """Names of the linear layers (and GPT-2's Conv1D) inside the block stack."""
+    from transformers.pytorch_utils import Conv1D
+
+    prefix = stack + "."
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if name.startswith(prefix) and isinstance(module, (nn.Linear, Conv1D))
+        }
+    )
+
+
 def wrap_with_lora(
     model: nn.Module, settings: LoraSettings, seed: int, task_type: str | None = None
 ) -> PeftModel:
     """Wrap ``model`` with LoRA, A drawn from ``seed`` (B starts at zero), leaving the
     global random state as it was.
 
+    With ``settings.layers = N`` only the top N blocks of :func:`block_stack` get
+    adapters.
+
     Raises
     ------
+    ConfigError
+        When ``lora.layers`` exceeds the backbone's blocks, or it has none.
     ValueError
         When no layer matches the targets, naming ``lora.target-modules`` and the
         layer names the backbone has.
@@ -95,6 +164,11 @@ def wrap_with_lora(
         if settings.target_modules == ("all-linear",)
         else list(settings.target_modules)
     )
+    stack, indices = "", None
+    if settings.layers:
+        stack, indices = _top_blocks(model, settings.layers)
+        if targets == "all-linear":  # PEFT takes block indices with a name list only
+            targets = linear_inside(model, stack)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -103,7 +177,12 @@ def wrap_with_lora(
         bias="none",
         task_type=task_type,
         # GPT-2's projections are transposed linear layers (transformers' Conv1D).
-        fan_in_fan_out=_targets_conv1d(model, settings.target_modules),
+        fan_in_fan_out=_targets_conv1d(
+            model, ("all-linear",) if targets == "all-linear" else tuple(targets)
+        ),
+        layers_to_transform=indices,
+        # PEFT reads a module's block index as "<pattern>.<index>." in its name.
+        layers_pattern=re.escape(stack) if stack else None,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

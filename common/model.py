@@ -4,6 +4,7 @@ and a linear classification head; and the adapter state that travels between par
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ from transformers import AutoModel, PreTrainedModel
 from common.codec import AdapterState
 from common.config import LoraSettings
 from common.frozen_prefix import adapted_layers, hidden_from_prefix, layer_count
+from common.lora_targets import block_stack, linear_inside
+from common.quantised import load_frozen
 from common.sharing import HEAD_PREFIX
 
 
@@ -125,81 +128,12 @@ def lora_config(settings: LoraSettings, num_layers: int = 0) -> LoraConfig:
     )
 
 
-class QuantisationUnavailable(RuntimeError):
-    """``model.quantize`` asks for a quantised backbone this site cannot load."""
-
-
-def quantisation_config(mode: str, device: torch.device | str) -> object | None:
-    """bitsandbytes' settings for ``model.quantize`` (None for ``none``).
-
-    4-bit is QLoRA's NF4 with double quantisation; 8-bit is LLM.int8(). The 4-bit
-    layers compute in bf16 on CUDA and in float32 on a CPU (bitsandbytes' CPU
-    backend, from version 0.45), where bf16 matrix products are slow. Both need the
-    optional ``bitsandbytes`` package.
-
-    Raises
-    ------
-    QuantisationUnavailable
-        On a site without bitsandbytes (or with a version that has no CPU backend,
-        on a CPU), saying how to fix it.
-    """
-    if mode == "none":
-        return None
-    import importlib.metadata
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise QuantisationUnavailable(
-            f"model.quantize = {mode} needs the optional bitsandbytes package: "
-            "pip install bitsandbytes (or set model.quantize = none)"
-        )
-    on_cuda = torch.device(device).type == "cuda"
-    if not on_cuda and _version(importlib.metadata.version("bitsandbytes")) < (0, 45):
-        raise QuantisationUnavailable(
-            f"model.quantize = {mode} on a CPU needs bitsandbytes >= 0.45 (its CPU "
-            "backend): pip install -U bitsandbytes, or set model.quantize = none"
-        )
-    from transformers import BitsAndBytesConfig
-
-    if mode == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if on_cuda else torch.float32,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def _version(text: str) -> tuple[int, ...]:
-    """``"0.50.2"`` as ``(0, 50, 2)``; suffixes such as ``.dev0`` are ignored."""
-    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
-
-
 def load_encoder(
     backbone_dir: Path, device: torch.device | str = "cpu", quantize: str = "none"
 ) -> PreTrainedModel:
-    """Load the frozen encoder (safetensors are memory-mapped by transformers).
-
-    Parameters
-    ----------
-    quantize : str
-        ``model.quantize``: ``4bit`` or ``8bit`` load the linear layers' weights
-        quantised by bitsandbytes straight onto ``device``.
-    """
-    settings = quantisation_config(quantize, device)
-    if settings is None:
-        encoder = AutoModel.from_pretrained(str(backbone_dir))
-        encoder.requires_grad_(False)
-        return encoder.to(device)
-    target = torch.device(device)
-    encoder = AutoModel.from_pretrained(
-        str(backbone_dir),
-        quantization_config=settings,
-        device_map={"": target.index or 0} if target.type == "cuda" else "cpu",
-    )
-    encoder.requires_grad_(False)
-    return encoder
+    """Load the frozen text encoder (safetensors are memory-mapped by transformers);
+    ``quantize`` (``model.quantize``) as in :func:`common.quantised.load_frozen`."""
+    return load_frozen(AutoModel, backbone_dir, device, quantize)
 
 
 def attach_lora(
@@ -221,6 +155,10 @@ def attach_lora(
     """
     num_layers = layer_count(encoder) if settings.layers else 0
     prefix_depth = num_layers - settings.layers if settings.layers else 0
+    if settings.layers and settings.target_modules == ("all-linear",):
+        # PEFT takes layer indices with a list of names only.
+        names = linear_inside(encoder, block_stack(encoder)[0])
+        settings = dataclasses.replace(settings, target_modules=tuple(names))
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

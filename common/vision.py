@@ -31,6 +31,7 @@ from common.data import Example, encode_labels
 from common.evaluation import EvalResult, evaluate_head
 from common.image_data import read_image
 from common.lora_targets import wrap_with_lora
+from common.quantised import load_frozen
 from common.sharing import HEAD_PREFIX
 from common.tasks import IMAGE_CLASSIFICATION, write_task_file
 
@@ -124,13 +125,16 @@ def load_image_classifier(
     num_labels: int,
     seed: int,
     device: torch.device | str = "cpu",
+    quantize: str = "none",
 ) -> ImageClassifier:
     """The frozen backbone with seeded LoRA adapters and a seeded random head.
 
-    ``pooling`` is ``model.pooling`` (``native`` resolves per backbone).
+    ``pooling`` is ``model.pooling`` (``native`` resolves per backbone);
+    ``quantize`` (``model.quantize``) loads the backbone's linear layers in 4 or 8
+    bits (:func:`common.quantised.load_frozen`; refused for a backbone without any,
+    a ResNet).
     """
-    backbone = AutoModel.from_pretrained(str(backbone_dir))
-    backbone.requires_grad_(False)
+    backbone = load_frozen(AutoModel, backbone_dir, device, quantize)
     mode = image_pooling(pooling, getattr(backbone.config, "model_type", ""))
     features = feature_size(backbone.config)
     model = ImageClassifier(
@@ -142,7 +146,10 @@ def load_image_classifier(
             torch.randn(model.head.weight.shape, generator=generator) * 0.02
         )
         model.head.bias.zero_()
-    return model.to(device)
+    # The backbone is on ``device`` already, and PEFT puts each adapter on its base
+    # layer's device; a quantised model must not be moved as a whole.
+    model.head.to(device)
+    return model
 
 
 def load_image_processor(backbone_dir: Path) -> Any:
@@ -329,10 +336,22 @@ class MergedImageClassifier:
 
     @classmethod
     def load(cls, directory: str | Path) -> MergedImageClassifier:
-        """Load a ``merged/`` folder of an ``image-cls`` run."""
+        """Load a ``merged/`` folder of an ``image-cls`` run.
+
+        Raises
+        ------
+        FileNotFoundError
+            When the folder holds no backbone (an ONNX export, say), naming it.
+        """
         from safetensors.torch import load_file
 
         folder = Path(directory)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(
+                f"{folder}: no config.json; point at an image-cls run's merged/ "
+                "folder or its --format hf export (an ONNX export runs with "
+                "onnxruntime)"
+            )
         meta = json.loads((folder / HEAD_FILE).read_text())
         labels = tuple(meta["labels"])
         encoder = AutoModel.from_pretrained(str(folder))

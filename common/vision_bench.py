@@ -21,6 +21,7 @@ from common.evaluation import EvalResult, evaluate_head
 from common.features import FeatureCache
 from common.model import encoder_digest
 from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
+from common.quantised import require_quantisable
 from common.reporting import RoundRecorder
 from common.vision import (
     ImageClassifier,
@@ -68,12 +69,18 @@ class VisionWorkbench:
         common.data.DataError
             When an evaluation image cannot be read or its label is outside
             ``labels``.
+        common.config.ConfigError
+            When ``model.quantize`` asks to quantise a backbone without linear
+            layers, or ``lora.layers`` exceeds its blocks.
         """
         backbone_dir = coordinator_backbone_dir(config.model.name)
         processor = load_image_processor(backbone_dir)
         model = load_image_classifier(
             backbone_dir, config.lora, config.model.pooling, len(labels), config.seed
         )
+        # The coordinator stays in full precision; refuse here what every site
+        # would refuse, before any round starts.
+        require_quantisable(model.encoder, config.model.quantize)
         bench = cls(
             config,
             backbone_dir,

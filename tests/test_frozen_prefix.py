@@ -79,6 +79,30 @@ def test_lora_layers_puts_adapters_on_the_top_layers_only() -> None:
     assert layers == {2, 3}
 
 
+def test_all_linear_with_lora_layers_adapts_every_linear_layer_of_the_top_layers() -> (
+    None
+):
+    # Execute
+    model = attach_lora(
+        four_layer_encoder(), LoraSettings(4, 8, 0.0, ("all-linear",), 1), "mean", 3, 0
+    )
+
+    # Assert: the six linear layers of layer 3, nothing below it, not the pooler
+    adapted = {
+        n.split(".layer.3.")[1].removesuffix(".lora_A.weight")
+        for n in adapter_state(model)
+        if "lora_A" in n
+    }
+    assert adapted == {
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    }
+
+
 def test_lora_layers_above_the_layer_count_is_refused_naming_the_key() -> None:
     with pytest.raises(ValueError, match=r"lora.layers = 5 .* 4 layers"):
         top_layer_classifier(5)
@@ -90,12 +114,13 @@ def test_negative_lora_layers_is_refused_naming_the_key() -> None:
 
 
 @pytest.mark.parametrize("task", ["causal-lm", "image-cls"])
-def test_lora_layers_is_refused_outside_text_classification(task: str) -> None:
-    flat = {"model.task": task, "lora.layers": 2, "data.path": "x.csv"}
+def test_lora_layers_validates_outside_text_classification(task: str) -> None:
+    # The other tasks place their adapters on the top blocks without this cache
+    # (tests/test_task_options.py).
+    flat: dict[str, object] = {"model.task": task, "lora.layers": 2, "data.path": "x"}
     if task == "image-cls":
         flat["head.init"] = "random"
-    with pytest.raises(ConfigError, match="config key 'lora.layers'"):
-        RunConfig.from_flat(flat)
+    assert RunConfig.from_flat(flat).lora.layers == 2
 
 
 def test_a_prefix_computed_at_another_precision_is_not_reused(

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from common.config import ConfigError, RunConfig
-from common.model import QuantisationUnavailable, load_encoder, quantisation_config
+from common.model import load_encoder
+from common.quantised import QuantisationUnavailable, quantisation_config
 
 
 def test_full_precision_needs_neither_cuda_nor_bitsandbytes(

@@ -423,32 +423,6 @@ def test_export_and_generate_commands_use_the_merged_model(
     assert printed == tokenizer.decode(new, skip_special_tokens=True)
 
 
-def test_onnx_export_of_a_causal_lm_is_refused(
-    backbones: dict[str, Path],
-    corpus: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    # Prepare
-    from simulations.cli import main
-
-    run(
-        lm_config(
-            backbones["llama"], corpus, tmp_path / "run", **{"num-server-rounds": 1}
-        ),
-        tmp_path,
-    )
-
-    # Execute
-    code = main(
-        ["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(tmp_path)]
-    )
-
-    # Assert
-    assert code == 2
-    assert "--format hf" in capsys.readouterr().err
-
-
 # -- refused settings --------------------------------------------------------------
 
 
@@ -462,8 +436,6 @@ def test_onnx_export_of_a_causal_lm_is_refused(
         ({"data.labels": "a,b"}, "data.labels"),
         ({"model.pooling": "mean"}, "model.pooling"),
         ({"head.label-descriptions": "labels.json"}, "head.label-descriptions"),
-        ({"dp.enabled": True, "dp.level": "sample"}, "dp.level"),
-        ({"model.quantize": "4bit"}, "model.quantize"),
         ({"data.prompt-column": "prompt"}, "data.prompt-column"),  # no data.path
     ],
 )

@@ -362,15 +362,6 @@ def test_merged_model_predicts_as_backbone_with_adapter(
             {"head.init": "random", "data.path": "x", "aggregation": "flexlora"},
             "aggregation",
         ),
-        (
-            {
-                "head.init": "random",
-                "data.path": "x",
-                "dp.enabled": True,
-                "dp.level": "sample",
-            },
-            "dp.level",
-        ),
     ],
 )
 def test_settings_images_cannot_use_are_refused_naming_the_key(
@@ -380,19 +371,3 @@ def test_settings_images_cannot_use_are_refused_naming_the_key(
         RunConfig.from_flat({"model.task": "image-cls", **overrides})
 
     assert f"config key '{key}'" in str(caught.value)
-
-
-def test_centralized_baseline_is_refused_for_images(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    # Prepare
-    from simulations.cli import main
-
-    overrides = ["model.task=image-cls", "head.init=random", "data.path=x"]
-
-    # Execute
-    code = main(["centralized", *[f"--set={item}" for item in overrides]])
-
-    # Assert
-    assert code == 2
-    assert "model.task = image-cls" in capsys.readouterr().err
