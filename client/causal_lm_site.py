@@ -20,9 +20,11 @@ from client import private_training
 from client.finetune import FinetuneResult, LocalTraining
 from client.runtime import pick_device
 from client.task_training import train_steps
+from common import keys
 from common.causal_lm import (
     CausalLanguageModel,
     collate_lm,
+    evaluate_lm,
     lm_adapter_state,
     load_causal_lm,
     load_lm_adapter_state,
@@ -152,10 +154,18 @@ class CausalLMSite:
     def state(self) -> AdapterState:
         return lm_adapter_state(self.model)
 
-    def accuracy(self, examples: list[Example]) -> float | None:
-        """``None``: a language model has no labels (FedSA reports no personal
-        accuracy)."""
-        return None
+    def personal_metrics(self, examples: list[Example]) -> dict[str, float]:
+        """Perplexity on ``examples``' tokens that carry loss (a language model has
+        no labels to be accurate on).
+
+        Raises
+        ------
+        ValueError
+            When no row of ``examples`` has a token that carries loss.
+        """
+        result = evaluate_lm(self.model, self.encode(examples), self.pad_id)
+        # evaluate_lm always sets the perplexity (only classifiers leave it None).
+        return {keys.PERSONAL_PERPLEXITY: float(result.perplexity)}  # type: ignore[arg-type]
 
     def label_counts(self, rows: LmEncoded, num_labels: int) -> np.ndarray:
         raise ValueError("a causal language model has no labels to count")

@@ -13,8 +13,8 @@ Only the encoded delta, ``num-examples`` and training metrics leave the site.
 Node config keys (``--node-config``): ``data-path`` (the site's own file),
 ``partition-id`` / ``num-partitions`` (simulation), ``backbone-path`` (the site's own
 copy of the backbone), ``cache-dir`` (received backbones and tokenised data),
-``eval-path`` (the site's own evaluation rows, for FedSA's personalised accuracy) and
-``lora.r`` (a FlexLoRA site's rank).
+``eval-path`` (the site's own evaluation rows, for FedSA's personalised accuracy or
+perplexity) and ``lora.r`` (a FlexLoRA site's rank).
 """
 
 from __future__ import annotations
@@ -103,19 +103,23 @@ def _site_evaluation_rows(
     examples: list[Example],
     labels: tuple[str, ...],
 ) -> list[Example]:
-    """The rows a site evaluates its personalised model on: its own file (node config
-    ``eval-path``), or in simulation the run's evaluation rows of the labels it holds
-    (its own domain)."""
+    """The rows a site evaluates its personalised model on (FedSA).
+
+    The site's own file (node config ``eval-path``) if it has one, else, in
+    simulation, the run's evaluation rows (the coordinator's held-out set). A
+    classifier keeps the rows of its labels: the run's from its own file, and from
+    the held-out set those it trains on (its own domain). A causal language model
+    (no label map) keeps every row: its rows have no label to select a domain by.
+    """
     eval_path = str(context.node_config.get("eval-path", ""))
     if eval_path:
-        rows = read_rows(eval_path, config.data)
-        return [row for row in rows if row.label in labels]
-    held = {example.label for example in examples}
-    return [
-        row
-        for row in evaluation_examples(config.data, config.seed)
-        if row.label in held
-    ]
+        rows, kept = read_rows(eval_path, config.data), set(labels)
+    else:
+        rows = evaluation_examples(config.data, config.seed)
+        kept = {example.label for example in examples}
+    if not labels:
+        return rows
+    return [row for row in rows if row.label in kept]
 
 
 def _status_reply(message: Message, kind: str) -> Message:
@@ -220,10 +224,11 @@ def train(message: Message, context: Context) -> Message:
         if sample_epsilon is not None:
             metrics[keys.SAMPLE_EPSILON] = sample_epsilon
     if config.aggregation.rule == "fedsa":
+        # The personalised model's accuracy (a classifier) or perplexity (a causal
+        # LM); it goes up in the clear with the train loss, secure aggregation or not.
         own = _site_evaluation_rows(config, context, examples, task.labels)
-        personal = site.accuracy(own) if own else None
-        if personal is not None:
-            metrics[keys.PERSONAL_ACCURACY] = personal
+        if own:
+            metrics.update(site.personal_metrics(own))
     if secure:
         # The example count travels only inside the masked vector; under DP every
         # client weighs the same (max-weight encodes as weight 1).

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from flwr.app import Context
 
+from common import keys
 from common.codec import AdapterState
 from common.config import LoraSettings, RunConfig
 from common.data import Example
@@ -59,9 +60,10 @@ class SiteModel(Protocol):
         """The trainable tensors now."""
         ...
 
-    def accuracy(self, examples: list[Example]) -> float | None:
-        """Accuracy on ``examples`` (FedSA's personal accuracy); ``None`` where the
-        task has no labels to be accurate on."""
+    def personal_metrics(self, examples: list[Example]) -> dict[str, float]:
+        """FedSA's personal metrics: the model as it is now (the shared A, the site's
+        own B) on ``examples``, by metric key (``keys.PERSONAL_ACCURACY`` for a
+        classifier, ``keys.PERSONAL_PERPLEXITY`` for a causal language model)."""
         ...
 
     def label_counts(self, rows: Any, num_labels: int) -> np.ndarray:
@@ -150,13 +152,12 @@ class TextSite:
 
         return adapter_state(self.backbone.model)
 
-    def accuracy(self, examples: list[Example]) -> float | None:
+    def personal_metrics(self, examples: list[Example]) -> dict[str, float]:
         from common.evaluation import evaluate
 
         rows = self.encode(examples)
-        return evaluate(
-            self.backbone.model, rows.encoded, self.backbone.pad_id
-        ).accuracy
+        result = evaluate(self.backbone.model, rows.encoded, self.backbone.pad_id)
+        return {keys.PERSONAL_ACCURACY: result.accuracy}
 
     def label_counts(self, rows: TextRows, num_labels: int) -> np.ndarray:
         return np.bincount(rows.encoded.labels, minlength=num_labels)

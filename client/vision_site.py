@@ -22,6 +22,7 @@ from client import private_training
 from client.finetune import FinetuneResult, LocalTraining, train_head
 from client.runtime import pick_device
 from client.task_training import train_steps
+from common import keys
 from common.codec import AdapterState
 from common.config import LoraSettings, RunConfig
 from common.data import Example
@@ -138,8 +139,9 @@ class VisionSite:
     def state(self) -> AdapterState:
         return image_adapter_state(self.model)
 
-    def accuracy(self, examples: list[Example]) -> float | None:
-        return evaluate_images(self.model, self.encode(examples)).accuracy
+    def personal_metrics(self, examples: list[Example]) -> dict[str, float]:
+        result = evaluate_images(self.model, self.encode(examples))
+        return {keys.PERSONAL_ACCURACY: result.accuracy}
 
     def label_counts(self, rows: ImageEncoded, num_labels: int) -> np.ndarray:
         return np.bincount(rows.labels, minlength=num_labels)

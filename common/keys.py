@@ -43,7 +43,10 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 TRAIN_SAMPLES = "train-samples"
 ON_CUDA = "on-cuda"
-PERSONAL_ACCURACY = "personal-accuracy"  # FedSA: the site's own model on its rows
+# FedSA: the site's personalised model on its own evaluation rows (classifiers:
+# accuracy; a causal language model: perplexity).
+PERSONAL_ACCURACY = "personal-accuracy"
+PERSONAL_PERPLEXITY = "personal-perplexity"
 SAMPLE_EPSILON = "sample-epsilon"  # dp.level = sample: the site's DP-SGD epsilon
 
 # Secure aggregation: message actions and the keys of SECAGG_RECORD.

@@ -44,6 +44,18 @@ log = logging.getLogger(__name__)
 
 BACKBONE_MESSAGE = f"{MessageType.QUERY}.{keys.ACTION_BACKBONE}"
 _NODE_POLL_SECONDS = 1.0
+#: FedSA's personal metrics: the client's key, the metrics line's columns for the
+#: sites' mean and for the worst site, and how the worst is picked (the lowest
+#: accuracy, the highest perplexity).
+PERSONAL_METRICS: tuple[tuple[str, str, str, Callable[[list[float]], float]], ...] = (
+    (keys.PERSONAL_ACCURACY, "personal_accuracy_mean", "personal_accuracy_min", min),
+    (
+        keys.PERSONAL_PERPLEXITY,
+        "personal_perplexity_mean",
+        "personal_perplexity_max",
+        max,
+    ),
+)
 
 
 class AggregationRule(Protocol):
@@ -99,19 +111,12 @@ class RoundReport:
         losses = [m.get(keys.TRAIN_LOSS, math.nan) for m in self.client_metrics]
         weights = [m.get(keys.NUM_EXAMPLES, 1.0) for m in self.client_metrics]
         train_loss = float(np.average(losses, weights=weights)) if losses else None
-        personal = [
-            m[keys.PERSONAL_ACCURACY]
-            for m in self.client_metrics
-            if keys.PERSONAL_ACCURACY in m
-        ]
-        personal_metrics = (
-            {
-                "personal_accuracy_mean": float(np.mean(personal)),
-                "personal_accuracy_min": float(np.min(personal)),
-            }
-            if personal
-            else {}
-        )
+        personal_metrics: dict[str, float] = {}
+        for key, mean_column, worst_column, worst in PERSONAL_METRICS:
+            values = [m[key] for m in self.client_metrics if key in m]
+            if values:
+                personal_metrics[mean_column] = float(np.mean(values))
+                personal_metrics[worst_column] = float(worst(values))
         # dp.level = sample: each site's own DP-SGD epsilon; the worst one counts.
         site_epsilons = [
             m[keys.SAMPLE_EPSILON]

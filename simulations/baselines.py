@@ -23,6 +23,7 @@ from client.finetune import FinetuneResult, LocalTraining, train_phase
 from client.runtime import rows_key
 from client.sites import SiteModel, TextRows
 from client.vision_site import VisionSite
+from common import keys
 from common.causal_lm_bench import CausalLMWorkbench
 from common.codec import AdapterState
 from common.config import RunConfig
@@ -91,9 +92,10 @@ class WorkbenchText:
     def state(self) -> AdapterState:
         return self.bench.state()
 
-    def accuracy(self, examples: list[Example]) -> float | None:
+    def personal_metrics(self, examples: list[Example]) -> dict[str, float]:
         rows = self.encode(examples)
-        return evaluate(self.bench.model, rows.encoded, self.bench.pad_id).accuracy
+        result = evaluate(self.bench.model, rows.encoded, self.bench.pad_id)
+        return {keys.PERSONAL_ACCURACY: result.accuracy}
 
     def label_counts(self, rows: TextRows, num_labels: int) -> np.ndarray:
         return np.bincount(rows.encoded.labels, minlength=num_labels)

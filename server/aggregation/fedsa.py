@@ -5,7 +5,9 @@ own B factors between rounds (in its Flower context state), so its model is
 personalised (see :mod:`common.sharing`). The head is shared. The global adapter's B
 factors keep their initial values, so the coordinator's accuracy is that of the shared
 part alone; each client reports the accuracy of its personalised model on its own
-evaluation rows as ``personal_accuracy``.
+evaluation rows (a causal language model: its perplexity), and the metrics line
+carries ``personal_accuracy_mean`` and ``_min`` (``personal_perplexity_mean`` and
+``_max``). Which rows a site evaluates on: see ``client.client_app``.
 """
 
 from __future__ import annotations
