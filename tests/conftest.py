@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny BERT backbone built offline from a config, and small data."""
+"""Shared fixtures: tiny backbones built offline from a config (BERT for text
+classification; Llama, GPT-2, ViT and ResNet for the causal-LM and image tasks) and
+small data."""
 
 from __future__ import annotations
 
@@ -10,6 +12,12 @@ from pathlib import Path
 import pytest
 
 from simulations.inprocess_grid import InProcessGrid
+from simulations.task_demo import (
+    build_causal_lm,
+    build_vision_backbone,
+    domain_sentences,
+    write_image_folder,
+)
 
 __all__ = [
     "InProcessGrid",
@@ -162,3 +170,72 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not available on this machine")
     return path
+
+
+# -- the causal-LM and image-classification tasks ----------------------------------
+# Built once per session: the same seeded bytes in every test file (a backbone's
+# fingerprint is its weights' digest, so sharing the folder changes nothing else).
+
+
+def _lm_corpus(factory: pytest.TempPathFactory, name: str, per_domain: int) -> Path:
+    """``per_domain`` seeded sentences of each of the four domains, as JSON lines."""
+    folder = factory.mktemp(name)
+    return write_jsonl(folder / "corpus.jsonl", domain_sentences(0, per_domain))
+
+
+def _tiny_causal_lms(
+    factory: pytest.TempPathFactory, name: str, per_domain: int, *extra: str
+) -> dict[str, Path]:
+    """A tiny Llama and a tiny GPT-2 whose word-level tokenizer is trained on the
+    sentences of :func:`_lm_corpus` and on ``extra``."""
+    folder = factory.mktemp(name)
+    texts = [row["text"] for row in domain_sentences(0, per_domain)] + list(extra)
+    return {
+        kind: build_causal_lm(folder / kind, texts, kind) for kind in ("llama", "gpt2")
+    }
+
+
+@pytest.fixture(scope="session")
+def lm_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """120 sentences in four domains, each with its own vocabulary."""
+    return _lm_corpus(tmp_path_factory, "lm-corpus", 30)
+
+
+@pytest.fixture(scope="session")
+def causal_lms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two-block Llama and GPT-2 that know :func:`lm_corpus`'s words and the
+    instruction prompts' ``complete :``."""
+    return _tiny_causal_lms(tmp_path_factory, "tiny-causal-lms", 30, "complete :")
+
+
+@pytest.fixture(scope="session")
+def small_lm_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 sentences in four domains."""
+    return _lm_corpus(tmp_path_factory, "small-lm-corpus", 10)
+
+
+@pytest.fixture(scope="session")
+def small_causal_lms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two-block Llama and GPT-2 that know :func:`small_lm_corpus`'s words."""
+    return _tiny_causal_lms(tmp_path_factory, "small-causal-lms", 10)
+
+
+@pytest.fixture(scope="session")
+def vision_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A two-layer ViT and a two-stage ResNet, with 32-pixel image processors."""
+    folder = tmp_path_factory.mktemp("tiny-vision")
+    return {
+        kind: build_vision_backbone(folder / kind, kind) for kind in ("vit", "resnet")
+    }
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """18 images of each of three colours, in one sub-folder per class."""
+    return write_image_folder(tmp_path_factory.mktemp("images") / "images", 18)
+
+
+@pytest.fixture(scope="session")
+def few_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight images of each of three colours, in one sub-folder per class."""
+    return write_image_folder(tmp_path_factory.mktemp("few-images") / "images", 8)

@@ -15,80 +15,15 @@ from common.config import RunConfig
 from common.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, read_task
 from simulations.baselines import federated_samples_per_round, local_only_summary
 from simulations.cli import main
-from simulations.task_demo import (
-    IMAGE_CLASSES,
-    build_causal_lm,
-    build_vision_backbone,
-    domain_sentences,
-    write_image_folder,
-    write_jsonl,
-)
-
-DOMAINS = 4
-IMAGE_CLIENTS = 3
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """120 sentences in four domains, each with its own vocabulary."""
-    folder = tmp_path_factory.mktemp("lm-corpus")
-    return write_jsonl(folder / "corpus.jsonl", domain_sentences(0, 30))
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GPT-2 with a word-level tokenizer trained on the corpus's sentences."""
-    texts = [row["text"] for row in domain_sentences(0, 30)] + ["complete :"]
-    return build_causal_lm(tmp_path_factory.mktemp("tiny-gpt2"), texts, "gpt2")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """18 images of each of three colours, in one sub-folder per class."""
-    return write_image_folder(tmp_path_factory.mktemp("images") / "images", 18)
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_vision_backbone(tmp_path_factory.mktemp("tiny-vit"), "vit")
-
-
-def lm_settings(backbone: Path, data: Path, output: Path) -> dict[str, object]:
-    return {
-        "model.task": "causal-lm",
-        "model.name": str(backbone),
-        "model.max-length": 32,
-        "data.path": str(data),
-        "data.partition": "column:domain",
-        "sim.num-clients": DOMAINS,
-        "num-server-rounds": 3,
-        "train.batch-size": 8,
-        "train.lr": 0.02,
-        "output.dir": str(output),
-    }
-
-
-def image_settings(backbone: Path, data: Path, output: Path) -> dict[str, object]:
-    return {
-        "model.task": "image-cls",
-        "model.name": str(backbone),
-        "head.init": "random",
-        "data.path": str(data),
-        "data.partition": "iid",
-        "sim.num-clients": IMAGE_CLIENTS,
-        "num-server-rounds": 3,
-        "train.batch-size": 8,
-        "train.lr": 0.01,
-        "output.dir": str(output),
-    }
+from simulations.task_demo import IMAGE_CLASSES
+from tests.task_runs import image_settings, lm_settings, read_metrics, simulation_nodes
 
 
 def centralized(settings: dict[str, object]) -> list[dict[str, Any]]:
     """Run ``fedgraft centralized`` with ``settings``; its metrics lines."""
     code = main(["centralized", *[f"--set={k}={v}" for k, v in settings.items()]])
     assert code == 0
-    output = Path(str(settings["output.dir"]))
-    return [json.loads(line) for line in (output / "metrics.jsonl").open()]
+    return read_metrics(Path(str(settings["output.dir"])))
 
 
 def samples_per_round(settings: dict[str, object]) -> int:
@@ -104,14 +39,14 @@ def samples_per_round(settings: dict[str, object]) -> int:
 
 
 def test_centralized_causal_lm_lowers_perplexity_and_writes_a_generating_model(
-    tiny_lm: Path,
-    corpus: Path,
+    causal_lms: dict[str, Path],
+    lm_corpus: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Prepare
     output = tmp_path / "central"
-    settings = lm_settings(tiny_lm, corpus, output)
+    settings = lm_settings(causal_lms["gpt2"], lm_corpus, output)
 
     # Execute
     rows = centralized(settings)
@@ -132,14 +67,14 @@ def test_centralized_causal_lm_lowers_perplexity_and_writes_a_generating_model(
 
 
 def test_centralized_image_classifier_raises_accuracy_and_writes_a_predicting_model(
-    tiny_vit: Path,
+    vision_backbones: dict[str, Path],
     images: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Prepare
     output = tmp_path / "central"
-    settings = image_settings(tiny_vit, images, output)
+    settings = image_settings(vision_backbones["vit"], images, output)
     picture = str(images / "red" / "0.png")
 
     # Execute
@@ -172,14 +107,7 @@ def in_process_engine(config: RunConfig, cache: Path) -> Callable[..., None]:
     from simulations.inprocess_grid import InProcessGrid
 
     def run_simulation(*, num_supernodes: int, **_: object) -> None:
-        nodes = {
-            100 + index: {
-                "partition-id": index,
-                "num-partitions": num_supernodes,
-                "cache-dir": str(cache / str(index)),
-            }
-            for index in range(num_supernodes)
-        }
+        nodes = simulation_nodes(num_supernodes, cache)
         coordinate(InProcessGrid(client_app, nodes), config)
 
     return run_simulation
@@ -216,13 +144,13 @@ def test_simulate_adds_the_clients_alone_summary(
     output = (tmp_path / "federated").resolve()
     if task == "causal-lm":
         settings = lm_settings(
-            request.getfixturevalue("tiny_lm"),
-            request.getfixturevalue("corpus"),
+            request.getfixturevalue("causal_lms")["gpt2"],
+            request.getfixturevalue("lm_corpus"),
             output,
         )
     else:
         settings = image_settings(
-            request.getfixturevalue("tiny_vit"),
+            request.getfixturevalue("vision_backbones")["vit"],
             request.getfixturevalue("images"),
             output,
         )

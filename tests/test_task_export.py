@@ -1,7 +1,8 @@
 """``fedgraft export --format onnx`` of causal LMs and image classifiers: tiny Llama,
-GPT-2, ViT and ResNet backbones built from a config, merged the way a run's
-coordinator writes ``merged/`` (the adapter state loaded, then the merged save), and
-the graphs run with onnxruntime against PyTorch on batches they were not traced on."""
+GPT-2, ViT and ResNet backbones built from a config (``conftest.py``), merged the way
+a run's coordinator writes ``merged/`` (the adapter state loaded, then the merged
+save), and the graphs run with onnxruntime against PyTorch on batches they were not
+traced on."""
 
 from __future__ import annotations
 
@@ -19,13 +20,7 @@ from common.config import RunConfig
 from common.tasks import TASK_FILE
 from simulations.cli import main
 from simulations.export import ONNX_FILE, ExportError, check_onnx, export_run
-from simulations.task_demo import (
-    IMAGE_CLASSES,
-    build_causal_lm,
-    build_vision_backbone,
-    domain_sentences,
-    write_image_folder,
-)
+from simulations.task_demo import IMAGE_CLASSES, write_image_folder
 
 LABELS = tuple(sorted(IMAGE_CLASSES))
 PROMPTS = [
@@ -111,27 +106,26 @@ def free_axes(folder: Path) -> dict[str, list[bool]]:
 
 
 @pytest.fixture(scope="module")
-def lm_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def lm_runs(
+    small_causal_lms: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """Run folders holding the ``merged/`` of a tiny Llama and a tiny GPT-2."""
     folder = tmp_path_factory.mktemp("lm-export")
-    texts = [row["text"] for row in domain_sentences(0, 10)]
     return {
-        kind: write_merged_lm(
-            build_causal_lm(folder / f"{kind}-backbone", texts, kind), folder / kind
-        ).parent
-        for kind in ("llama", "gpt2")
+        kind: write_merged_lm(backbone, folder / kind).parent
+        for kind, backbone in small_causal_lms.items()
     }
 
 
 @pytest.fixture(scope="module")
-def vision_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def vision_runs(
+    vision_backbones: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """Run folders holding the ``merged/`` of a tiny ViT and a tiny ResNet."""
     folder = tmp_path_factory.mktemp("vision-export")
     return {
-        kind: write_merged_image_classifier(
-            build_vision_backbone(folder / f"{kind}-backbone", kind), folder / kind
-        ).parent
-        for kind in ("vit", "resnet")
+        kind: write_merged_image_classifier(backbone, folder / kind).parent
+        for kind, backbone in vision_backbones.items()
     }
 
 

@@ -27,13 +27,7 @@ from common.wire import from_array_record
 from server.checkpoint import load_checkpoint
 from server.server_app import coordinate
 from simulations.inprocess_grid import InProcessGrid
-from simulations.task_demo import (
-    build_causal_lm,
-    build_vision_backbone,
-    domain_sentences,
-    write_image_folder,
-    write_jsonl,
-)
+from tests.task_runs import federate, image_settings, lm_settings
 
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 needs_bitsandbytes = pytest.mark.skipif(
@@ -50,30 +44,11 @@ BLOCKS = {
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 sentences in four domains."""
-    folder = tmp_path_factory.mktemp("options-corpus")
-    return write_jsonl(folder / "corpus.jsonl", domain_sentences(0, 10))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Eight images of each of three colours, one sub-folder per class."""
-    return write_image_folder(tmp_path_factory.mktemp("options-images") / "images", 8)
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def backbones(
+    small_causal_lms: dict[str, Path], vision_backbones: dict[str, Path]
+) -> dict[str, Path]:
     """Two-block Llama, GPT-2 and ViT, and a two-stage ResNet."""
-    folder = tmp_path_factory.mktemp("options-backbones")
-    texts = [row["text"] for row in domain_sentences(0, 10)]
-    built = {
-        kind: build_causal_lm(folder / kind, texts, kind) for kind in ("llama", "gpt2")
-    }
-    built.update(
-        {kind: build_vision_backbone(folder / kind, kind) for kind in ("vit", "resnet")}
-    )
-    return built
+    return {**small_causal_lms, **vision_backbones}
 
 
 def task_of(kind: str) -> str:
@@ -88,41 +63,21 @@ def options_config(
     output: Path,
     **overrides: object,
 ) -> RunConfig:
-    """A two-client run of ``kind``'s task; ``overrides`` win."""
-    task = task_of(kind)
-    flat: dict[str, object] = {
-        "model.task": task,
-        "model.name": str(backbones[kind]),
-        "data.partition": "iid",
-        "sim.num-clients": CLIENTS,
-        "num-server-rounds": 1,
-        "train.batch-size": 8,
-        "output.dir": str(output),
-    }
-    if task == "causal-lm":
-        flat.update(
-            {"model.max-length": 32, "data.path": str(corpus), "train.lr": 0.02}
-        )
-    else:
-        flat.update({"head.init": "random", "data.path": str(images), "train.lr": 0.01})
-    return RunConfig.from_flat({**flat, **overrides})
-
-
-def federate(
-    config: RunConfig, cache: Path
-) -> tuple[InProcessGrid, list[dict[str, object]]]:
-    """Run the coordinator over in-process clients; the grid and metrics lines."""
-    nodes = {
-        100 + index: {
-            "partition-id": index,
-            "num-partitions": CLIENTS,
-            "cache-dir": str(cache / str(index)),
-        }
-        for index in range(CLIENTS)
-    }
-    grid = InProcessGrid(client_app, nodes)
-    output = coordinate(grid, config)  # type: ignore[arg-type]
-    return grid, [json.loads(line) for line in (output / "metrics.jsonl").open()]
+    """A one-round, two-client run of ``kind``'s task over an IID split;
+    ``overrides`` win."""
+    lm = task_of(kind) == "causal-lm"
+    settings = (lm_settings if lm else image_settings)(
+        backbones[kind],
+        corpus if lm else images,
+        output,
+        **{
+            "data.partition": "iid",
+            "sim.num-clients": CLIENTS,
+            "num-server-rounds": 1,
+            **overrides,
+        },
+    )
+    return RunConfig.from_flat(settings)
 
 
 def uploads(grid: InProcessGrid) -> list[dict[str, np.ndarray]]:
@@ -253,8 +208,8 @@ def test_dp_sgd_settings_that_do_not_fit_stay_refused_naming_the_key(
 )
 def test_a_quantised_backbone_trains_its_adapters_on_a_cpu(
     backbones: dict[str, Path],
-    corpus: Path,
-    images: Path,
+    small_lm_corpus: Path,
+    few_images: Path,
     tmp_path: Path,
     kind: str,
     mode: str,
@@ -262,7 +217,12 @@ def test_a_quantised_backbone_trains_its_adapters_on_a_cpu(
 ) -> None:
     # Prepare: the site starts from the coordinator's full-precision adapter
     config = options_config(
-        kind, backbones, corpus, images, tmp_path, **{"model.quantize": mode}
+        kind,
+        backbones,
+        small_lm_corpus,
+        few_images,
+        tmp_path,
+        **{"model.quantize": mode},
     )
     site = open_test_site(config, tmp_path)
     start = coordinator_state(config)
@@ -286,14 +246,14 @@ def test_a_quantised_backbone_trains_its_adapters_on_a_cpu(
 
 @needs_bitsandbytes
 def test_a_run_with_4bit_sites_lowers_perplexity(
-    backbones: dict[str, Path], corpus: Path, images: Path, tmp_path: Path
+    backbones: dict[str, Path], small_lm_corpus: Path, few_images: Path, tmp_path: Path
 ) -> None:
     # Prepare
     config = options_config(
         "llama",
         backbones,
-        corpus,
-        images,
+        small_lm_corpus,
+        few_images,
         tmp_path / "out",
         **{"model.quantize": "4bit", "num-server-rounds": 2},
     )
@@ -310,14 +270,14 @@ def test_a_run_with_4bit_sites_lowers_perplexity(
 
 @needs_bitsandbytes
 def test_quantising_a_resnet_is_refused_naming_the_key_and_the_family(
-    backbones: dict[str, Path], corpus: Path, images: Path, tmp_path: Path
+    backbones: dict[str, Path], small_lm_corpus: Path, few_images: Path, tmp_path: Path
 ) -> None:
     # Prepare
     config = options_config(
         "resnet",
         backbones,
-        corpus,
-        images,
+        small_lm_corpus,
+        few_images,
         tmp_path / "out",
         **{"model.quantize": "4bit"},
     )
@@ -339,8 +299,8 @@ def test_quantising_a_resnet_is_refused_naming_the_key_and_the_family(
 @pytest.mark.parametrize(("top", "blocks"), [(1, {1}), (2, {0, 1}), (0, {0, 1})])
 def test_lora_layers_puts_adapters_on_the_top_blocks_only(
     backbones: dict[str, Path],
-    corpus: Path,
-    images: Path,
+    small_lm_corpus: Path,
+    few_images: Path,
     tmp_path: Path,
     kind: str,
     top: int,
@@ -348,7 +308,7 @@ def test_lora_layers_puts_adapters_on_the_top_blocks_only(
 ) -> None:
     # Prepare
     config = options_config(
-        kind, backbones, corpus, images, tmp_path, **{"lora.layers": top}
+        kind, backbones, small_lm_corpus, few_images, tmp_path, **{"lora.layers": top}
     )
 
     # Execute
@@ -362,14 +322,14 @@ def test_lora_layers_puts_adapters_on_the_top_blocks_only(
 
 
 def test_all_linear_with_lora_layers_covers_every_linear_layer_of_the_top_blocks(
-    backbones: dict[str, Path], corpus: Path, images: Path, tmp_path: Path
+    backbones: dict[str, Path], small_lm_corpus: Path, few_images: Path, tmp_path: Path
 ) -> None:
     # Prepare
     config = options_config(
         "llama",
         backbones,
-        corpus,
-        images,
+        small_lm_corpus,
+        few_images,
         tmp_path,
         **{"lora.layers": 1, "lora.target-modules": "all-linear"},
     )
@@ -387,11 +347,20 @@ def test_all_linear_with_lora_layers_covers_every_linear_layer_of_the_top_blocks
 
 @pytest.mark.parametrize("kind", ["llama", "vit"])
 def test_a_round_with_lora_layers_sends_only_the_top_blocks_tensors(
-    backbones: dict[str, Path], corpus: Path, images: Path, tmp_path: Path, kind: str
+    backbones: dict[str, Path],
+    small_lm_corpus: Path,
+    few_images: Path,
+    tmp_path: Path,
+    kind: str,
 ) -> None:
     # Prepare
     config = options_config(
-        kind, backbones, corpus, images, tmp_path / "out", **{"lora.layers": 1}
+        kind,
+        backbones,
+        small_lm_corpus,
+        few_images,
+        tmp_path / "out",
+        **{"lora.layers": 1},
     )
 
     # Execute
@@ -416,14 +385,14 @@ def test_a_round_with_lora_layers_sends_only_the_top_blocks_tensors(
 )
 def test_lora_layers_beyond_the_backbones_blocks_is_refused_naming_the_key(
     backbones: dict[str, Path],
-    corpus: Path,
-    images: Path,
+    small_lm_corpus: Path,
+    few_images: Path,
     tmp_path: Path,
     kind: str,
     where: str,
 ) -> None:
     config = options_config(
-        kind, backbones, corpus, images, tmp_path, **{"lora.layers": 3}
+        kind, backbones, small_lm_corpus, few_images, tmp_path, **{"lora.layers": 3}
     )
     with pytest.raises(ConfigError, match=f"config key 'lora.layers': 3 .*{where}"):
         coordinator_state(config)
@@ -454,8 +423,8 @@ def test_sequence_losses_average_each_sequences_own_tokens() -> None:
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "vit", "resnet"])
 def test_dp_sgd_trains_the_adapters_and_accounts_every_round(
     backbones: dict[str, Path],
-    corpus: Path,
-    images: Path,
+    small_lm_corpus: Path,
+    few_images: Path,
     tmp_path: Path,
     kind: str,
 ) -> None:
@@ -467,8 +436,8 @@ def test_dp_sgd_trains_the_adapters_and_accounts_every_round(
     config = options_config(
         kind,
         backbones,
-        corpus,
-        images,
+        small_lm_corpus,
+        few_images,
         tmp_path,
         **{
             "dp.enabled": True,
@@ -515,14 +484,18 @@ def test_dp_sgd_trains_the_adapters_and_accounts_every_round(
 
 @pytest.mark.parametrize("kind", ["llama", "vit"])
 def test_sample_level_runs_report_each_sites_epsilon(
-    backbones: dict[str, Path], corpus: Path, images: Path, tmp_path: Path, kind: str
+    backbones: dict[str, Path],
+    small_lm_corpus: Path,
+    few_images: Path,
+    tmp_path: Path,
+    kind: str,
 ) -> None:
     # Prepare
     config = options_config(
         kind,
         backbones,
-        corpus,
-        images,
+        small_lm_corpus,
+        few_images,
         tmp_path / "out",
         **{
             "num-server-rounds": 2,

@@ -1,83 +1,28 @@
 """Federated LoRA on causal language models (``model.task = causal-lm``): tiny Llama
 and GPT-2 backbones built from a config with a word-level tokenizer trained on a
-synthetic domain corpus, run by the real coordinator and ClientApp in process."""
+synthetic domain corpus (``conftest.py``), run by the real coordinator and ClientApp
+in process."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from client.client_app import app as client_app
+from common import keys
 from common.config import ConfigError, RunConfig
 from common.data import DataError, Example
 from common.lm_data import encode_lm, load_lm_examples
+from common.splits import evaluation_examples
 from server.checkpoint import load_checkpoint
-from server.server_app import coordinate
 from simulations.inprocess_grid import InProcessGrid
-from simulations.task_demo import (
-    build_causal_lm,
-    domain_sentences,
-    instruction_rows,
-    write_jsonl,
-)
-
-DOMAINS = 4
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """120 sentences in four domains, each with its own vocabulary."""
-    folder = tmp_path_factory.mktemp("lm-corpus")
-    return write_jsonl(folder / "corpus.jsonl", domain_sentences(0, 30))
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny Llama and a tiny GPT-2 sharing one word-level tokenizer's corpus."""
-    folder = tmp_path_factory.mktemp("tiny-causal-lms")
-    texts = [row["text"] for row in domain_sentences(0, 30)] + ["complete :"]
-    return {
-        kind: build_causal_lm(folder / kind, texts, kind) for kind in ("llama", "gpt2")
-    }
-
-
-def lm_config(
-    backbone: Path, data: Path, output: Path, **overrides: object
-) -> RunConfig:
-    return RunConfig.from_flat(
-        {
-            "model.task": "causal-lm",
-            "model.name": str(backbone),
-            "model.max-length": 32,
-            "data.path": str(data),
-            "data.partition": "column:domain",
-            "sim.num-clients": DOMAINS,
-            "num-server-rounds": 3,
-            "train.batch-size": 8,
-            "train.lr": 0.02,
-            "output.dir": str(output),
-            **overrides,
-        }
-    )
-
-
-def run(config: RunConfig, cache: Path) -> list[dict[str, object]]:
-    clients = config.sim.num_clients
-    nodes = {
-        100 + index: {
-            "partition-id": index,
-            "num-partitions": clients,
-            "cache-dir": str(cache / str(index)),
-        }
-        for index in range(clients)
-    }
-    output = coordinate(InProcessGrid(client_app, nodes), config)
-    return [json.loads(line) for line in (output / "metrics.jsonl").open()]
+from simulations.task_demo import domain_sentences, instruction_rows, write_jsonl
+from tests.task_runs import DOMAINS, lm_config, read_metrics, run, simulation_nodes
 
 
 def tokenizer_of(backbone: Path):  # type: ignore[no-untyped-def]
@@ -90,12 +35,12 @@ def tokenizer_of(backbone: Path):  # type: ignore[no-untyped-def]
 
 
 def test_instruction_rows_carry_loss_on_the_response_only(
-    backbones: dict[str, Path],
+    causal_lms: dict[str, Path],
 ) -> None:
     # Prepare
     from common.causal_lm import IGNORE, collate_lm
 
-    tokenizer = tokenizer_of(backbones["llama"])
+    tokenizer = tokenizer_of(causal_lms["llama"])
     rows = [
         Example("moves the balance today", "", {"prompt": "complete : my account"}),
         Example("bakes bread", "", {"prompt": "complete : the chef"}),
@@ -118,12 +63,12 @@ def test_instruction_rows_carry_loss_on_the_response_only(
 
 
 def test_plain_text_carries_loss_on_every_token_but_the_first(
-    backbones: dict[str, Path],
+    causal_lms: dict[str, Path],
 ) -> None:
     # Prepare
     from common.causal_lm import IGNORE, collate_lm
 
-    tokenizer = tokenizer_of(backbones["gpt2"])
+    tokenizer = tokenizer_of(causal_lms["gpt2"])
     rows = [Example("the bank sends money today", "")]
 
     # Execute
@@ -156,10 +101,10 @@ def test_token_losses_average_over_the_tokens_that_carry_loss() -> None:
 
 
 def test_long_rows_keep_half_the_limit_for_the_response(
-    backbones: dict[str, Path],
+    causal_lms: dict[str, Path],
 ) -> None:
     # Prepare
-    tokenizer = tokenizer_of(backbones["llama"])
+    tokenizer = tokenizer_of(causal_lms["llama"])
     prompt = " ".join(["the bank sends money today"] * 6)  # 30 tokens
     rows = [Example("holds the balance at noon", "", {"prompt": prompt})]
 
@@ -198,7 +143,7 @@ def test_instruction_rows_without_the_prompt_column_name_the_line(
     ],
 )
 def test_lora_targets_resolve_per_backbone(
-    backbones: dict[str, Path], kind: str, targets: str, expected: tuple[str, ...]
+    causal_lms: dict[str, Path], kind: str, targets: str, expected: tuple[str, ...]
 ) -> None:
     # Prepare
     from transformers import AutoModelForCausalLM
@@ -206,7 +151,7 @@ def test_lora_targets_resolve_per_backbone(
     from common.lora_targets import resolve_targets
 
     config = RunConfig.from_flat({"lora.target-modules": targets})
-    model = AutoModelForCausalLM.from_pretrained(str(backbones[kind]))
+    model = AutoModelForCausalLM.from_pretrained(str(causal_lms[kind]))
 
     # Execute
     resolved = resolve_targets(config.lora, model)
@@ -217,7 +162,7 @@ def test_lora_targets_resolve_per_backbone(
 
 @pytest.mark.parametrize("targets", ["query,value", "all-linear"])
 def test_adapter_state_holds_lora_factors_and_no_head(
-    backbones: dict[str, Path], targets: str
+    causal_lms: dict[str, Path], targets: str
 ) -> None:
     # Prepare
     from common.causal_lm import lm_adapter_state, load_causal_lm
@@ -225,7 +170,7 @@ def test_adapter_state_holds_lora_factors_and_no_head(
     settings = RunConfig.from_flat({"lora.target-modules": targets}).lora
 
     # Execute
-    state = lm_adapter_state(load_causal_lm(backbones["llama"], settings, seed=3))
+    state = lm_adapter_state(load_causal_lm(causal_lms["llama"], settings, seed=3))
 
     # Assert
     assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
@@ -237,10 +182,10 @@ def test_adapter_state_holds_lora_factors_and_no_head(
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_federated_training_lowers_eval_perplexity(
-    backbones: dict[str, Path], corpus: Path, tmp_path: Path, kind: str
+    causal_lms: dict[str, Path], lm_corpus: Path, tmp_path: Path, kind: str
 ) -> None:
     # Prepare
-    config = lm_config(backbones[kind], corpus, tmp_path / "out")
+    config = lm_config(causal_lms[kind], lm_corpus, tmp_path / "out")
 
     # Execute
     rows = run(config, tmp_path)
@@ -263,12 +208,12 @@ def test_federated_training_lowers_eval_perplexity(
 
 
 def test_instruction_data_run_lowers_perplexity_of_the_responses(
-    backbones: dict[str, Path], tmp_path: Path
+    causal_lms: dict[str, Path], tmp_path: Path
 ) -> None:
     # Prepare
     data = write_jsonl(tmp_path / "instructions.jsonl", instruction_rows(0, 30))
     config = lm_config(
-        backbones["llama"],
+        causal_lms["llama"],
         data,
         tmp_path / "out",
         **{"data.prompt-column": "prompt", "num-server-rounds": 2},
@@ -282,15 +227,15 @@ def test_instruction_data_run_lowers_perplexity_of_the_responses(
 
 
 def test_secure_aggregation_gives_the_plain_run_up_to_fixed_point(
-    backbones: dict[str, Path], corpus: Path, tmp_path: Path
+    causal_lms: dict[str, Path], lm_corpus: Path, tmp_path: Path
 ) -> None:
     # Prepare
     plain = lm_config(
-        backbones["llama"], corpus, tmp_path / "plain", **{"num-server-rounds": 2}
+        causal_lms["llama"], lm_corpus, tmp_path / "plain", **{"num-server-rounds": 2}
     )
     secure = lm_config(
-        backbones["llama"],
-        corpus,
+        causal_lms["llama"],
+        lm_corpus,
         tmp_path / "secure",
         **{"num-server-rounds": 2, "secagg.enabled": True},
     )
@@ -312,12 +257,12 @@ def test_secure_aggregation_gives_the_plain_run_up_to_fixed_point(
 
 
 def test_client_level_dp_run_reports_epsilon(
-    backbones: dict[str, Path], corpus: Path, tmp_path: Path
+    causal_lms: dict[str, Path], lm_corpus: Path, tmp_path: Path
 ) -> None:
     # Prepare
     config = lm_config(
-        backbones["gpt2"],
-        corpus,
+        causal_lms["gpt2"],
+        lm_corpus,
         tmp_path / "out",
         **{
             "num-server-rounds": 2,
@@ -338,12 +283,12 @@ def test_client_level_dp_run_reports_epsilon(
 
 @pytest.mark.parametrize("codec", ["int8", "topk"])
 def test_compressed_uploads_still_lower_perplexity(
-    backbones: dict[str, Path], corpus: Path, tmp_path: Path, codec: str
+    causal_lms: dict[str, Path], lm_corpus: Path, tmp_path: Path, codec: str
 ) -> None:
     # Prepare
     config = lm_config(
-        backbones["llama"],
-        corpus,
+        causal_lms["llama"],
+        lm_corpus,
         tmp_path / "out",
         **{"num-server-rounds": 2, "codec": codec, "codec.topk-fraction": 0.3},
     )
@@ -357,13 +302,13 @@ def test_compressed_uploads_still_lower_perplexity(
 
 
 def test_resumed_run_ends_with_the_uninterrupted_adapter(
-    backbones: dict[str, Path], corpus: Path, tmp_path: Path
+    causal_lms: dict[str, Path], lm_corpus: Path, tmp_path: Path
 ) -> None:
     # Prepare
-    whole = lm_config(backbones["llama"], corpus, tmp_path / "whole")
+    whole = lm_config(causal_lms["llama"], lm_corpus, tmp_path / "whole")
     run(whole, tmp_path / "whole-cache")
     first = lm_config(
-        backbones["llama"], corpus, tmp_path / "split", **{"num-server-rounds": 2}
+        causal_lms["llama"], lm_corpus, tmp_path / "split", **{"num-server-rounds": 2}
     )
     run(first, tmp_path / "split-cache")
 
@@ -380,8 +325,8 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(
 
 
 def test_export_and_generate_commands_use_the_merged_model(
-    backbones: dict[str, Path],
-    corpus: Path,
+    causal_lms: dict[str, Path],
+    lm_corpus: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -392,7 +337,7 @@ def test_export_and_generate_commands_use_the_merged_model(
     from simulations.cli import main
 
     config = lm_config(
-        backbones["gpt2"], corpus, tmp_path / "run", **{"num-server-rounds": 1}
+        causal_lms["gpt2"], lm_corpus, tmp_path / "run", **{"num-server-rounds": 1}
     )
     run(config, tmp_path)
     exported = tmp_path / "exported"
@@ -409,7 +354,7 @@ def test_export_and_generate_commands_use_the_merged_model(
     batch = tokenizer("the chef", return_tensors="pt")
     merged = AutoModelForCausalLM.from_pretrained(str(exported)).eval()
     adapted = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(str(backbones["gpt2"])),
+        AutoModelForCausalLM.from_pretrained(str(causal_lms["gpt2"])),
         str(tmp_path / "run" / "adapter"),
     ).eval()
     with torch.no_grad():
@@ -421,6 +366,136 @@ def test_export_and_generate_commands_use_the_merged_model(
         )
     new = greedy[0, batch["input_ids"].shape[1] :]
     assert printed == tokenizer.decode(new, skip_special_tokens=True)
+
+
+# -- FedSA: each site's personal perplexity -------------------------------------------
+
+
+def test_a_sites_personal_perplexity_is_that_of_its_own_b_with_the_shared_a(
+    causal_lms: dict[str, Path], lm_corpus: Path, tmp_path: Path
+) -> None:
+    # Prepare: the coordinator's held-out rows, and a site whose B is its own
+    from client.causal_lm_site import open_causal_lm_site
+    from common.backbone import fingerprint
+    from common.causal_lm_bench import CausalLMWorkbench
+
+    backbone = causal_lms["llama"]
+    config = lm_config(backbone, lm_corpus, tmp_path / "out", aggregation="fedsa")
+    rows = evaluation_examples(config.data, config.seed)
+    coordinator = CausalLMWorkbench.open(config, (), rows)
+    site = open_causal_lm_site(
+        config, backbone, fingerprint(backbone), config.lora, tmp_path / "cache"
+    )
+    shared = coordinator.state()
+    rng = np.random.default_rng(0)
+    personal = {
+        name: rng.normal(0.0, 0.3, value.shape).astype(np.float32)
+        if ".lora_B." in name
+        else value
+        for name, value in shared.items()
+    }
+    site.load_state(personal)
+
+    # Execute
+    metrics = site.personal_metrics(rows)
+
+    # Assert: the coordinator's perplexity of the same model on the same rows, which
+    # the site's B moves away from the shared model's
+    assert set(metrics) == {keys.PERSONAL_PERPLEXITY}
+    own = metrics[keys.PERSONAL_PERPLEXITY]
+    assert math.isfinite(own) and own > 1.0
+    assert own == pytest.approx(coordinator.evaluate(personal).perplexity, rel=1e-5)
+    assert own != pytest.approx(coordinator.evaluate(shared).perplexity, rel=1e-3)
+
+
+@dataclass
+class FedSARun:
+    """A two-round FedSA run whose first site has its own ``eval-path``."""
+
+    config: RunConfig
+    grid: InProcessGrid
+    rows: list[dict[str, object]]
+    own_rows: list[str]
+    #: The texts each personal evaluation read, in call order.
+    evaluated: list[list[str]]
+
+
+@pytest.fixture(scope="module")
+def fedsa_run(
+    causal_lms: dict[str, Path],
+    lm_corpus: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> FedSARun:
+    from client.causal_lm_site import CausalLMSite
+    from client.client_app import app as client_app
+    from server.server_app import coordinate
+
+    folder = tmp_path_factory.mktemp("fedsa")
+    config = lm_config(
+        causal_lms["llama"],
+        lm_corpus,
+        folder / "out",
+        **{"aggregation": "fedsa", "num-server-rounds": 2},
+    )
+    own_rows = domain_sentences(1, 1)
+    own = write_jsonl(folder / "own.jsonl", own_rows)
+    nodes = simulation_nodes(DOMAINS, folder / "cache")
+    nodes[100]["eval-path"] = str(own)
+    evaluated: list[list[str]] = []
+    original = CausalLMSite.personal_metrics
+
+    def recording(site: CausalLMSite, examples: list[Example]) -> dict[str, float]:
+        evaluated.append([example.text for example in examples])
+        return original(site, examples)
+
+    grid = InProcessGrid(client_app, nodes)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CausalLMSite, "personal_metrics", recording)
+        output = coordinate(grid, config)  # type: ignore[arg-type]
+    own_texts = [row["text"] for row in own_rows]
+    return FedSARun(config, grid, read_metrics(output), own_texts, evaluated)
+
+
+def test_fedsa_metrics_report_the_sites_personal_perplexity(
+    fedsa_run: FedSARun,
+) -> None:
+    # Prepare
+    replies = [
+        reply.content.metric_records[keys.METRICS_RECORD]
+        for reply in fedsa_run.grid.received
+        if not reply.has_error() and keys.METRICS_RECORD in reply.content.metric_records
+    ]
+
+    # Assert: every site sent its perplexity up, and each round's line carries the
+    # mean and the worst (no accuracy: a language model has no labels)
+    assert len(replies) == 2 * DOMAINS
+    assert all(keys.PERSONAL_PERPLEXITY in metrics for metrics in replies)
+    assert "personal_perplexity_mean" not in fedsa_run.rows[0]
+    for row in fedsa_run.rows[1:]:
+        assert row["clients"] == DOMAINS
+        mean, worst = row["personal_perplexity_mean"], row["personal_perplexity_max"]
+        assert math.isfinite(mean) and 1.0 < mean <= worst  # type: ignore[arg-type, operator]
+        assert "personal_accuracy_mean" not in row
+    # The shared model is the bare backbone (the global B stays zero); the sites' own
+    # models beat it, and more so each round.
+    first, second = (row["personal_perplexity_mean"] for row in fedsa_run.rows[1:])
+    assert second < first < fedsa_run.rows[0]["eval_perplexity"]  # type: ignore[operator]
+
+
+def test_a_fedsa_site_evaluates_its_eval_path_or_else_every_held_out_row(
+    fedsa_run: FedSARun,
+) -> None:
+    # Prepare
+    config = fedsa_run.config
+    held_out = evaluation_examples(config.data, config.seed)
+
+    # Assert: in each round the site with an eval-path read its own file, and the
+    # three others the coordinator's held-out rows, of every domain (not their own)
+    texts = [row.text for row in held_out]
+    assert sorted(fedsa_run.evaluated) == sorted(
+        [fedsa_run.own_rows] * 2 + [texts] * (DOMAINS - 1) * 2
+    )
+    assert len({row.extra["domain"] for row in held_out}) == DOMAINS
 
 
 # -- refused settings --------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Federated LoRA on image backbones (``model.task = image-cls``): tiny ViT and ResNet
-models built from a config, generated images (a coloured square per class), the
-real coordinator and ClientApp in process."""
+models built from a config, generated images (a coloured square per class; both in
+``conftest.py``), the real coordinator and ClientApp in process."""
 
 from __future__ import annotations
 
@@ -11,69 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.client_app import app as client_app
 from common.config import ConfigError, RunConfig
 from common.data import DataError
 from common.image_data import load_image_examples
 from common.splits import all_client_examples
 from server.checkpoint import load_checkpoint
-from server.server_app import coordinate
-from simulations.inprocess_grid import InProcessGrid
-from simulations.task_demo import (
-    IMAGE_CLASSES,
-    build_vision_backbone,
-    write_image_folder,
-)
-
-CLIENTS = 3
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """18 images of each of three colours, in one sub-folder per class."""
-    return write_image_folder(tmp_path_factory.mktemp("images") / "images", 18)
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("tiny-vision")
-    return {
-        kind: build_vision_backbone(folder / kind, kind) for kind in ("vit", "resnet")
-    }
-
-
-def vision_config(
-    backbone: Path, data: Path, output: Path, **overrides: object
-) -> RunConfig:
-    return RunConfig.from_flat(
-        {
-            "model.task": "image-cls",
-            "model.name": str(backbone),
-            "head.init": "random",
-            "data.path": str(data),
-            "data.partition": "iid",
-            "sim.num-clients": CLIENTS,
-            "num-server-rounds": 3,
-            "train.batch-size": 8,
-            "train.lr": 0.01,
-            "output.dir": str(output),
-            **overrides,
-        }
-    )
-
-
-def run(config: RunConfig, cache: Path) -> list[dict[str, object]]:
-    nodes = {
-        100 + index: {
-            "partition-id": index,
-            "num-partitions": CLIENTS,
-            "cache-dir": str(cache / str(index)),
-        }
-        for index in range(CLIENTS)
-    }
-    output = coordinate(InProcessGrid(client_app, nodes), config)
-    return [json.loads(line) for line in (output / "metrics.jsonl").open()]
-
+from simulations.task_demo import IMAGE_CLASSES
+from tests.task_runs import IMAGE_CLIENTS, image_config, run
 
 # -- data ------------------------------------------------------------------------------
 
@@ -161,7 +105,7 @@ def test_unreadable_image_is_named_when_encoded(tmp_path: Path) -> None:
 
 def test_dirichlet_partition_splits_images_by_label(images: Path) -> None:
     # Prepare
-    data = vision_config(
+    data = image_config(
         Path("unused"),
         images,
         Path("unused"),
@@ -172,7 +116,7 @@ def test_dirichlet_partition_splits_images_by_label(images: Path) -> None:
     ).data
 
     # Execute
-    clients = all_client_examples(data, 7, CLIENTS)
+    clients = all_client_examples(data, 7, IMAGE_CLIENTS)
 
     # Assert
     assert sum(len(rows) for rows in clients) == int(
@@ -193,7 +137,7 @@ def test_dirichlet_partition_splits_images_by_label(images: Path) -> None:
     [("vit", "cls", 2), ("resnet", "pooler", 4)],
 )
 def test_lora_sits_on_attention_or_convolutions(
-    backbones: dict[str, Path], kind: str, pooling: str, factor_dims: int
+    vision_backbones: dict[str, Path], kind: str, pooling: str, factor_dims: int
 ) -> None:
     # Prepare
     from common.vision import image_adapter_state, load_image_classifier
@@ -201,7 +145,7 @@ def test_lora_sits_on_attention_or_convolutions(
     settings = RunConfig.from_flat({}).lora
 
     # Execute
-    model = load_image_classifier(backbones[kind], settings, "native", 3, seed=1)
+    model = load_image_classifier(vision_backbones[kind], settings, "native", 3, seed=1)
     state = image_adapter_state(model)
 
     # Assert
@@ -216,10 +160,10 @@ def test_lora_sits_on_attention_or_convolutions(
 
 
 def test_federated_vit_run_raises_accuracy(
-    backbones: dict[str, Path], images: Path, tmp_path: Path
+    vision_backbones: dict[str, Path], images: Path, tmp_path: Path
 ) -> None:
     # Prepare
-    config = vision_config(backbones["vit"], images, tmp_path / "out")
+    config = image_config(vision_backbones["vit"], images, tmp_path / "out")
 
     # Execute
     rows = run(config, tmp_path)
@@ -235,11 +179,11 @@ def test_federated_vit_run_raises_accuracy(
 
 
 def test_federated_resnet_run_lowers_loss(
-    backbones: dict[str, Path], images: Path, tmp_path: Path
+    vision_backbones: dict[str, Path], images: Path, tmp_path: Path
 ) -> None:
     # Prepare
-    config = vision_config(
-        backbones["resnet"],
+    config = image_config(
+        vision_backbones["resnet"],
         images,
         tmp_path / "out",
         **{"num-server-rounds": 2, "train.lr": 0.05},
@@ -255,11 +199,11 @@ def test_federated_resnet_run_lowers_loss(
 
 
 def test_head_only_rounds_then_lora_with_per_label_averaging(
-    backbones: dict[str, Path], images: Path, tmp_path: Path
+    vision_backbones: dict[str, Path], images: Path, tmp_path: Path
 ) -> None:
     # Prepare
-    config = vision_config(
-        backbones["vit"],
+    config = image_config(
+        vision_backbones["vit"],
         images,
         tmp_path / "out",
         **{
@@ -280,11 +224,11 @@ def test_head_only_rounds_then_lora_with_per_label_averaging(
 
 
 def test_secure_aggregation_run_of_an_image_classifier(
-    backbones: dict[str, Path], images: Path, tmp_path: Path
+    vision_backbones: dict[str, Path], images: Path, tmp_path: Path
 ) -> None:
     # Prepare
-    config = vision_config(
-        backbones["vit"],
+    config = image_config(
+        vision_backbones["vit"],
         images,
         tmp_path / "out",
         **{"num-server-rounds": 2, "secagg.enabled": True},
@@ -294,12 +238,12 @@ def test_secure_aggregation_run_of_an_image_classifier(
     rows = run(config, tmp_path)
 
     # Assert
-    assert all(row["clients"] == CLIENTS for row in rows[1:])
+    assert all(row["clients"] == IMAGE_CLIENTS for row in rows[1:])
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
 
 
 def test_merged_model_predicts_as_backbone_with_adapter(
-    backbones: dict[str, Path],
+    vision_backbones: dict[str, Path],
     images: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -313,14 +257,14 @@ def test_merged_model_predicts_as_backbone_with_adapter(
     from common.vision import ImageClassifier, MergedImageClassifier
     from simulations.cli import main
 
-    config = vision_config(
-        backbones["vit"], images, tmp_path / "run", **{"num-server-rounds": 1}
+    config = image_config(
+        vision_backbones["vit"], images, tmp_path / "run", **{"num-server-rounds": 1}
     )
     run(config, tmp_path)
     merged = MergedImageClassifier.load(tmp_path / "run" / "merged")
     meta = json.loads((tmp_path / "run" / "adapter" / "fedgraft_head.json").read_text())
     encoder = PeftModel.from_pretrained(
-        AutoModel.from_pretrained(str(backbones["vit"])),
+        AutoModel.from_pretrained(str(vision_backbones["vit"])),
         str(tmp_path / "run" / "adapter"),
     )
     adapted = ImageClassifier(
