@@ -213,22 +213,23 @@ def train(message: Message, context: Context) -> Message:
         result.seconds,
         result.train_loss,
     )
-    metrics = {
-        keys.TRAIN_LOSS: result.train_loss,
-        keys.ON_CUDA: int(result.device == "cuda"),
-    }
+    metrics: dict[str, float] = {keys.ON_CUDA: int(result.device == "cuda")}
     # Training time and a DP-SGD epsilon both follow the site's row count, which
     # secure aggregation keeps inside the mask: they go up only in plain rounds.
     if not secure:
         metrics[keys.TRAIN_SECONDS] = result.seconds
         if sample_epsilon is not None:
             metrics[keys.SAMPLE_EPSILON] = sample_epsilon
-    if config.aggregation.rule == "fedsa":
-        # The personalised model's accuracy (a classifier) or perplexity (a causal
-        # LM); it goes up in the clear with the train loss, secure aggregation or not.
-        own = _site_evaluation_rows(config, context, examples, task.labels)
-        if own:
-            metrics.update(site.personal_metrics(own))
+    # The train loss and FedSA's personal accuracy or perplexity are computed from
+    # the site's rows: secure aggregation promises the coordinator the sum alone,
+    # and DP accounts for the update, not for figures sent beside it. They go up
+    # only in plain rounds without DP.
+    if not (secure or config.dp.enabled):
+        metrics[keys.TRAIN_LOSS] = result.train_loss
+        if config.aggregation.rule == "fedsa":
+            own = _site_evaluation_rows(config, context, examples, task.labels)
+            if own:
+                metrics.update(site.personal_metrics(own))
     if secure:
         # The example count travels only inside the masked vector; under DP every
         # client weighs the same (max-weight encodes as weight 1).

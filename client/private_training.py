@@ -149,46 +149,55 @@ def dp_sgd_steps(
     frozen = [
         p for n, p in model.named_parameters() if plan.frozen and plan.frozen in n
     ]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    groups = [
-        {"params": [p for n, p in named if not is_head(n)]},
-        {"params": [p for n, p in named if is_head(n)], "lr": plan.head_lr},
-    ]
-    optimiser = torch.optim.AdamW(
-        [group for group in groups if group["params"]],
-        lr=plan.lr,
-        weight_decay=plan.weight_decay,
-    )
-    # Opacus replaces the sampler with Poisson sampling at rate batch-size / rows.
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(*rows),
-        batch_size=min(plan.batch_size, count),
-    )
-    model.train()  # Opacus refuses a module in eval mode
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            # In training mode a batch norm mixes the rows of a batch (and drifts
-            # from the backbone every party shares).
-            module.eval()
-    engine = PrivacyEngine(accountant="rdp")
-    engine.accountant.history = list(history)
-    noise = torch.Generator(device=device)
-    noise.manual_seed(secrets.randbits(63))
-    private, optimiser, loader = engine.make_private(
-        module=model,
-        optimizer=optimiser,
-        data_loader=loader,
-        noise_multiplier=settings.noise_multiplier,
-        max_grad_norm=settings.clip_norm,
-        noise_generator=noise,
-    )
-    steps_wanted = math.ceil(plan.epochs * len(loader))
-    if plan.max_steps:
-        steps_wanted = min(steps_wanted, plan.max_steps)
     start = time.perf_counter()
     total_loss, samples, steps = 0.0, 0, 0
+    private: nn.Module | None = None
+    # Everything that alters the shared model happens inside the try, so that a
+    # failure (in Opacus's checks, say) still gives it back as it was.
+    for parameter in frozen:
+        parameter.requires_grad_(False)
     try:
+        groups = [
+            {"params": [p for n, p in named if not is_head(n)]},
+            {"params": [p for n, p in named if is_head(n)], "lr": plan.head_lr},
+        ]
+        optimiser = torch.optim.AdamW(
+            [group for group in groups if group["params"]],
+            lr=plan.lr,
+            weight_decay=plan.weight_decay,
+        )
+        # Opacus replaces the sampler with Poisson sampling at rate batch-size / rows,
+        # drawn from this loader's generator. Its seed is secret: the accountant assumes
+        # nobody can tell which rows a batch holds, and plan.seed (dropout, this
+        # function's torch.manual_seed) is derivable from the run's seed.
+        sampling = torch.Generator()
+        sampling.manual_seed(secrets.randbits(63))
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(*rows),
+            batch_size=min(plan.batch_size, count),
+            generator=sampling,
+        )
+        model.train()  # Opacus refuses a module in eval mode
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                # In training mode a batch norm mixes the rows of a batch (and drifts
+                # from the backbone every party shares).
+                module.eval()
+        engine = PrivacyEngine(accountant="rdp")
+        engine.accountant.history = list(history)
+        noise = torch.Generator(device=device)
+        noise.manual_seed(secrets.randbits(63))
+        private, optimiser, loader = engine.make_private(
+            module=model,
+            optimizer=optimiser,
+            data_loader=loader,
+            noise_multiplier=settings.noise_multiplier,
+            max_grad_norm=settings.clip_norm,
+            noise_generator=noise,
+        )
+        steps_wanted = math.ceil(plan.epochs * len(loader))
+        if plan.max_steps:
+            steps_wanted = min(steps_wanted, plan.max_steps)
         while steps < steps_wanted:
             for batch in loader:
                 optimiser.zero_grad(set_to_none=True)
@@ -212,7 +221,8 @@ def dp_sgd_steps(
     finally:
         # The model is shared by the clients of a process: take the hooks off and
         # give frozen factors back.
-        private._close()
+        if private is not None:
+            private._close()  # type: ignore[operator]
         for parameter in frozen:
             parameter.requires_grad_(True)
         model.eval()

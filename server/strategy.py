@@ -107,9 +107,10 @@ class RoundReport:
 
     def metrics(self, evaluation: EvalResult, seconds: float) -> dict[str, Any]:
         """The metrics line for ``metrics.jsonl``."""
-        # With secure aggregation the counts stay secret: the loss is then a plain mean.
-        losses = [m.get(keys.TRAIN_LOSS, math.nan) for m in self.client_metrics]
-        weights = [m.get(keys.NUM_EXAMPLES, 1.0) for m in self.client_metrics]
+        # Sites send no train loss behind secure aggregation or under DP.
+        reporting = [m for m in self.client_metrics if keys.TRAIN_LOSS in m]
+        losses = [m[keys.TRAIN_LOSS] for m in reporting]
+        weights = [m.get(keys.NUM_EXAMPLES, 1.0) for m in reporting]
         train_loss = float(np.average(losses, weights=weights)) if losses else None
         personal_metrics: dict[str, float] = {}
         for key, mean_column, worst_column, worst in PERSONAL_METRICS:

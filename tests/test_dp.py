@@ -507,6 +507,42 @@ def test_dp_sgd_steps_are_accounted_by_opacus_and_the_site_keeps_its_history(
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
 
 
+def test_dp_sgd_batches_follow_a_secret_seed_not_the_runs_seed(
+    tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Poisson sampling must not be predictable from ``plan.seed`` (which the
+    coordinator can derive): the accountant assumes the batches are secret."""
+    # Prepare
+    from transformers import AutoTokenizer
+
+    from client import private_training
+    from client.finetune import LocalTraining
+    from common.batching import encode
+
+    texts = [f"row number {i}" for i in range(40)]
+    encoded = encode(
+        AutoTokenizer.from_pretrained(str(tiny_backbone)), texts, [0, 1] * 20, 16
+    )
+    private = settings(level="sample", clip_norm=0.5, noise_multiplier=1.1)
+
+    def samples(secret: int, plan_seed: int) -> int:
+        monkeypatch.setattr(private_training.secrets, "randbits", lambda _: secret)
+        plan = LocalTraining(
+            epochs=3, max_steps=0, batch_size=4, lr=0.01, head_lr=0.01,
+            weight_decay=0.0, seed=plan_seed,
+        )  # fmt: skip
+        model = tiny_lora_classifier(tiny_backbone)
+        return private_training.dp_sgd(model, encoded, 0, plan, private, [])[0].samples
+
+    # Execute
+    same_secret = {samples(7, plan_seed) for plan_seed in (1, 2, 3)}
+    other_secrets = {samples(secret, 1) for secret in (7, 8, 9, 10)}
+
+    # Assert: 30 Poisson batches of rate 0.1 over 40 rows: the plan's seed changes
+    # nothing, the secret changes the draws
+    assert len(same_secret) == 1
+    assert len(other_secrets) > 1
+
 def test_sample_level_runs_report_each_sites_epsilon_every_round(
     tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
 ) -> None:

@@ -175,6 +175,50 @@ def test_clients_send_no_example_count_and_a_uint32_upload_within_5_percent_of_f
 
 
 @pytest.mark.parametrize(
+    ("overrides", "in_the_clear"),
+    [
+        ({"secagg.enabled": False}, True),
+        ({}, False),  # secure aggregation
+        ({"secagg.enabled": False, "dp.enabled": True, "dp.level": "sample"}, False),
+    ],
+    ids=["plain", "secure", "dp-sgd"],
+)
+def test_figures_from_a_sites_rows_go_up_only_in_plain_rounds_without_dp(
+    tiny_backbone: Path,
+    six_site_data: Path,
+    tmp_path: Path,
+    overrides: dict[str, object],
+    in_the_clear: bool,
+) -> None:
+    # Execute: FedSA, whose sites would also report their personal accuracy
+    grid, rows = run(
+        tiny_backbone,
+        six_site_data,
+        tmp_path / "run",
+        NODES[:3],
+        aggregation="fedsa",
+        **overrides,
+    )
+
+    # Assert
+    replies = [
+        r.content.metric_records[keys.METRICS_RECORD]
+        for r in grid.received
+        if keys.METRICS_RECORD in r.content.metric_records
+        and (
+            keys.MASKED_RECORD in r.content.array_records
+            or keys.ADAPTER_RECORD in r.content.array_records
+        )
+    ]
+    assert len(replies) == 3
+    for metrics in replies:
+        assert (keys.TRAIN_LOSS in metrics) is in_the_clear
+        assert (keys.PERSONAL_ACCURACY in metrics) is in_the_clear
+    assert (rows[-1]["train_loss"] is not None) is in_the_clear
+    assert ("personal_accuracy_mean" in rows[-1]) is in_the_clear
+
+
+@pytest.mark.parametrize(
     "stage",
     [
         f"query.{keys.ACTION_SECAGG_ADVERTISE}",
