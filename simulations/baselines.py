@@ -9,6 +9,7 @@ they are compared with.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -103,16 +104,21 @@ class WorkbenchText:
 
 def trainable(bench: RunBench) -> SiteModel:
     """The model of ``bench``, trained in place as a site of the run's task trains
-    it: the one place the baselines tell the tasks apart.
+    it, without DP (the non-private reference): the one place the baselines tell the
+    tasks apart.
 
     Raises
     ------
     TypeError
         For a workbench of no known task.
     """
+    # The baselines are the non-private reference for every task: no DP-SGD.
+    config = dataclasses.replace(
+        bench.config, dp=dataclasses.replace(bench.config.dp, enabled=False)
+    )
     if isinstance(bench, CausalLMWorkbench):
         return CausalLMSite(
-            bench.config,
+            config,
             bench.model,
             bench.tokenizer,
             bench.pad_id,
@@ -121,7 +127,7 @@ def trainable(bench: RunBench) -> SiteModel:
         )
     if isinstance(bench, VisionWorkbench):
         return VisionSite(
-            bench.config, bench.model, bench.processor, bench.labels, bench.fingerprint
+            config, bench.model, bench.processor, bench.labels, bench.fingerprint
         )
     if isinstance(bench, Workbench):
         return WorkbenchText(bench)

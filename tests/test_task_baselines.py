@@ -179,6 +179,38 @@ def test_simulate_adds_the_clients_alone_summary(
     assert f"federated {headline}" in printed and "clients trained alone" in printed
 
 
+@pytest.mark.parametrize("task", ["causal-lm", "image-cls"])
+def test_the_baselines_train_without_dp_sgd_under_a_private_config(
+    task: str,
+    causal_lms: dict[str, Path],
+    lm_corpus: Path,
+    vision_backbones: dict[str, Path],
+    images: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a config whose federated run would train with DP-SGD
+    import client.private_training
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a baseline ran DP-SGD")
+
+    monkeypatch.setattr(client.private_training, "dp_sgd_steps", refuse)
+    output = tmp_path / "central"
+    settings = (
+        lm_settings(causal_lms["llama"], lm_corpus, output)
+        if task == "causal-lm"
+        else image_settings(vision_backbones["vit"], images, output)
+    ) | {"dp.enabled": True, "dp.level": "sample", "num-server-rounds": 1}
+
+    # Execute
+    rows = centralized(settings)
+
+    # Assert: the non-private reference, as for text
+    assert [row["round"] for row in rows] == [0, 1]
+    assert "sample_epsilon_max" not in rows[-1]
+
+
 def test_the_best_client_alone_has_the_lowest_perplexity_and_highest_accuracy() -> None:
     # Prepare
     results = [
