@@ -64,7 +64,7 @@ def loaded_backbone(
 
     Loading from a fingerprint-keyed cache means a changed backbone is never served from
     a stale copy. Only the latest model is kept, to bound memory. ``quantize``
-    (``model.quantize``) loads the frozen weights in 4 or 8 bits on CUDA.
+    (``model.quantize``) loads the frozen weights in 4 or 8 bits.
     """
     key = (fingerprint, lora, pooling, num_labels, quantize)
     if key not in _MODELS:
@@ -141,7 +141,7 @@ def cached_features(
     """Pooled features of the client's rows under adapters with ``digest``, computed
     once per process while only the head trains."""
     return _FEATURES.get(
-        f"{key}|{backbone.model.pooling}",
+        f"{key}|{backbone.model.pooling}|{backbone.quantize}",
         digest,
         lambda: pooled_features(backbone.model, encoded, backbone.pad_id),
     )

@@ -103,8 +103,11 @@ class VisionSite:
         if self.config.dp.sample_level and phase == "lora":
             return self._train_private(rows, plan, context)
         if phase == "head":
+            # The pooled features depend on the pooling and the backbone's precision
+            # too; a process may hold sites of runs that differ in either.
+            model = self.config.model
             features = _FEATURES.get(
-                rows.key,
+                f"{rows.key}|{model.pooling}|{model.quantize}",
                 encoder_digest(start),
                 lambda: image_features(self.model, rows),
             )

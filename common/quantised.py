@@ -33,8 +33,8 @@ def quantisation_config(mode: str, device: torch.device | str) -> object | None:
 
     4-bit is QLoRA's NF4 with double quantisation; 8-bit is LLM.int8(). The 4-bit
     layers compute in bf16 on CUDA and in float32 on a CPU (bitsandbytes' CPU
-    backend, from version 0.45), where bf16 matrix products are slow. Both need the
-    optional ``bitsandbytes`` package.
+    backend; 0.50 is the version tested), where bf16 matrix products are slow. Both
+    need the optional ``bitsandbytes`` package.
 
     Raises
     ------
@@ -53,9 +53,9 @@ def quantisation_config(mode: str, device: torch.device | str) -> object | None:
             "pip install bitsandbytes (or set model.quantize = none)"
         )
     on_cuda = torch.device(device).type == "cuda"
-    if not on_cuda and _version(importlib.metadata.version("bitsandbytes")) < (0, 45):
+    if not on_cuda and _version(importlib.metadata.version("bitsandbytes")) < (0, 50):
         raise QuantisationUnavailable(
-            f"model.quantize = {mode} on a CPU needs bitsandbytes >= 0.45 (its CPU "
+            f"model.quantize = {mode} on a CPU needs bitsandbytes >= 0.50 (its CPU "
             "backend): pip install -U bitsandbytes, or set model.quantize = none"
         )
     from transformers import BitsAndBytesConfig
@@ -129,7 +129,7 @@ def load_frozen(
     quantize : str
         ``model.quantize``: ``4bit`` or ``8bit`` load the linear layers' weights
         quantised by bitsandbytes straight onto ``device`` (CUDA, or a CPU with
-        bitsandbytes 0.45 or later).
+        bitsandbytes 0.50 or later).
 
     Raises
     ------

@@ -35,7 +35,7 @@ def test_a_cpu_site_with_an_old_bitsandbytes_is_told_to_upgrade(
         lambda name, *a: object() if name == "bitsandbytes" else real(name, *a),
     )
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.43.1")
-    with pytest.raises(QuantisationUnavailable, match="model.quantize = 4bit.*0.45"):
+    with pytest.raises(QuantisationUnavailable, match="model.quantize = 4bit.*0.50"):
         quantisation_config("4bit", "cpu")
 
 
@@ -136,3 +136,33 @@ def test_a_4bit_backbone_trains_its_adapters_on_cuda(tiny_backbone: Path) -> Non
     result, before, after, _ = _train_tiny_classifier(tiny_backbone, "cuda", "4bit")
     assert result.device == "cuda"
     assert any((after[k] != before[k]).any() for k in before if "lora_B" in k)
+
+
+def test_head_features_of_a_quantised_backbone_are_cached_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: two backbones alike but for their precision, the same rows and adapter
+    from types import SimpleNamespace
+
+    from client import runtime
+    from common.batching import Encoded
+
+    computed: list[str] = []
+
+    def features(model: SimpleNamespace, *args: object) -> torch.Tensor:
+        computed.append(model.precision)
+        return torch.zeros(1, 4)
+
+    monkeypatch.setattr(runtime, "pooled_features", features)
+    rows = Encoded(ids=[[1, 2]], labels=np.array([0]))
+
+    def backbone(quantize: str) -> runtime.LoadedBackbone:
+        model = SimpleNamespace(pooling="mean", precision=quantize)
+        return runtime.LoadedBackbone(model, None, 0, quantize)  # type: ignore[arg-type]
+
+    # Execute
+    for quantize in ("none", "4bit", "none", "4bit"):
+        runtime.cached_features(backbone(quantize), rows, "rows-key", "digest")
+
+    # Assert: each precision computed once, then served from the cache
+    assert computed == ["none", "4bit"]
