@@ -394,6 +394,7 @@ def export_onnx(source: Path, out: Path, tolerance: float = 1e-4) -> Path:
             dynamo=False,
         )
     except Exception as error:  # the exporter's errors have no common base
+        (out / ONNX_FILE).unlink(missing_ok=True)
         raise ExportError(
             f"{source}: torch.onnx.export cannot trace this {plan.model_type or task} "
             f"model ({type(error).__name__}: {error}); --format hf exports it"
@@ -401,13 +402,18 @@ def export_onnx(source: Path, out: Path, tolerance: float = 1e-4) -> Path:
     plan.write_files(out)
     if (source / TASK_FILE).exists():
         shutil.copy2(source / TASK_FILE, out / TASK_FILE)
-    check_onnx(
-        out / ONNX_FILE,
-        plan.check_inputs,
-        plan.expected,
-        tolerance,
-        plan.compare_where,
-    )
+    try:
+        check_onnx(
+            out / ONNX_FILE,
+            plan.check_inputs,
+            plan.expected,
+            tolerance,
+            plan.compare_where,
+        )
+    except ExportError:
+        # A graph that failed its check must not be left to look usable.
+        (out / ONNX_FILE).unlink(missing_ok=True)
+        raise
     return out
 
 

@@ -360,6 +360,25 @@ def test_a_model_the_exporter_cannot_trace_is_refused_naming_its_family(
         export_run(lm_runs["llama"], "onnx", tmp_path / "out")
 
 
+def test_a_graph_that_fails_its_check_is_not_left_on_disk(
+    vision_runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    import simulations.export
+
+    def differ(*args: object, **kwargs: object) -> None:
+        raise ExportError("ONNX logits differ from PyTorch")
+
+    monkeypatch.setattr(simulations.export, "check_onnx", differ)
+
+    # Execute
+    with pytest.raises(ExportError, match="differ"):
+        export_run(vision_runs["vit"], "onnx", tmp_path / "out")
+
+    # Assert
+    assert not (tmp_path / "out" / ONNX_FILE).exists()
+
+
 @pytest.mark.parametrize(
     ("offset", "message"),
     [
