@@ -87,6 +87,7 @@ DEFAULTS: dict[str, ConfigValue] = {
     "dp.target-quantile": 0.5,
     "dp.clip-lr": 0.2,
     "dp.clipped-count-stddev": 0.0,
+    "eval.every": 1,
     "output.dir": "",
     "resume": False,
 }
@@ -94,6 +95,7 @@ DEFAULTS: dict[str, ConfigValue] = {
 #: Keys a resumed run may change; every other key must match the checkpoint's.
 RESUMABLE_CHANGES = (
     "num-server-rounds",
+    "eval.every",
     "output.dir",
     "resume",
     "train.timeout",
@@ -526,6 +528,8 @@ class RunConfig:
 
     Build it with :meth:`from_flat`; ``flat`` keeps the exact flat mapping for
     ``summary.json`` and for handing the configuration on unchanged.
+    ``eval_every`` is ``eval.every``: the coordinator evaluates rounds 0, every
+    multiple of it, and the last.
     """
 
     num_server_rounds: int
@@ -543,6 +547,7 @@ class RunConfig:
     output_dir: str
     resume: bool
     flat: Mapping[str, ConfigValue]
+    eval_every: int = 1
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any] | None = None) -> RunConfig:
@@ -663,12 +668,20 @@ class RunConfig:
             output_dir=v["output.dir"],
             resume=v["resume"],
             flat=values,
+            eval_every=v["eval.every"],
         )
         config._validate()
         return config
 
     def _validate(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", "must be at least 1")
+        _require(self.eval_every >= 1, "eval.every", "must be at least 1 (every round)")
+        _require(
+            self.eval_every == 1 or not (self.dp.enabled and self.dp.target_epsilon),
+            "eval.every",
+            "a run that dp.target-epsilon may stop early must end on an evaluated "
+            "round; set eval.every = 1 with a privacy budget",
+        )
         _require(bool(self.model.name), "model.name", "must not be empty; use 'minilm'")
         _require(
             self.model.distribute in DISTRIBUTE_MODES,

@@ -125,14 +125,13 @@ class RoundRecorder:
             f"clients {row['clients']}/{row['sampled']}" if row.get("sampled") else ""
         )
         log.info(
-            "round %d/%d %s train_loss %s eval_loss %.4f eval_accuracy %.4f "
-            "up %s MB %.1fs",
+            "round %d/%d %s train_loss %s eval_loss %s eval_accuracy %s up %s MB %.1fs",
             row["round"],
             self.total_rounds,
             clients,
             _number(row.get("train_loss")),
-            row["eval_loss"],
-            row["eval_accuracy"],
+            _number(row.get("eval_loss")),
+            _number(row.get("eval_accuracy")),
             _megabytes(row.get("bytes_up")),
             row["seconds"],
         )

@@ -105,8 +105,9 @@ class RoundReport:
     bytes_backbone: int = 0
     privacy: dict[str, float] = field(default_factory=dict)
 
-    def metrics(self, evaluation: EvalResult, seconds: float) -> dict[str, Any]:
-        """The metrics line for ``metrics.jsonl``."""
+    def metrics(self, evaluation: EvalResult | None, seconds: float) -> dict[str, Any]:
+        """The metrics line for ``metrics.jsonl``; ``evaluation`` is ``None`` in a
+        round ``eval.every`` skips (its ``eval_*`` columns are then null)."""
         # Sites send no train loss behind secure aggregation or under DP.
         reporting = [m for m in self.client_metrics if keys.TRAIN_LOSS in m]
         losses = [m[keys.TRAIN_LOSS] for m in reporting]
@@ -144,8 +145,8 @@ class RoundReport:
                 "clients_on_cuda": int(
                     sum(m.get(keys.ON_CUDA, 0) for m in self.client_metrics)
                 ),
-                "eval_loss": evaluation.loss,
-                "eval_accuracy": evaluation.accuracy,
+                "eval_loss": evaluation.loss if evaluation else None,
+                "eval_accuracy": evaluation.accuracy if evaluation else None,
                 "bytes_up": self.bytes_up,
                 "bytes_down": self.bytes_down,
                 "bytes_backbone": self.bytes_backbone,
@@ -156,10 +157,10 @@ class RoundReport:
         )
 
 
-def _perplexity(evaluation: EvalResult) -> dict[str, float]:
+def _perplexity(evaluation: EvalResult | None) -> dict[str, float]:
     """``eval_perplexity`` for a causal language model (lower is better); nothing
-    for a classifier."""
-    if evaluation.perplexity is None:
+    for a classifier or an unevaluated round."""
+    if evaluation is None or evaluation.perplexity is None:
         return {}
     return {"eval_perplexity": evaluation.perplexity}
 
@@ -264,11 +265,19 @@ class FederatedLoRA:
                 self.stop_reason = f"stopped before round {server_round}: {reason}"
                 log.warning("%s", self.stop_reason)
                 break
+            evaluation = self.evaluate(state) if self.evaluates(server_round) else None
             self.on_round(
-                report.metrics(self.evaluate(state), time.perf_counter() - started),
-                state,
+                report.metrics(evaluation, time.perf_counter() - started), state
             )
         return state
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the coordinator evaluates after ``server_round``: every
+        ``eval.every`` rounds and after the last."""
+        return (
+            server_round % self.config.eval_every == 0
+            or server_round == self.config.num_server_rounds
+        )
 
     def run_round(
         self, grid: Grid, server_round: int, state: AdapterState, report: RoundReport
