@@ -142,6 +142,7 @@ def cell_config(
         "train.max-steps": args.max_steps,
         "train.batch-size": args.batch_size,
         "aggregation": "fedavg",
+        "eval.every": args.eval_every,
         "output.dir": str(output),
     }
 
@@ -517,6 +518,7 @@ def run_cell(args: argparse.Namespace, num_clients: int) -> dict[str, Any]:
         "settings": {
             "data": "clinc150 train, iid",
             "test_rows_per_label": args.test_per_label,
+            "eval_every": args.eval_every,
             "batch_size": args.batch_size,
             "local_epochs": args.local_epochs,
             "max_steps": args.max_steps,
@@ -550,6 +552,8 @@ def _cell_command(args: argparse.Namespace, num_clients: int) -> list[str]:
         str(args.max_steps),
         "--test-per-label",
         str(args.test_per_label),
+        "--eval-every",
+        str(args.eval_every),
         "--interval",
         str(args.interval),
     ]
@@ -601,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--max-steps", type=int, default=10)
     parser.add_argument("--test-per-label", type=int, default=1)
+    parser.add_argument(
+        "--eval-every", type=int, default=1, help="eval.every: evaluate every N rounds"
+    )
     parser.add_argument("--interval", type=float, default=0.5, help="RSS sampling")
     parser.add_argument("--out", default="", help="folder for the runs' outputs")
     parser.add_argument("--cell", type=int, default=0, help=argparse.SUPPRESS)
