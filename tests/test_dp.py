@@ -528,17 +528,17 @@ def test_dp_sgd_batches_follow_a_secret_seed_not_the_runs_seed(
     def samples(secret: int, plan_seed: int) -> int:
         monkeypatch.setattr(private_training.secrets, "randbits", lambda _: secret)
         plan = LocalTraining(
-            epochs=3, max_steps=0, batch_size=4, lr=0.01, head_lr=0.01,
+            epochs=2, max_steps=0, batch_size=4, lr=0.01, head_lr=0.01,
             weight_decay=0.0, seed=plan_seed,
         )  # fmt: skip
         model = tiny_lora_classifier(tiny_backbone)
         return private_training.dp_sgd(model, encoded, 0, plan, private, [])[0].samples
 
     # Execute
-    same_secret = {samples(7, plan_seed) for plan_seed in (1, 2, 3)}
-    other_secrets = {samples(secret, 1) for secret in (7, 8, 9, 10)}
+    same_secret = {samples(7, plan_seed) for plan_seed in (1, 2)}
+    other_secrets = {samples(secret, 1) for secret in (7, 8, 9)}
 
-    # Assert: 30 Poisson batches of rate 0.1 over 40 rows: the plan's seed changes
+    # Assert: 20 Poisson batches of rate 0.1 over 40 rows: the plan's seed changes
     # nothing, the secret changes the draws
     assert len(same_secret) == 1
     assert len(other_secrets) > 1
