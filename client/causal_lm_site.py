@@ -17,9 +17,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from client import private_training
-from client.finetune import FinetuneResult, LocalTraining
+from client.finetune import FinetuneResult, LocalTraining, train_steps
 from client.runtime import pick_device
-from client.task_training import train_steps
 from common import keys
 from common.causal_lm import (
     CausalLanguageModel,

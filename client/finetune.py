@@ -1,13 +1,15 @@
-"""Local training: an explicit torch loop (no HF Trainer) over length-bucketed,
-dynamically padded batches with bf16 autocast on CUDA, starting from the cached output
-of the frozen layers when only the top layers adapt; or, in head-only rounds, over
-pooled features computed once."""
+"""Local training: one explicit torch loop (no HF Trainer) for every task
+(:func:`train_steps`), over length-bucketed, dynamically padded batches with bf16
+autocast on CUDA, given a task's step loss. The text classifier's step
+(:func:`finetune`) starts from the cached output of the frozen layers when only the
+top layers adapt; head-only rounds train over pooled features computed once
+(:func:`train_head`)."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,8 +117,9 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _batches(
-    lengths: list[int], plan: LocalTraining, rng: np.random.Generator
+    lengths: Sequence[int], plan: LocalTraining, rng: np.random.Generator
 ) -> list[list[int]]:
+    """``plan.epochs`` passes of length-bucketed batches, cut at ``plan.max_steps``."""
     wanted = math.ceil(plan.epochs * len(lengths))
     batches: list[list[int]] = []
     taken = 0
@@ -139,10 +142,8 @@ def finetune(
     plan: LocalTraining,
     prefix: Callable[[], PrefixStates] | None = None,
 ) -> FinetuneResult:
-    """Train the trainable parameters of ``model`` (LoRA at ``lr``, the head at
-    ``head_lr``) on ``encoded``.
-
-    A fresh AdamW is made on every call, so no optimiser state outlives a round.
+    """Train the text classifier's trainable parameters on ``encoded``: its step
+    loss (cross-entropy of a batch) in :func:`train_steps`.
 
     Parameters
     ----------
@@ -151,16 +152,68 @@ def finetune(
         the cached output of the frozen layers for ``encoded`` (the caller keeps it
         across rounds); by default it is computed once for this call.
     """
-    if len(encoded) == 0:
-        raise ValueError("no training rows: this client has an empty partition")
     states = None
-    if model.prefix_depth:
+    if model.prefix_depth and len(encoded):
         states = (
             prefix()
             if prefix is not None
             else prefix_states(model.encoder, model.prefix_depth, encoded, pad_id)
         )
     device = next(model.head.parameters()).device
+
+    def step_loss(rows: list[int]) -> tuple[torch.Tensor, int]:
+        batch = {
+            k: to_device(v, device) for k, v in collate(encoded, rows, pad_id).items()
+        }
+        if states is not None:
+            logits = model.logits_from_prefix(*states.collate(rows))
+        else:
+            logits = model(batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(logits.float(), batch["labels"]), len(rows)
+
+    return train_steps(model, [len(ids) for ids in encoded.ids], step_loss, plan)
+
+
+#: A step's mean loss and what the mean is over (rows, or tokens with loss).
+StepLoss = Callable[[list[int]], tuple[torch.Tensor, int]]
+
+
+def train_steps(
+    model: nn.Module,
+    lengths: Sequence[int],
+    step_loss: StepLoss,
+    plan: LocalTraining,
+) -> FinetuneResult:
+    """The training loop of every task: train the trainable parameters of ``model``
+    (LoRA at ``lr``, a head at ``head_lr``) on rows of ``lengths``.
+
+    A fresh AdamW is made on every call, so no optimiser state outlives a round;
+    FedProx's proximal term, FFA-LoRA's frozen ``lora_A`` (``plan.frozen``) and bf16
+    autocast on CUDA apply to every task.
+
+    Parameters
+    ----------
+    lengths : Sequence[int]
+        One entry per row (its token count; 1 for images): batches group rows of
+        similar length.
+    step_loss : StepLoss
+        The mean loss of a batch of rows and its weight; a batch of weight 0 (no
+        token with loss) is skipped.
+
+    Returns
+    -------
+    FinetuneResult
+        ``train_loss`` is the weighted mean of the step losses (per row for a
+        classifier, per token for a language model).
+
+    Raises
+    ------
+    ValueError
+        When there are no rows.
+    """
+    if not lengths:
+        raise ValueError("no training rows: this client has an empty partition")
+    device = next(model.parameters()).device
     rng = np.random.default_rng(plan.seed)
     torch.manual_seed(plan.seed)
     named = [
@@ -168,11 +221,12 @@ def finetune(
         for n, p in model.named_parameters()
         if p.requires_grad and not (plan.frozen and plan.frozen in n)
     ]
+    groups = [
+        {"params": [p for n, p in named if not is_head(n)]},
+        {"params": [p for n, p in named if is_head(n)], "lr": plan.head_lr},
+    ]
     optimiser = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in named if not is_head(n)]},
-            {"params": [p for n, p in named if is_head(n)], "lr": plan.head_lr},
-        ],
+        [group for group in groups if group["params"]],
         lr=plan.lr,
         weight_decay=plan.weight_decay,
     )
@@ -183,26 +237,26 @@ def finetune(
     for parameter in frozen:
         parameter.requires_grad_(False)
     model.train()
+    # The backbone is frozen, batch-norm statistics included: in training mode they
+    # would drift at each site away from the backbone every party shares.
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
     start = time.perf_counter()
-    total_loss, samples, steps = 0.0, 0, 0
+    total, weight_seen, samples, steps = 0.0, 0, 0, 0
     try:
-        for rows in _batches([len(ids) for ids in encoded.ids], plan, rng):
-            batch = {
-                k: to_device(v, device)
-                for k, v in collate(encoded, rows, pad_id).items()
-            }
+        for rows in _batches(lengths, plan, rng):
             with torch.autocast(
                 device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
             ):
-                if states is not None:
-                    logits = model.logits_from_prefix(*states.collate(rows))
-                else:
-                    logits = model(batch["input_ids"], batch["attention_mask"])
-            loss = F.cross_entropy(logits.float(), batch["labels"])
+                loss, weight = step_loss(rows)
+            if weight == 0:
+                continue
             optimiser.zero_grad(set_to_none=True)
             (loss + proximal()).backward()
             optimiser.step()
-            total_loss += loss.item() * len(rows)
+            total += loss.item() * weight
+            weight_seen += weight
             samples += len(rows)
             steps += 1
     finally:
@@ -211,8 +265,8 @@ def finetune(
             parameter.requires_grad_(True)
         model.eval()
     return FinetuneResult(
-        num_examples=len(encoded),
-        train_loss=total_loss / max(samples, 1),
+        num_examples=len(lengths),
+        train_loss=total / max(weight_seen, 1),
         steps=steps,
         samples=samples,
         seconds=time.perf_counter() - start,

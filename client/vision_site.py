@@ -19,9 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from client import private_training
-from client.finetune import FinetuneResult, LocalTraining, train_head
+from client.finetune import FinetuneResult, LocalTraining, train_head, train_steps
 from client.runtime import pick_device
-from client.task_training import train_steps
 from common import keys
 from common.codec import AdapterState
 from common.config import LoraSettings, RunConfig
