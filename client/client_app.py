@@ -251,8 +251,13 @@ def train(message: Message, context: Context) -> Message:
             }
         )
         return Message(content, reply_to=message)
+    # The coordinator rejects a weight above train.max-weight: a larger site weighs
+    # as much as the cap allows.
     metrics.update(
-        {keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_SAMPLES: result.samples}
+        {
+            keys.NUM_EXAMPLES: min(result.num_examples, config.train.max_weight),
+            keys.TRAIN_SAMPLES: result.samples,
+        }
     )
     content = RecordDict(
         {

@@ -56,6 +56,7 @@ DEFAULTS: dict[str, ConfigValue] = {
     "train.weight-decay": 0.0,
     "train.timeout": 600.0,
     "train.max-update-norm": 0.0,
+    "train.max-weight": 10000.0,
     "train.mode": "lora",
     "train.lp-rounds": 1,
     "train.head-lr": 0.0,
@@ -341,6 +342,7 @@ class TrainConfig:
     weight_decay: float
     timeout: float
     max_update_norm: float
+    max_weight: float
     mode: str
     lp_rounds: int
     head_lr: float
@@ -628,6 +630,7 @@ class RunConfig:
                 weight_decay=v["train.weight-decay"],
                 timeout=v["train.timeout"],
                 max_update_norm=v["train.max-update-norm"],
+                max_weight=v["train.max-weight"],
                 mode=v["train.mode"],
                 lp_rounds=v["train.lp-rounds"],
                 head_lr=v["train.head-lr"],
@@ -760,6 +763,11 @@ class RunConfig:
             self.train.max_update_norm >= 0,
             "train.max-update-norm",
             "must be >= 0 (0 = no bound)",
+        )
+        _require(
+            math.isfinite(self.train.max_weight) and self.train.max_weight >= 1,
+            "train.max-weight",
+            "must be a finite count >= 1 (a site's largest weight in a plain sum)",
         )
         _require(
             self.train.mode in TRAIN_MODES,

@@ -42,3 +42,33 @@ def json_field(record: ConfigRecord, key: str) -> Any:
         return json.loads(str(record[key]))
     except json.JSONDecodeError as error:
         raise ValueError(f"instruction '{key}' is not valid JSON: {error}") from None
+
+
+def wire_bytes(value: object, what: str) -> bytes:
+    """``value`` when it is a bytes field of a record.
+
+    A peer controls what its records hold: ``bytes(n)`` of a crafted integer ``n``
+    would allocate ``n`` zero bytes (MemoryError, OverflowError), so only ``bytes``
+    values pass.
+
+    Raises
+    ------
+    TypeError
+        When ``value`` is anything else, naming ``what``.
+    """
+    if not isinstance(value, bytes):
+        raise TypeError(f"{what} must be bytes, got {type(value).__name__}")
+    return value
+
+
+def wire_list(value: object, what: str) -> list[object]:
+    """``value`` when it is a list field of a record.
+
+    Raises
+    ------
+    TypeError
+        When ``value`` is not a list, naming ``what``.
+    """
+    if not isinstance(value, list):
+        raise TypeError(f"{what} must be a list, got {type(value).__name__}")
+    return value

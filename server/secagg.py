@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,8 +39,9 @@ from common.secagg.protocol import (
     neighbour_graph,
 )
 from common.secagg.rotation import rotated_length, unrotate
-from server.summation import RoundStats, RoundSum, reply_metrics
-from server.validation import log_rejection
+from common.wire import wire_bytes, wire_list
+from server.summation import RoundStats, RoundSum
+from server.validation import RejectedUpdate, log_rejection, reply_metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,8 @@ class SecureSum:
         self._tail = 0
         self._round: CoordinatorRound | None = None
         self._shared: list[int] = []
+        self._senders: dict[int, list[int]] = {}
+        self._extras = RingExtras()
         self._encoding: FixedPoint | None = None
 
     # -- key stages --------------------------------------------------------------------
@@ -145,20 +149,20 @@ class SecureSum:
         for reply in self._stage(
             grid, nodes, ADVERTISE, lambda node: ConfigRecord(setup), stats
         ):
-            record = reply.content.config_records.get(keys.SECAGG_RECORD)
             try:
+                record = reply.content.config_records[keys.SECAGG_RECORD]
                 advertised[reply.metadata.src_node_id] = (
-                    bytes(record[keys.SECAGG_CIPHER_PK]),
-                    bytes(record[keys.SECAGG_MASK_PK]),
-                )  # type: ignore[index,arg-type]
-            except (TypeError, KeyError, ValueError):
+                    wire_bytes(record[keys.SECAGG_CIPHER_PK], "cipher public key"),
+                    wire_bytes(record[keys.SECAGG_MASK_PK], "mask public key"),
+                )
+            except Exception as error:  # noqa: BLE001 - one bad reply, one node out
                 log_rejection(
                     reply.metadata.src_node_id,
-                    ValueError("malformed key advertisement"),
+                    RejectedUpdate(f"malformed key advertisement: {error}"),
                 )
                 stats.rejected += 1
         for node in protocol.accept_keys(advertised):
-            log_rejection(node, ValueError("malformed or duplicate public key"))
+            log_rejection(node, RejectedUpdate("malformed or duplicate public key"))
             stats.rejected += 1
         live = protocol.prune(protocol.public_keys)
 
@@ -182,16 +186,21 @@ class SecureSum:
             node = reply.metadata.src_node_id
             try:
                 record = reply.content.config_records[keys.SECAGG_RECORD]
-                receivers = [int(r) for r in record[keys.SECAGG_PEERS]]  # type: ignore[union-attr]
-                blobs = [bytes(b) for b in record[keys.SECAGG_SEALED]]  # type: ignore[union-attr]
+                receivers = [
+                    int(r) for r in wire_list(record[keys.SECAGG_PEERS], "receivers")
+                ]
+                blobs = [
+                    wire_bytes(b, "sealed share")
+                    for b in wire_list(record[keys.SECAGG_SEALED], "sealed shares")
+                ]
                 if sorted(receivers) != protocol.live_neighbours(node, live) or len(
                     blobs
                 ) != len(receivers):
                     raise ValueError(
                         "shares are not addressed to exactly its live neighbours"
                     )
-            except (KeyError, TypeError, ValueError) as error:
-                log_rejection(node, ValueError(f"bad key shares: {error}"))
+            except Exception as error:  # noqa: BLE001 - one bad reply, one node out
+                log_rejection(node, RejectedUpdate(f"bad key shares: {error}"))
                 stats.rejected += 1
                 continue
             sealed[node] = dict(zip(receivers, blobs, strict=True))
@@ -224,14 +233,18 @@ class SecureSum:
         except HeadroomError as error:
             log.warning("round %d skipped: %s", server_round, error)
             return {}
-        self._round = protocol
-
-        def inbox(node: int) -> ConfigRecord:
-            senders = [
+        self._round, self._extras = protocol, extras
+        self._senders = {
+            node: [
                 s
                 for s in protocol.live_neighbours(node, self._shared)
                 if node in sealed[s]
             ]
+            for node in participants
+        }
+
+        def inbox(node: int) -> ConfigRecord:
+            senders = self._senders[node]
             return ConfigRecord(
                 {
                     **setup,
@@ -260,7 +273,8 @@ class SecureSum:
         reference: Mapping[str, np.ndarray],
         stats: RoundStats,
     ) -> RoundSum | None:
-        """Check the masked uploads, unmask their sum and decode it."""
+        """Check the masked uploads, unmask their sum, decode it and check it
+        against the bounds every honest upload keeps."""
         protocol, encoding = self._round, self._encoding
         if protocol is None or encoding is None:
             return None
@@ -268,33 +282,122 @@ class SecureSum:
         size = sum(v.size for v in reference.values())
         narrow = encoding.ring_bits < RING_BITS
         length = (rotated_length(size) if narrow else size) + 1 + tail
-        masked: dict[int, np.ndarray] = {}
-        metrics: dict[int, dict[str, float]] = {}
-        accused: set[int] = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            try:
-                vector = self._masked_vector(reply, length, np.dtype(encoding.ring))
-            except ValueError as reason:
-                log_rejection(node, reason)
-                stats.rejected += 1
-                continue
-            masked[node], metrics[node] = vector, reply_metrics(reply)
-            record = reply.content.config_records.get(keys.SECAGG_RECORD)
-            if record is not None:
-                accused.update(int(s) for s in record.get(keys.SECAGG_BAD_SENDERS, []))  # type: ignore[union-attr]
-        for node in sorted(accused & set(masked)):
-            log_rejection(
-                node,
-                ValueError(
-                    "its encrypted key shares failed authentication at a neighbour"
-                ),
-            )
-            stats.rejected += 1
-            del masked[node], metrics[node]
+        masked, metrics = self._uploads(replies, length, np.dtype(encoding.ring), stats)
         if not masked:
             return None
         survivors = sorted(masked)
+        seed_shares, key_shares = self._unmask_shares(grid, survivors, stats)
+        try:
+            ring_sum = protocol.unmask(masked, self._shared, seed_shares, key_shares)
+        except ProtocolViolation as error:
+            log.warning(
+                "secure aggregation could not unmask this round (%s); "
+                "the round is skipped",
+                error,
+            )
+            return None
+        weighted, weight = encoding.decode_sum(ring_sum[: length - tail])
+        if narrow:
+            weighted = unrotate(weighted, self._rotation_seed, size)
+        # The tail decodes like the weight: signed, in steps of 1 / scale.
+        appended = encoding.decode(ring_sum[length - tail :])
+        problem = self._out_of_bounds(weighted, weight, appended, len(survivors))
+        if problem:
+            log.warning(
+                "round skipped: the unmasked sum of %d client(s) %s, which no honest "
+                "upload can cause; a client forged its masked vector (the masks "
+                "hide which)",
+                len(survivors),
+                problem,
+            )
+            return None
+        return RoundSum(
+            total=unflatten(weighted, reference),
+            weight=weight,
+            count=len(survivors),
+            client_metrics=[metrics[n] for n in survivors],
+            nodes=survivors,
+            reference=dict(reference),
+            unclipped=float(appended[0]) if tail else None,
+        )
+
+    def _uploads(
+        self,
+        replies: Sequence[Message],
+        length: int,
+        ring: np.dtype,
+        stats: RoundStats,
+    ) -> tuple[dict[int, np.ndarray], dict[int, dict[str, float]]]:
+        """The well-formed masked uploads and their metrics, by node, less the nodes
+        an accusation removes (:meth:`_settle_accusations`)."""
+        masked: dict[int, np.ndarray] = {}
+        metrics: dict[int, dict[str, float]] = {}
+        accusations: dict[int, set[int]] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            try:
+                vector = self._masked_vector(reply, length, ring)
+                figures = reply_metrics(reply)
+                record = reply.content.config_records.get(keys.SECAGG_RECORD)
+                accused = (
+                    wire_list(record.get(keys.SECAGG_BAD_SENDERS, []), "accusations")
+                    if record is not None
+                    else []
+                )
+                accusations[node] = {int(s) for s in accused}
+            # A crafted reply may make any step raise: it rejects this reply alone.
+            except Exception as reason:  # noqa: BLE001
+                log_rejection(node, reason)
+                stats.rejected += 1
+                continue
+            masked[node], metrics[node] = vector, figures
+        for node in self._settle_accusations(accusations, set(masked)):
+            stats.rejected += 1
+            del masked[node], metrics[node]
+        return masked, metrics
+
+    def _settle_accusations(
+        self, accusations: Mapping[int, set[int]], uploaded: set[int]
+    ) -> list[int]:
+        """The uploaders to leave out for their accusations (logged).
+
+        A client may only accuse the neighbours whose shares it was handed; one that
+        names anybody else is lying and goes alone. A valid accusation removes the
+        accuser together with the accused: the coordinator cannot tell which of the
+        two lies, and no client can exclude another while itself staying in.
+        """
+        removed: set[int] = set()
+        for accuser in sorted(a for a in accusations if a in uploaded):
+            accused = accusations[accuser]
+            if not accused:
+                continue
+            if not accused <= set(self._senders.get(accuser, ())):
+                log_rejection(
+                    accuser,
+                    RejectedUpdate(
+                        f"it accuses node(s) {sorted(accused)} that did not send it "
+                        "key shares"
+                    ),
+                )
+                removed.add(accuser)
+                continue
+            for node in sorted(accused | {accuser}):
+                log_rejection(
+                    node,
+                    RejectedUpdate(
+                        f"node {accuser} reports that key shares from node(s) "
+                        f"{sorted(accused)} failed authentication; accuser and "
+                        "accused are both left out"
+                    ),
+                )
+            removed |= accused | {accuser}
+        return sorted(removed & uploaded)
+
+    def _unmask_shares(
+        self, grid: Grid, survivors: list[int], stats: RoundStats
+    ) -> tuple[dict[int, dict[int, int]], dict[int, dict[int, int]]]:
+        """Run the unmask stage: owner -> {holder: share} of the survivors'
+        self-mask seeds and of the dropped clients' mask keys."""
         dropped = sorted(set(self._shared) - set(survivors))
         request = ConfigRecord(
             {
@@ -310,41 +413,78 @@ class SecureSum:
             holder = reply.metadata.src_node_id
             try:
                 record = reply.content.config_records[keys.SECAGG_RECORD]
-                for owners, values, target in (
-                    (keys.SECAGG_SEED_OWNERS, keys.SECAGG_SEED_SHARES, seed_shares),
-                    (keys.SECAGG_KEY_OWNERS, keys.SECAGG_KEY_SHARES, key_shares),
-                ):
+                parsed = [
+                    (
+                        target,
+                        int(owner),
+                        crypto.share_from_bytes(wire_bytes(share, what)),
+                    )
+                    for owners, values, target, what in (
+                        (
+                            keys.SECAGG_SEED_OWNERS,
+                            keys.SECAGG_SEED_SHARES,
+                            seed_shares,
+                            "seed share",
+                        ),
+                        (
+                            keys.SECAGG_KEY_OWNERS,
+                            keys.SECAGG_KEY_SHARES,
+                            key_shares,
+                            "key share",
+                        ),
+                    )
                     for owner, share in zip(
-                        record[owners], record[values], strict=True
-                    ):  # type: ignore[arg-type]
-                        target.setdefault(int(owner), {})[holder] = (
-                            crypto.share_from_bytes(bytes(share))
-                        )
-            except (KeyError, TypeError, ValueError) as error:
+                        wire_list(record[owners], owners),
+                        wire_list(record[values], values),
+                        strict=True,
+                    )
+                ]
+            except Exception as error:  # noqa: BLE001 - its shares are ignored
                 log.warning("node %d sent unusable unmask shares: %s", holder, error)
-        try:
-            ring_sum = protocol.unmask(masked, self._shared, seed_shares, key_shares)
-        except ProtocolViolation as error:
-            log.warning(
-                "secure aggregation could not unmask this round (%s); "
-                "the round is skipped",
-                error,
-            )
-            return None
-        weighted, weight = encoding.decode_sum(ring_sum[: length - tail])
-        if narrow:
-            weighted = unrotate(weighted, self._rotation_seed, size)
-        # The tail decodes like the weight: signed, in steps of 1 / scale.
-        appended = encoding.decode(ring_sum[length - tail :])
-        return RoundSum(
-            total=unflatten(weighted, reference),
-            weight=weight,
-            count=len(survivors),
-            client_metrics=[metrics[n] for n in survivors],
-            nodes=survivors,
-            reference=dict(reference),
-            unclipped=float(appended[0]) if tail else None,
+                continue
+            for target, owner, share in parsed:
+                target.setdefault(owner, {})[holder] = share
+        return seed_shares, key_shares
+
+    def _out_of_bounds(
+        self,
+        weighted: np.ndarray,
+        weight: float,
+        appended: np.ndarray,
+        count: int,
+    ) -> str:
+        """What the decoded sum breaks, or ``""``.
+
+        Every honest client sends a weight ``w`` in ``[1 / max-weight, 1]`` and a
+        weighted delta of norm at most ``w * clip``; so the total weight lies in
+        ``[n / max-weight, n]`` and the sum's norm is at most ``total weight *
+        clip``, up to one rounding step per client and coordinate and the summed
+        DP noise (its norm, with ``NOISE_HEADROOM_STDS`` spare). An appended
+        unclipped bit is ``+-1/2`` per client, plus its noise.
+        """
+        encoding = self._encoding
+        assert encoding is not None
+        extras = self._extras
+        step = count / encoding.scale  # one rounding step per client
+        low, high = count / encoding.max_weight - step, count + step
+        if not low <= weight <= high:
+            return f"has total weight {weight:.6g} outside [{low:.6g}, {high:.6g}]"
+        norm = float(np.linalg.norm(weighted))
+        root = math.sqrt(weighted.size)
+        limit = (
+            weight * encoding.clip_norm
+            + root * step
+            + extras.noise_std * (root + NOISE_HEADROOM_STDS)
         )
+        if not norm <= limit:
+            return (
+                f"has norm {norm:.6g} above total weight x secagg.clip-norm "
+                f"(with rounding and noise: {limit:.6g})"
+            )
+        tail_limit = count / 2 + step + NOISE_HEADROOM_STDS * extras.tail_noise_std
+        if appended.size and not (np.abs(appended) <= tail_limit).all():
+            return f"has an appended count beyond +-{tail_limit:.6g}"
+        return ""
 
     # -- helpers -----------------------------------------------------------------------
 

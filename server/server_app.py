@@ -102,6 +102,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
             codec,
             config.train.max_update_norm,
             flexible_rank=config.aggregation.rule == "flexlora",
+            max_weight=config.train.max_weight,
         ),
         rule=rule,
         evaluate=bench.evaluate,

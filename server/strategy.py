@@ -87,6 +87,11 @@ def rule_state(rule: AggregationRule) -> AdapterState:
     return rule.state_arrays() if isinstance(rule, StatefulRule) else {}
 
 
+def non_finite(state: Mapping[str, np.ndarray]) -> list[str]:
+    """The names of the tensors of ``state`` that hold NaN or Inf."""
+    return sorted(name for name, value in state.items() if not np.isfinite(value).all())
+
+
 @dataclass
 class RoundReport:
     """What happened in one round (becomes one line of ``metrics.jsonl``)."""
@@ -449,8 +454,30 @@ class FederatedLoRA:
         return usable
 
     def aggregate_train(self, summed: RoundSum, state: AdapterState) -> AdapterState:
-        """Combine the round's sum with the rule and apply the result."""
-        return apply_delta(state, self.rule.aggregate(summed))
+        """Combine the round's sum with the rule and apply the result.
+
+        A sum the rule refuses, or a new global adapter that is not finite, skips the
+        round: the last good global adapter (and a server optimiser's state) is kept,
+        so nothing non-finite is ever checkpointed.
+        """
+        before = rule_state(self.rule)
+        try:
+            updated = apply_delta(state, self.rule.aggregate(summed))
+        except ValueError as error:
+            log.warning("round skipped: the rule refused the round's sum: %s", error)
+            updated = None
+        broken = [] if updated is None else non_finite(updated)
+        if updated is not None and not broken:
+            return updated
+        if broken:
+            log.warning(
+                "round skipped: the aggregate holds NaN or Inf in %s; the last good "
+                "global adapter is kept",
+                ", ".join(broken[:3]) + (" ..." if len(broken) > 3 else ""),
+            )
+        if isinstance(self.rule, StatefulRule):
+            self.rule.load_state_arrays(before)
+        return state
 
     # -- helpers -----------------------------------------------------------------------
 

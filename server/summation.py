@@ -8,6 +8,7 @@ adds masked vectors and unmasks the total).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,10 +17,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from common import keys
 from common.codec import AdapterState, Codec
 from server.contribution import Contribution
-from server.validation import RejectedUpdate, contribution_from_reply, log_rejection
+from server.validation import contribution_from_reply, log_rejection
 
 
 @dataclass
@@ -100,14 +100,22 @@ class PlainSum:
     flexible_rank : bool
         Accept LoRA factors of any rank up to the reference's (FlexLoRA); tensors
         whose shapes differ between clients are then left out of the total.
+    max_weight : float
+        Replies whose ``num-examples`` is above this are rejected
+        (``train.max-weight``).
     """
 
     def __init__(
-        self, codec: Codec, max_norm: float = 0.0, flexible_rank: bool = False
+        self,
+        codec: Codec,
+        max_norm: float = 0.0,
+        flexible_rank: bool = False,
+        max_weight: float = math.inf,
     ) -> None:
         self.codec = codec
         self.max_norm = max_norm
         self.flexible_rank = flexible_rank
+        self.max_weight = max_weight
 
     def prepare(
         self, grid: Grid, nodes: Sequence[int], server_round: int, stats: RoundStats
@@ -133,9 +141,12 @@ class PlainSum:
                         self.codec,
                         self.max_norm,
                         self.flexible_rank,
+                        self.max_weight,
                     )
                 )
-            except RejectedUpdate as reason:
+            # Whatever a crafted reply makes the decoding raise (a list where a
+            # number belongs, an array of another stype) rejects that reply alone.
+            except Exception as reason:  # noqa: BLE001
                 log_rejection(reply.metadata.src_node_id, reason)
                 stats.rejected += 1
         if not contributions:
@@ -159,11 +170,3 @@ class PlainSum:
             contributions=contributions,
             reference=dict(reference),
         )
-
-
-def reply_metrics(reply: Message) -> dict[str, float]:
-    """A reply's training metrics as floats (empty when absent)."""
-    records = reply.content.metric_records
-    if keys.METRICS_RECORD not in records:
-        return {}
-    return {k: float(v) for k, v in records[keys.METRICS_RECORD].items()}  # type: ignore[arg-type]

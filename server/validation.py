@@ -23,7 +23,10 @@ class RejectedUpdate(ValueError):
 
 
 def log_rejection(node: int, reason: Exception) -> None:
-    """One warning line naming the node and the reason."""
+    """One warning line naming the node and the reason (with the exception's type
+    when it is not one of the checks' own)."""
+    if not isinstance(reason, RejectedUpdate):
+        reason = RejectedUpdate(f"malformed reply ({type(reason).__name__}: {reason})")
     log.warning("node %d: update rejected: %s", node, reason)
 
 
@@ -33,32 +36,33 @@ def contribution_from_reply(
     codec: Codec,
     max_norm: float = 0.0,
     flexible_rank: bool = False,
+    max_weight: float = math.inf,
 ) -> Contribution:
     """Decode and validate one training reply.
 
-    Checks that the reply carries the adapter and metrics records, a positive
-    ``num-examples``, exactly the expected tensor names, their shapes and dtype, only
-    finite values, and (when ``max_norm`` > 0) an L2 norm of at most ``max_norm``.
-    With ``flexible_rank`` the LoRA factors may have any one rank from 1 up to the
-    reference's (FlexLoRA).
+    Checks that the reply carries the adapter and metrics records, finite scalar
+    metrics, a ``num-examples`` in ``[1, max_weight]``, exactly the expected tensor
+    names, their shapes and dtype, only finite values, and (when ``max_norm`` > 0) an
+    L2 norm of at most ``max_norm``. With ``flexible_rank`` the LoRA factors may have
+    any one rank from 1 up to the reference's (FlexLoRA).
 
     Raises
     ------
     RejectedUpdate
-        Naming the first problem found.
+        Naming the first problem found. Any other exception while decoding means a
+        malformed reply too: callers reject the reply on any exception.
     """
     content = reply.content
     if keys.ADAPTER_RECORD not in content.array_records:
         raise RejectedUpdate(f"reply has no '{keys.ADAPTER_RECORD}' arrays")
     if keys.METRICS_RECORD not in content.metric_records:
         raise RejectedUpdate(f"reply has no '{keys.METRICS_RECORD}' metrics")
-    metrics = {
-        k: float(v) for k, v in content.metric_records[keys.METRICS_RECORD].items()
-    }  # type: ignore[arg-type]
+    metrics = reply_metrics(reply)
     weight = metrics.get(keys.NUM_EXAMPLES, 0.0)
-    if not (math.isfinite(weight) and weight >= 1):
+    if not 1 <= weight <= max_weight:
         raise RejectedUpdate(
-            f"'{keys.NUM_EXAMPLES}' must be a positive count, got {weight}"
+            f"'{keys.NUM_EXAMPLES}' must be a count in [1, train.max-weight = "
+            f"{max_weight:g}], got {weight:g}"
         )
     arrays = from_array_record(content.array_records[keys.ADAPTER_RECORD])
     if flexible_rank:
@@ -84,8 +88,28 @@ def contribution_from_reply(
         change,
         weight,
         metrics,
-        _label_counts(reply, reference),
+        _label_counts(reply, reference, weight),
     )
+
+
+def reply_metrics(reply: Message) -> dict[str, float]:
+    """A reply's training metrics as floats (empty when absent).
+
+    Raises
+    ------
+    RejectedUpdate
+        When a metric is not one finite number (a list, NaN or Inf), naming it: it
+        would otherwise reach the metrics line.
+    """
+    records = reply.content.metric_records
+    if keys.METRICS_RECORD not in records:
+        return {}
+    metrics = {}
+    for key, value in records[keys.METRICS_RECORD].items():
+        if isinstance(value, list) or not math.isfinite(value):
+            raise RejectedUpdate(f"metric '{key}' must be one finite number")
+        metrics[key] = float(value)
+    return metrics
 
 
 def _common_rank(
@@ -122,9 +146,11 @@ def _expected_shape(
 
 
 def _label_counts(
-    reply: Message, reference: Mapping[str, np.ndarray]
+    reply: Message, reference: Mapping[str, np.ndarray], weight: float
 ) -> np.ndarray | None:
-    """The optional per-label row counts, checked against the head's size."""
+    """The optional per-label row counts, checked against the head's size and
+    rescaled to sum to the reply's weight: a site's pull on the head's rows is then
+    its weight, like its pull on every other tensor, whatever counts it claims."""
     if keys.LABEL_COUNTS_RECORD not in reply.content.array_records:
         return None
     arrays = from_array_record(reply.content.array_records[keys.LABEL_COUNTS_RECORD])
@@ -132,6 +158,8 @@ def _label_counts(
     num_labels = reference["head.bias"].shape[0]
     if counts is None or counts.shape != (num_labels,):
         raise RejectedUpdate(f"label counts must have shape ({num_labels},)")
-    if not (np.isfinite(counts).all() and (counts >= 0).all()):
-        raise RejectedUpdate("label counts must be finite and non-negative")
-    return counts.astype(np.float64)
+    counts = counts.astype(np.float64)
+    total = float(counts.sum())
+    if not ((counts >= 0).all() and math.isfinite(total) and total > 0):
+        raise RejectedUpdate("label counts must be finite, non-negative, not all 0")
+    return counts * (weight / total)
