@@ -1,8 +1,11 @@
 """Backbone identity and hand-off: where the weights are, their fingerprint, and the
 one-time transfer of the files to a site that has no copy.
 
-The fingerprint is a sha256 over the weight files (names and bytes), so both sides can
-prove that they fine-tune the same backbone without trusting each other's paths.
+The fingerprint is a sha256 over the weight files and the model's ``config.json``
+(each name and content length-framed), so both sides can prove that they fine-tune the
+same backbone without trusting each other's paths. It names a folder of the site's
+cache, so a fingerprint that arrives in a message is checked to be one
+(:func:`check_fingerprint`) before it becomes part of a path.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from functools import lru_cache
@@ -25,6 +29,10 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 # Files a site needs to run the backbone; documentation and git metadata stay home.
 _SKIPPED_FILES = {"README.md", ".gitattributes"}
 _SKIPPED_DIRS = {"onnx", "openvino", ".git"}
+#: The architecture beside the weights: the same weights under another config
+#: (heads, activation, positions) are another model.
+MODEL_CONFIG = "config.json"
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 class BackboneError(RuntimeError):
@@ -103,21 +111,48 @@ def _fingerprint_cached(
 ) -> str:
     del stamps  # cache key only
     digest = hashlib.sha256()
-    for path in weight_files(Path(directory)):
-        digest.update(path.name.encode() + b"\0")
+    for path in fingerprinted_files(Path(directory)):
+        # Length-framed: no two different sets of files give the same byte stream.
+        name = path.name.encode()
+        digest.update(len(name).to_bytes(8, "big") + name)
+        digest.update(path.stat().st_size.to_bytes(8, "big"))
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
 
 
+def fingerprinted_files(directory: Path) -> list[Path]:
+    """The weight files and, when present, the model's ``config.json``, sorted."""
+    files = weight_files(directory)
+    config = directory / MODEL_CONFIG
+    return sorted([*files, config]) if config.is_file() else files
+
+
 def fingerprint(directory: Path) -> str:
-    """sha256 over the weight files' names and bytes, cached until a file changes."""
+    """sha256 over the weight files and the model config (names, lengths and bytes),
+    cached until a file changes."""
     stamps = tuple(
         (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-        for p in weight_files(directory)
+        for p in fingerprinted_files(directory)
     )
     return _fingerprint_cached(str(directory), stamps)
+
+
+def check_fingerprint(value: str) -> str:
+    """``value`` when it is a fingerprint (64 lower-case hex digits).
+
+    Raises
+    ------
+    BackboneError
+        Otherwise: it must never reach a path (``../`` would leave the cache).
+    """
+    if not _FINGERPRINT.fullmatch(value):
+        raise BackboneError(
+            f"backbone fingerprint {value[:80]!r} is not 64 hex digits: refusing it "
+            "(coordinator and site versions differ, or the message was tampered with)"
+        )
+    return value
 
 
 def pooling_mode(directory: Path) -> str:
@@ -190,10 +225,11 @@ def store_bundle(
     Raises
     ------
     BackboneError
-        When a path escapes the folder or the written weights do not match the
-        fingerprint; nothing is left in the cache then.
+        When ``expected_fingerprint`` is not one, a path escapes the folder or the
+        written weights do not match the fingerprint; nothing is left in the cache
+        then.
     """
-    target = cache_dir / expected_fingerprint
+    target = cache_dir / check_fingerprint(expected_fingerprint)
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -244,12 +280,13 @@ def locate_on_site(
     Raises
     ------
     BackboneError
-        When the site's copy exists but has another fingerprint.
+        When ``expected_fingerprint`` is not one, or the site's copy exists but has
+        another fingerprint.
     """
     candidates: list[Path] = []
     if site_path:
         candidates.append(Path(site_path).expanduser())
-    cached = cache_dir / "backbones" / expected_fingerprint
+    cached = cache_dir / "backbones" / check_fingerprint(expected_fingerprint)
     if cached.is_dir():
         candidates.append(cached)
     if not is_local_reference(reference):

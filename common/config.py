@@ -55,7 +55,7 @@ DEFAULTS: dict[str, ConfigValue] = {
     "train.lr": 0.002,
     "train.weight-decay": 0.0,
     "train.timeout": 600.0,
-    "train.max-update-norm": 0.0,
+    "train.max-update-norm": 10.0,
     "train.max-weight": 10000.0,
     "train.mode": "lora",
     "train.lp-rounds": 1,
@@ -854,12 +854,6 @@ class RunConfig:
             "codec = fp32 with client-level DP behind secure aggregation",
         )
         _require(
-            not (rule == "flexlora" and self.train.max_update_norm > 0),
-            "train.max-update-norm",
-            "aggregation = flexlora sends each site's LoRA factors, not a delta, so an "
-            "update-norm bound does not apply; set train.max-update-norm = 0",
-        )
-        _require(
             not (rule == "flexlora" and self.codec.name in ("topk", "int4")),
             "codec",
             "aggregation = flexlora reads each site's rank from the shape of its LoRA "
@@ -1045,18 +1039,6 @@ class RunConfig:
             "the count of unclipped clients alone would spend the whole "
             "dp.noise-multiplier budget; raise it or lower dp.noise-multiplier",
         )
-        _require(
-            not (
-                dp.adaptive_clip
-                and not self.secagg.enabled
-                and self.train.max_update_norm > 0
-            ),
-            "train.max-update-norm",
-            "with dp.adaptive-clip = true and no secure aggregation the clients send "
-            "their deltas whole and the coordinator clips them to the round's C; a "
-            "fixed update-norm bound would reject the large ones instead, so set "
-            "train.max-update-norm = 0",
-        )
         rule = self.aggregation.rule
         _require(
             rule not in RULES_NEEDING_INDIVIDUAL_UPDATES,
@@ -1107,6 +1089,20 @@ class RunConfig:
             "sample_epsilon_max); the coordinator's budget stop needs dp.level = "
             "client, so set dp.target-epsilon = 0",
         )
+
+    @property
+    def update_norm_bound(self) -> float:
+        """The L2 bound a plain sum holds each delta to (0 = none):
+        ``train.max-update-norm``, except where it does not apply. FlexLoRA sends
+        each site's factors, not a delta; under adaptive clipping without secure
+        aggregation the sites send their deltas whole and the coordinator clips each
+        to the round's C, which bounds it instead (a fixed bound would reject the
+        large ones)."""
+        if self.aggregation.rule == "flexlora" or (
+            self.dp.client_level and self.dp.adaptive_clip and not self.secagg.enabled
+        ):
+            return 0.0
+        return self.train.max_update_norm
 
     def check_resumable_from(self, saved: Mapping[str, Any]) -> None:
         """Refuse to resume a checkpoint written under different settings.

@@ -100,7 +100,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
         if config.secagg.enabled
         else PlainSum(
             codec,
-            config.train.max_update_norm,
+            config.update_norm_bound,
             flexible_rank=config.aggregation.rule == "flexlora",
             max_weight=config.train.max_weight,
         ),

@@ -137,7 +137,7 @@ def default_summer(config: RunConfig) -> Summer:
 
     return PlainSum(
         Float32Codec(),
-        config.train.max_update_norm,
+        config.update_norm_bound,
         max_weight=config.train.max_weight,
     )
 

@@ -91,6 +91,24 @@ def test_a_num_examples_outside_one_to_max_weight_is_rejected_and_cannot_steer(
     assert all(np.isfinite(v).all() for state in run.states for v in state.values())
 
 
+def test_a_huge_delta_with_an_honest_weight_is_rejected_by_the_default_norm_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: the attacker's delta would move the mean by ~1e3 per value
+    def enlarge(reply: Message) -> None:
+        record = reply.content.array_records[keys.ADAPTER_RECORD]
+        arrays = {k: v * 1e4 for k, v in from_array_record(record).items()}
+        reply.content.array_records[keys.ADAPTER_RECORD] = to_array_record(arrays)
+
+    # Execute: train.max-update-norm keeps its default
+    with caplog.at_level(logging.WARNING):
+        run = run_synthetic(synthetic_config(), once(ATTACKER, "train", enlarge))
+
+    # Assert
+    assert_attacker_left_out(run)
+    assert "above train.max-update-norm = 10" in caplog.text
+
+
 def test_a_non_finite_aggregate_skips_the_round_and_keeps_the_last_good_global(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -101,9 +119,12 @@ def test_a_non_finite_aggregate_skips_the_round_and_keeps_the_last_good_global(
         }
     )
 
-    # Execute
+    # Execute: no norm bound, so only the aggregate's check stands in the way
     with caplog.at_level(logging.WARNING):
-        run = run_synthetic(synthetic_config(), grid=synthetic_grid(app=app))
+        run = run_synthetic(
+            synthetic_config(**{"train.max-update-norm": 0.0}),
+            grid=synthetic_grid(app=app),
+        )
 
     # Assert
     for state in run.states:

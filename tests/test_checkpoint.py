@@ -111,6 +111,42 @@ def test_resuming_without_a_checkpoint_names_the_file(tmp_path: Path) -> None:
         load_checkpoint(tmp_path)
 
 
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def overwrite(path: Path) -> None:
+    path.write_bytes(b"not a checkpoint")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (truncate, "truncated or corrupt checkpoint of round 3"),
+        (flip_last_byte, "do not match the digest"),
+        (overwrite, "even its header is unreadable"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_its_round(
+    damage: object, message: str, tmp_path: Path
+) -> None:
+    # Prepare
+    state = {"head.bias": np.arange(64, dtype=np.float32)}
+    path = save_checkpoint(tmp_path, Checkpoint(3, state, {"seed": 1}, [{"round": 3}]))
+    damage(path)  # type: ignore[operator]
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=message) as refused:
+        load_checkpoint(tmp_path)
+    assert str(path) in str(refused.value)
+
+
 def test_resuming_with_other_settings_is_refused_naming_them() -> None:
     config = RunConfig.from_flat({"train.lr": 0.1, "num-server-rounds": 9})
     with pytest.raises(ConfigError, match=r"train.lr \(0.002 -> 0.1\)"):

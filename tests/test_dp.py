@@ -543,6 +543,7 @@ def test_dp_sgd_batches_follow_a_secret_seed_not_the_runs_seed(
     assert len(same_secret) == 1
     assert len(other_secrets) > 1
 
+
 def test_sample_level_runs_report_each_sites_epsilon_every_round(
     tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
 ) -> None:
@@ -748,10 +749,6 @@ def test_the_default_clipped_count_noise_is_m_over_20_of_the_first_round() -> No
         ({"dp.clip-lr": 0.0}, "dp.clip-lr"),
         ({"dp.clipped-count-stddev": -1.0}, "dp.clipped-count-stddev"),
         ({"dp.adaptive-clip": True, "dp.level": "sample"}, "dp.adaptive-clip"),
-        (
-            {"dp.adaptive-clip": True, "train.max-update-norm": 5.0},
-            "train.max-update-norm",
-        ),
     ],
 )
 def test_invalid_adaptive_clipping_settings_are_refused_naming_the_key(
@@ -759,6 +756,24 @@ def test_invalid_adaptive_clipping_settings_are_refused_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         RunConfig.from_flat({"dp.enabled": True, **overrides})
+
+
+@pytest.mark.parametrize(("secure", "bound"), [(False, 0.0), (True, 5.0)])
+def test_a_plain_sum_under_adaptive_clipping_leaves_the_norm_bound_to_the_clip(
+    secure: bool, bound: float
+) -> None:
+    # Execute: the coordinator clips each plain delta to the round's C itself
+    config = RunConfig.from_flat(
+        {
+            "dp.enabled": True,
+            "dp.adaptive-clip": True,
+            "secagg.enabled": secure,
+            "train.max-update-norm": 5.0,
+        }
+    )
+
+    # Assert
+    assert config.update_norm_bound == bound
 
 
 def test_adaptive_clipping_without_dp_is_refused_naming_the_key() -> None:

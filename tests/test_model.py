@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,13 @@ import pytest
 import torch
 
 from client.finetune import LocalTraining, finetune
-from common.backbone import fingerprint, pooling_mode
+from common.backbone import (
+    BackboneError,
+    fingerprint,
+    locate_on_site,
+    pooling_mode,
+    store_bundle,
+)
 from common.batching import bucketed_order, collate, encode
 from common.codec import Float32Codec, apply_delta, delta, l2_norm
 from common.config import LoraSettings
@@ -66,6 +73,42 @@ def test_fingerprint_changes_when_the_weights_change(tmp_path: Path) -> None:
     same = build_tiny_backbone(tmp_path / "b", seed=1)
     other = build_tiny_backbone(tmp_path / "c", seed=2)
     assert fingerprint(first) == fingerprint(same) != fingerprint(other)
+
+
+def test_fingerprint_changes_when_the_model_config_changes(tmp_path: Path) -> None:
+    # Prepare: the same weights under another architecture config
+    first = build_tiny_backbone(tmp_path / "a", seed=1)
+    other = build_tiny_backbone(tmp_path / "b", seed=1)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"hidden_act": "relu"}))
+
+    # Execute / Assert
+    assert fingerprint(first) != fingerprint(other)
+
+
+def test_fingerprint_frames_each_file_so_moved_boundaries_differ(
+    tmp_path: Path,
+) -> None:
+    # Prepare: one file holding what, unframed, reads as the name and bytes of two
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    (one / "a.safetensors").write_bytes(b"Q" + b"b.safetensors\0" + b"Z")
+    (two / "a.safetensors").write_bytes(b"Q")
+    (two / "b.safetensors").write_bytes(b"Z")
+
+    # Execute / Assert
+    assert fingerprint(one) != fingerprint(two)
+
+
+@pytest.mark.parametrize("forged", ["../../elsewhere", "ab" * 32 + "/..", "", "A" * 64])
+def test_a_fingerprint_that_is_not_64_hex_digits_never_becomes_a_path(
+    forged: str, tmp_path: Path
+) -> None:
+    with pytest.raises(BackboneError, match="not 64 hex digits"):
+        store_bundle({}, forged, tmp_path / "cache")
+    with pytest.raises(BackboneError, match="not 64 hex digits"):
+        locate_on_site("minilm", forged, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_the_initial_adapter_is_a_pure_function_of_the_seed(

@@ -1081,10 +1081,10 @@ def test_the_flexlora_global_is_the_truncated_mean_of_the_sites_products(
         )
 
 
-def test_flexlora_refuses_an_update_norm_bound_naming_the_key() -> None:
+def test_flexlora_holds_no_update_norm_bound() -> None:
     # FlexLoRA replies carry factors, not deltas: a norm bound would reject them all.
-    with pytest.raises(ConfigError, match="train.max-update-norm"):
-        RunConfig.from_flat({"aggregation": "flexlora", "train.max-update-norm": 2.0})
+    config = RunConfig.from_flat({"aggregation": "flexlora"})
+    assert config.train.max_update_norm > 0 and config.update_norm_bound == 0.0
 
 
 @pytest.mark.parametrize("rule", ["fedprox", "fedavgm", "fedadam", "fedyogi"])
