@@ -20,10 +20,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from common.config import DataConfig
+from common.config import DEFAULTS, DataConfig
 from common.data import DataError, Example, label_set, load_examples, resolve_paths
 from common.demo import demo_test_examples, demo_train_examples
 from common.partition import count_column_values, holdout_split, partition_indices
+
+#: ``column:domain``: one client per domain, as the demo corpus is laid out.
+DEFAULT_PARTITION = str(DEFAULTS["data.partition"])
+
+
+def falls_back_to_iid(data: DataConfig, train: Sequence[Example]) -> bool:
+    """Whether the default partition, ``column:domain``, meets rows of which none has
+    that column: a user's labelled file, then split iid instead of refused."""
+    column = DEFAULT_PARTITION.removeprefix("column:")
+    return data.partition == DEFAULT_PARTITION and not any(
+        column in example.extra for example in train
+    )
+
+
+def partition_kind(data: DataConfig, train: Sequence[Example]) -> str:
+    """``data.partition`` as applied to ``train`` (see :func:`falls_back_to_iid`)."""
+    return "iid" if falls_back_to_iid(data, train) else data.partition
 
 
 @lru_cache(maxsize=8)
@@ -181,7 +198,7 @@ def client_examples(
         )
     train = pools(data, seed).train
     parts = partition_indices(
-        train, data.partition, num_partitions, seed, data.dirichlet_alpha
+        train, partition_kind(data, train), num_partitions, seed, data.dirichlet_alpha
     )
     return [train[i] for i in parts[partition_id]]
 
@@ -192,17 +209,18 @@ def all_client_examples(
     """Every simulated client's rows, in partition order (for baselines and checks)."""
     train = pools(data, seed).train
     parts = partition_indices(
-        train, data.partition, num_clients, seed, data.dirichlet_alpha
+        train, partition_kind(data, train), num_clients, seed, data.dirichlet_alpha
     )
     return [[train[i] for i in part] for part in parts]
 
 
 def default_num_clients(data: DataConfig, seed: int, configured: int) -> int:
     """Clients a simulation needs: the column's value count for ``column:<name>``."""
-    column = data.partition_column
-    if column is None:
+    train = pools(data, seed).train
+    kind = partition_kind(data, train)
+    if not kind.startswith("column:"):
         return configured
-    return count_column_values(pools(data, seed).train, column)
+    return count_column_values(train, kind.removeprefix("column:"))
 
 
 def describe_sizes(parts: Sequence[Sequence[Example]]) -> str:

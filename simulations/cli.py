@@ -11,13 +11,16 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.backbone import BackboneError, coordinator_backbone_dir
 from common.config import DEFAULTS, ConfigError, RunConfig, parse_assignment
+from common.console import configure_console
 from common.data import DataError, encode_labels
 from common.outputs import SUMMARY_FILE, default_output_dir
 from common.secagg.encoding import HeadroomError, round_encoding
@@ -25,12 +28,68 @@ from common.splits import (
     all_client_examples,
     default_num_clients,
     describe_sizes,
+    evaluation_examples,
+    falls_back_to_iid,
+    pools,
     run_labels,
 )
 from server.checkpoint import CheckpointError, load_checkpoint
 from simulations.export import ExportError
 
 log = logging.getLogger("fedgraft")
+
+
+def _key_line(text: str, key: str) -> int | None:
+    """The 1-based line of ``text`` where ``key`` is assigned (quoted or not) or
+    opens a table; ``None`` when it cannot be found."""
+    pattern = re.compile(
+        rf"""^[ \t]*(\[[ \t]*)?(["']?){re.escape(key)}\2[ \t]*(=|\.|\])""", re.MULTILINE
+    )
+    match = pattern.search(text)
+    return None if match is None else text.count("\n", 0, match.start()) + 1
+
+
+def _read_config_file(path: Path) -> tuple[dict[str, Any], str]:
+    """The flat keys of a config file and its text.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file (and the line) when it is missing, not TOML, or nested.
+    """
+    try:
+        text = path.read_text()
+        document = tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as error:  # its message names line and column
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    flat = (
+        document.get("tool", {}).get("flwr", {}).get("app", {}).get("config", document)
+    )
+    nested = [key for key, value in flat.items() if isinstance(value, dict)]
+    if nested:
+        line = _key_line(text, nested[0])
+        raise ConfigError(
+            f"{path}{f':{line}' if line else ''}: use flat quoted keys such as "
+            f'"train.lr" = 0.001, not tables ({", ".join(nested)})'
+        )
+    return dict(flat), text
+
+
+def _file_error(
+    path: Path, text: str, values: Mapping[str, Any], error: ConfigError
+) -> str:
+    """``error`` located in the config file: at the line of the first of its
+    ``values`` that is wrong on its own, else of the first key the message names."""
+    for key, value in values.items():
+        try:
+            RunConfig.from_flat({key: value})
+        except ConfigError as alone:
+            return f"{path}:{_key_line(text, key) or '?'}: {alone}"
+    named = [key for key in values if f"'{key}'" in str(error)]
+    line = _key_line(text, named[0]) if named else None
+    return f"{path}{f':{line}' if line else ''}: {error}"
 
 
 def load_config(
@@ -46,51 +105,62 @@ def load_config(
     Raises
     ------
     ConfigError
-        Naming the file or the key that is wrong.
+        Naming the file and line, or the ``--set`` key, that is wrong.
     """
     flat: dict[str, Any] = dict(base or {})
+    from_file: dict[str, Any] = {}
+    text = ""
     if config_file:
-        path = Path(config_file)
-        try:
-            document = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML ({error})") from None
-        flat.update(
-            document.get("tool", {})
-            .get("flwr", {})
-            .get("app", {})
-            .get("config", document)
-        )
-        nested = [key for key, value in flat.items() if isinstance(value, dict)]
-        if nested:
-            raise ConfigError(
-                f'{path}: use flat quoted keys such as "train.lr" = 0.001, '
-                f"not tables ({', '.join(nested)})"
-            )
+        from_file, text = _read_config_file(Path(config_file))
+        flat.update(from_file)
     for assignment in assignments:
         key, value = parse_assignment(assignment)
         flat[key] = value
-    return RunConfig.from_flat(flat)
+        from_file.pop(key, None)  # the override, not the file, is then to blame
+    try:
+        return RunConfig.from_flat(flat)
+    except ConfigError as error:
+        if not from_file:
+            raise
+        raise ConfigError(
+            _file_error(Path(str(config_file)), text, from_file, error)
+        ) from None
 
 
 def check_data(config: RunConfig) -> int:
-    """Read and split the data before any engine starts; return the client count.
+    """Read and split the data, find the backbone and check the label map before
+    any engine starts; return the client count.
 
     Raises
     ------
     DataError
-        For a missing or malformed file, an empty client, or an unknown label.
+        For a missing or malformed file, an empty client, a training or test label
+        outside the label map, or an unreadable ``head.label-descriptions`` file.
+    BackboneError
+        When ``model.name`` names no backbone this machine holds.
     HeadroomError
         When secure aggregation's fixed point cannot fit this many clients.
     """
+    coordinator_backbone_dir(config.model.name)
+    if falls_back_to_iid(config.data, pools(config.data, config.seed).train):
+        log.warning(
+            "data.partition = %s (the default) but no row of %s has that column: "
+            "its rows are split iid over sim.num-clients = %d clients. Set "
+            "data.partition (iid, dirichlet or column:<name>) to choose",
+            config.data.partition,
+            config.data.path,
+            config.sim.num_clients,
+        )
     num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
     clients = all_client_examples(config.data, config.seed, num_clients)
     labels = run_labels(config.data, config.seed)
     if config.model.task != "causal-lm":  # a language model's rows have no labels
-        for rows in clients:
+        for rows in [*clients, evaluation_examples(config.data, config.seed)]:
             encode_labels(rows, labels)
+    if config.model.task == "text-cls" and config.head.init == "label-names":
+        from common.label_head import label_texts  # loads torch: only when needed
+
+        label_texts(labels, config.head.label_descriptions)
     if config.secagg.enabled:
         round_encoding(
             num_clients,
@@ -198,6 +268,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedgraft", description=__doc__.splitlines()[0]
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print library warnings, Flower's DEBUG lines and progress bars",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("simulate", "federated simulation of several clients on one machine"),
@@ -246,13 +322,43 @@ def _parser() -> argparse.ArgumentParser:
         ("report", "write PNG plots of a run into DIR/report/"),
     ):
         commands.add_parser(name, help=help_text).add_argument("run_dir")
-    commands.add_parser("keys", help="list every config key with its default")
+    keys = commands.add_parser(
+        "keys", help="every config key with its default, ready to paste"
+    )
+    keys.add_argument(
+        "--format",
+        choices=("toml", "set"),
+        default="toml",
+        help="toml: lines of a --config file; set: --set options",
+    )
     return parser
 
 
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML literal (bool, int, float or basic string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
+
+
+def keys_listing(style: str) -> list[str]:
+    """Every key with its default, as lines to paste: ``toml`` for a ``--config``
+    file (flat quoted keys), ``set`` for ``--set`` options."""
+    if style == "set":
+        return [
+            f"--set {key}={value if isinstance(value, str) else toml_value(value)}"
+            for key, value in DEFAULTS.items()
+        ]
+    return [
+        "# every fedgraft key with its default; paste into a --config file",
+        *(f'"{key}" = {toml_value(value)}' for key, value in DEFAULTS.items()),
+    ]
+
+
 def _keys(arguments: argparse.Namespace) -> None:
-    for key, value in DEFAULTS.items():
-        print(f"{key} = {json.dumps(value)}")
+    print("\n".join(keys_listing(arguments.format)))
 
 
 def _predict(arguments: argparse.Namespace) -> None:
@@ -354,16 +460,13 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedgraft`` console script."""
     arguments = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for name in ("fedgraft", "common", "client", "server", "simulations"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    configure_console(arguments.verbose)
     try:
         _COMMANDS[arguments.command](arguments)
     except (
         ConfigError,
         DataError,
+        BackboneError,
         HeadroomError,
         CheckpointError,
         ExportError,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError
+from common.config import DEFAULTS, ConfigError
 from simulations.cli import load_config, main
 
 
@@ -60,11 +62,35 @@ def test_simulate_refuses_a_missing_data_file_naming_it(
     assert code == 2 and "nope.jsonl: no such file" in capsys.readouterr().err
 
 
-def test_keys_lists_every_key_with_its_default(
+def test_keys_output_is_a_config_file_of_the_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    assert main(["keys"]) == 0
+    pasted = tmp_path / "keys.toml"
+    pasted.write_text(capsys.readouterr().out)
+
+    # Execute
+    config = load_config(str(pasted), [])
+
+    # Assert
+    assert config.flat == DEFAULTS
+    assert len(tomllib.loads(pasted.read_text())) == len(DEFAULTS)
+
+
+def test_keys_set_format_gives_the_defaults_as_overrides(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main(["keys"]) == 0
-    assert "train.lr = 0.002" in capsys.readouterr().out
+    # Prepare
+    assert main(["keys", "--format", "set"]) == 0
+    options = shlex.split(capsys.readouterr().out)
+
+    # Execute
+    config = load_config(None, options[1::2])
+
+    # Assert
+    assert options[::2] == ["--set"] * len(DEFAULTS)
+    assert config.flat == DEFAULTS
 
 
 def test_predict_on_a_folder_without_a_head_says_what_to_point_at(

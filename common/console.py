@@ -1,0 +1,114 @@
+"""What reaches the console: fedgraft's own lines, without the libraries' noise.
+
+By default the console shows what a user acts on: fedgraft's INFO lines (the data,
+the backbone, one line per round, the summary) and every library's warnings and
+errors, except the few listed in :data:`QUIET_LOGGERS` and :data:`QUIET_WARNINGS`,
+each of which fires on every run and asks nothing of the user. ``--verbose`` (the
+``FEDGRAFT_VERBOSE`` environment variable, which the Ray workers inherit) lets all of
+them through and adds Flower's DEBUG lines.
+
+Nothing here is a blanket filter: each entry names one logger or one warning message,
+with the reason it is quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+#: Set to "1" by ``--verbose``; read again in every process that runs the apps.
+VERBOSE_ENV = "FEDGRAFT_VERBOSE"
+
+#: logger -> why its WARNING lines are kept off the console (ERROR still shows).
+QUIET_LOGGERS: dict[str, str] = {
+    # peft imports bitsandbytes whenever it is installed; on a CPU bitsandbytes then
+    # tries to fetch an optimised kernel from the Hugging Face hub, fails (offline, or
+    # an untrusted publisher) and falls back to its own kernel, which is what runs
+    # anyway. Nothing to act on, in every process of every run.
+    "bitsandbytes.backends.cpu.ops": "hub kernel fallback on a CPU",
+}
+
+#: (category, message prefix) -> why the warning is kept off the console.
+QUIET_WARNINGS: dict[tuple[type[Warning], str], str] = {
+    # bitsandbytes' import compiles with torch.compile, which imports torch's own
+    # torch.utils.mkldnn: torch warns about its own deprecated decorator.
+    (DeprecationWarning, "`torch.jit.script_method` is deprecated"): "torch internal",
+    # Ray's notice of a future default. fedgraft relies on today's: a virtual client
+    # given no GPU (sim.gpus-per-client = 0) sees none, so opting in would change
+    # where clients train.
+    (FutureWarning, "Tip: In future versions of Ray"): "Ray's future default",
+    # peft reads transformers' old attribute name when it wraps a model.
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated"): "peft internal",
+}
+
+#: Flower's deprecation of ``run_simulation``: fedgraft calls it on purpose (it runs
+#: app objects built from the validated config; ``flwr run .`` is documented too),
+#: so the user of ``fedgraft simulate`` has nothing to change.
+_RUN_SIMULATION_DEPRECATION = "The `run_simulation` function is deprecated"
+
+
+def is_verbose() -> bool:
+    """Whether ``--verbose`` was given to this process or to the one that started
+    it."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_library_noise(verbose: bool | None = None) -> None:
+    """Keep :data:`QUIET_LOGGERS` and :data:`QUIET_WARNINGS` off the console, or
+    let them through again when verbose.
+
+    Called where a process imports fedgraft's apps, before they import peft (which
+    imports bitsandbytes), and again by :func:`configure_console`.
+
+    Parameters
+    ----------
+    verbose : bool, optional
+        Default: :func:`is_verbose`.
+    """
+    verbose = is_verbose() if verbose is None else verbose
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
+    for category, prefix in QUIET_WARNINGS:
+        action = "default" if verbose else "ignore"
+        warnings.filterwarnings(action, message=prefix, category=category)
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    """Drops Flower's deprecation record for ``run_simulation`` alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _RUN_SIMULATION_DEPRECATION not in record.getMessage()
+
+
+def configure_console(verbose: bool) -> None:
+    """Set up the console of a ``fedgraft`` command.
+
+    fedgraft's loggers print INFO (DEBUG with ``verbose``), other libraries WARNING
+    and above. Flower's logger keeps its own handler and no longer propagates, so
+    its records are printed once, without its DEBUG lines; the hub's progress bars
+    (weights loading, shards writing) are off, fedgraft shows its own progress.
+
+    Parameters
+    ----------
+    verbose : bool
+        Let everything through: Flower's DEBUG lines, the hub's progress bars and
+        the quiet loggers and warnings.
+    """
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    if not verbose:
+        # Read when huggingface_hub is imported, here and in the Ray workers.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    ours = logging.DEBUG if verbose else logging.INFO
+    for name in ("fedgraft", "common", "client", "server", "simulations"):
+        logging.getLogger(name).setLevel(ours)
+    flower = logging.getLogger("flwr")
+    flower.propagate = False  # Flower prints through its own handler
+    if verbose:
+        os.environ.setdefault("FLWR_LOG_LEVEL", "DEBUG")  # read when flwr loads
+    else:
+        flower.addFilter(_DropRunSimulationDeprecation())
+    quiet_library_noise(verbose)
