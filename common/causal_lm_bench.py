@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from common.backbone import coordinator_backbone_dir, fingerprint
+from common.backbone import coordinator_backbone_dir, fingerprint, name_adapter_base
 from common.causal_lm import (
     CausalLanguageModel,
     evaluate_lm,
@@ -137,9 +137,10 @@ class CausalLMWorkbench:
         """Write ``adapter/`` (PEFT format) and ``merged/`` (a causal LM folder that
         ``fedgraft generate`` and ``AutoModelForCausalLM`` load) for ``state``."""
         load_lm_adapter_state(self.model, state)
-        outputs.write_folder(
+        adapter = outputs.write_folder(
             ADAPTER_DIR, lambda path: save_lm_adapter(self.model, path)
         )
+        name_adapter_base(adapter, self.config.model.name)
         outputs.write_folder(
             MERGED_DIR, lambda path: save_merged_lm(self.model, self.tokenizer, path)
         )

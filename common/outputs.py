@@ -31,7 +31,6 @@ ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 # sentence-transformers files that make ``merged/`` loadable by that library too.
 _SENTENCE_TRANSFORMERS_FILES = (
-    "modules.json",
     "config_sentence_transformers.json",
     "sentence_bert_config.json",
 )
@@ -55,6 +54,25 @@ def _replace_dir(staging: Path, target: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
+
+
+def write_sentence_modules(backbone_dir: Path, staging: Path) -> None:
+    """The backbone's sentence-transformers modules up to its pooling, with their
+    folders: the features the head was trained on.
+
+    Later modules (all-MiniLM-L6-v2's ``2_Normalize``) are left out: the head reads
+    the pooled features unnormalised, so a sentence-transformers user of ``merged/``
+    gets those same features.
+    """
+    modules = json.loads((backbone_dir / "modules.json").read_text())
+    kept = []
+    for module in modules:
+        kept.append(module)
+        if module.get("path") and (backbone_dir / module["path"]).is_dir():
+            shutil.copytree(backbone_dir / module["path"], staging / module["path"])
+        if module.get("type", "").endswith("Pooling"):
+            break
+    (staging / "modules.json").write_text(json.dumps(kept, indent=2) + "\n")
 
 
 class RunOutputs:
@@ -129,10 +147,7 @@ class RunOutputs:
             if (backbone_dir / name).exists():
                 shutil.copy2(backbone_dir / name, staging / name)
         if (backbone_dir / "modules.json").exists():
-            for module in json.loads((backbone_dir / "modules.json").read_text()):
-                source = backbone_dir / module.get("path", "")
-                if module.get("path") and source.is_dir():
-                    shutil.copytree(source, staging / module["path"])
+            write_sentence_modules(backbone_dir, staging)
         write_pooling_mode(staging, model.pooling)
         target = self.directory / MERGED_DIR
         _replace_dir(staging, target)

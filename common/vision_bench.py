@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.backbone import coordinator_backbone_dir, fingerprint
+from common.backbone import coordinator_backbone_dir, fingerprint, name_adapter_base
 from common.codec import AdapterState
 from common.config import RunConfig
 from common.data import Example
@@ -141,9 +141,10 @@ class VisionWorkbench:
     def export(self, outputs: RunOutputs, state: AdapterState) -> None:
         """Write ``adapter/`` and ``merged/`` for ``state``."""
         load_image_adapter_state(self.model, state)
-        outputs.write_folder(
+        adapter = outputs.write_folder(
             ADAPTER_DIR, lambda path: save_image_adapter(self.model, path, self.labels)
         )
+        name_adapter_base(adapter, self.config.model.name)
         outputs.write_folder(
             MERGED_DIR,
             lambda path: save_merged_image_classifier(

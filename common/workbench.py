@@ -14,7 +14,12 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from common.backbone import coordinator_backbone_dir, fingerprint, pooling_mode
+from common.backbone import (
+    coordinator_backbone_dir,
+    fingerprint,
+    name_adapter_base,
+    pooling_mode,
+)
 from common.batching import Encoded, encode
 from common.config import RunConfig
 from common.data import Example, encode_labels
@@ -178,7 +183,9 @@ class Workbench:
     def export(self, outputs: RunOutputs, state: AdapterState) -> None:
         """Write ``adapter/`` and ``merged/`` for ``state``."""
         load_adapter_state(self.model, state)
-        outputs.save_adapter(self.model, self.labels)
+        name_adapter_base(
+            outputs.save_adapter(self.model, self.labels), self.config.model.name
+        )
         outputs.save_merged(self.model, self.tokenizer, self.labels, self.backbone_dir)
 
     def finish_run(

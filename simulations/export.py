@@ -19,9 +19,12 @@ mask stays in the graph (the fused attention path specialises on the example bat
 
 from __future__ import annotations
 
+import logging
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +42,8 @@ from common.tasks import (
 if TYPE_CHECKING:
     from torch import nn
 
+log = logging.getLogger(__name__)
+
 ONNX_FILE = "model.onnx"
 EXPORT_FORMATS = ("hf", "onnx")
 #: The graph is traced on one batch and checked on another of a different shape, so
@@ -55,6 +60,36 @@ _HEAD_META = "fedgraft_head.json"
 
 class ExportError(ValueError):
     """The export cannot be made or does not reproduce the model's logits."""
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    """How the ONNX graph compared with PyTorch on the check batch.
+
+    Attributes
+    ----------
+    rows : int
+        Sample rows run through both (a batch of another shape than the traced one).
+    predictions, agreeing : int
+        Predictions compared (one per row; a causal LM's: one per real token) and
+        how many name the same label or token in both.
+    difference, allowed : float
+        The largest absolute logit difference, and the most the check allows.
+    """
+
+    rows: int
+    predictions: int
+    agreeing: int
+    difference: float
+    allowed: float
+
+    def describe(self) -> str:
+        """One line for the console."""
+        return (
+            f"ONNX check (onnxruntime vs PyTorch on {self.rows} sample rows): "
+            f"{self.agreeing}/{self.predictions} predictions agree, largest logit "
+            f"difference {self.difference:.1e} (allowed {self.allowed:.1e})"
+        )
 
 
 @dataclass(frozen=True)
@@ -290,7 +325,7 @@ def check_onnx(
     expected: np.ndarray,
     tolerance: float,
     compare_where: str | None = None,
-) -> float:
+) -> OnnxCheck:
     """Run ``path`` with onnxruntime on ``inputs`` and compare with ``expected``.
 
     Parameters
@@ -309,8 +344,8 @@ def check_onnx(
 
     Returns
     -------
-    float
-        The largest absolute difference.
+    OnnxCheck
+        The rows, the agreeing predictions and the largest absolute difference.
 
     Raises
     ------
@@ -335,9 +370,10 @@ def check_onnx(
         raise ExportError(
             f"{path}: ONNX logits have shape {logits.shape}, PyTorch's {expected.shape}"
         )
+    rows = len(logits)
     if compare_where is not None:
         keep = inputs[compare_where].astype(bool)  # (batch, seq)
-        logits, expected = logits[keep], expected[keep]
+        logits, expected = logits[keep], expected[keep]  # (tokens, vocab)
     if not (np.isfinite(logits).all() and np.isfinite(expected).all()):
         raise ExportError(
             f"{path}: the ONNX or the PyTorch logits are not all finite; the "
@@ -350,12 +386,70 @@ def check_onnx(
             f"{path}: ONNX logits differ from PyTorch by {difference:.2e} "
             f"(> {allowed:.1e})"
         )
-    return difference
+    agreeing = logits.argmax(axis=-1) == expected.argmax(axis=-1)
+    return OnnxCheck(rows, agreeing.size, int(agreeing.sum()), difference, allowed)
+
+
+def require_export_extra() -> None:
+    """Refuse ``--format onnx`` up front when the ``export`` extra is missing.
+
+    Raises
+    ------
+    ExportError
+        Naming the missing packages and the install command.
+    """
+    missing = [name for name in ("onnx", "onnxruntime") if find_spec(name) is None]
+    if missing:
+        raise ExportError(
+            f"--format onnx needs {' and '.join(missing)}, which the default install "
+            "leaves out: pip install 'fedgraft[export]' (from a checkout: "
+            "pip install -e '.[export]'); --format hf needs neither"
+        )
+
+
+def _trace(plan: OnnxPlan, path: Path, what: str) -> None:
+    """Trace ``plan`` into ``path``.
+
+    The exporter warns as it goes: TracerWarnings wherever a Python value becomes a
+    constant of the graph, notes on how an operator is lowered, its own deprecation.
+    None of them says whether the graph is right; the check on a batch of another
+    shape, which follows, does. So the warnings of this one call are logged at
+    DEBUG (``--verbose``) and counted at INFO rather than printed as warnings.
+    """
+    import torch
+
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")  # only inside this call: every note is logged
+        try:
+            torch.onnx.export(
+                plan.traced,
+                tuple(torch.from_numpy(v) for v in plan.trace_inputs.values()),
+                str(path),
+                input_names=list(plan.trace_inputs),
+                output_names=["logits"],
+                dynamic_axes=plan.dynamic_axes,
+                dynamo=False,
+            )
+        except Exception as error:  # the exporter's errors have no common base
+            path.unlink(missing_ok=True)
+            raise ExportError(
+                f"torch.onnx.export cannot trace this {what} model "
+                f"({type(error).__name__}: {error}); --format hf exports it"
+            ) from error
+    for note in notes:
+        log.debug("exporter: %s: %s", note.category.__name__, note.message)
+    if notes:
+        log.info(
+            "traced; the exporter left %d notes (--verbose lists them); the check "
+            "below says whether the graph is right",
+            len(notes),
+        )
 
 
 def export_onnx(source: Path, out: Path, tolerance: float = 1e-4) -> Path:
     """Write ``model.onnx`` for the merged model in ``source`` with the files that
-    read its inputs and outputs, then check it against PyTorch with onnxruntime.
+    read its inputs and outputs, then check it against PyTorch with onnxruntime and
+    log the check's result (:class:`OnnxCheck`).
 
     Parameters
     ----------
@@ -369,12 +463,11 @@ def export_onnx(source: Path, out: Path, tolerance: float = 1e-4) -> Path:
     Raises
     ------
     ExportError
-        For a task without an ONNX export, a model the exporter cannot trace (naming
-        its family), or a graph whose logits differ from PyTorch's.
+        Without the ``export`` extra, for a task without an ONNX export, a model the
+        exporter cannot trace (naming its family), or a graph whose logits differ
+        from PyTorch's.
     """
-    # torch and onnxruntime load only for this command.
-    import torch
-
+    require_export_extra()
     task = read_task(source)
     if task not in ONNX_PLANS:
         raise ExportError(
@@ -384,26 +477,14 @@ def export_onnx(source: Path, out: Path, tolerance: float = 1e-4) -> Path:
     plan = ONNX_PLANS[task](source)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        torch.onnx.export(
-            plan.traced,
-            tuple(torch.from_numpy(v) for v in plan.trace_inputs.values()),
-            str(out / ONNX_FILE),
-            input_names=list(plan.trace_inputs),
-            output_names=["logits"],
-            dynamic_axes=plan.dynamic_axes,
-            dynamo=False,
-        )
-    except Exception as error:  # the exporter's errors have no common base
-        (out / ONNX_FILE).unlink(missing_ok=True)
-        raise ExportError(
-            f"{source}: torch.onnx.export cannot trace this {plan.model_type or task} "
-            f"model ({type(error).__name__}: {error}); --format hf exports it"
-        ) from error
+        _trace(plan, out / ONNX_FILE, plan.model_type or task)
+    except ExportError as error:
+        raise ExportError(f"{source}: {error}") from error.__cause__
     plan.write_files(out)
     if (source / TASK_FILE).exists():
         shutil.copy2(source / TASK_FILE, out / TASK_FILE)
     try:
-        check_onnx(
+        check = check_onnx(
             out / ONNX_FILE,
             plan.check_inputs,
             plan.expected,
@@ -414,6 +495,7 @@ def export_onnx(source: Path, out: Path, tolerance: float = 1e-4) -> Path:
         # A graph that failed its check must not be left to look usable.
         (out / ONNX_FILE).unlink(missing_ok=True)
         raise
+    log.info("%s", check.describe())
     return out
 
 

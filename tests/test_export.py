@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client.client_app import app as client_app
+from common.backbone import portable_name
 from common.config import RunConfig
 from common.inference import MergedClassifier, OnnxClassifier, load_classifier
+from common.outputs import write_sentence_modules
 from server.server_app import coordinate
 from simulations.cli import main
 from simulations.export import ExportError, export_run
@@ -89,3 +94,86 @@ def test_the_export_command_writes_the_folder_and_predict_reads_it(
     )
     assert main(["predict", str(out), "lock doors"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("\tlock doors")
+
+
+def test_onnx_export_without_the_extra_says_which_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a merged folder, and an environment without onnx
+    import simulations.export
+
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "fedgraft_head.json").write_text("{}")
+    monkeypatch.setattr(
+        simulations.export,
+        "find_spec",
+        lambda name: None if name == "onnx" else object(),
+    )
+
+    # Execute
+    code = main(["export", str(tmp_path), "--format", "onnx", "--out", "x"])
+
+    # Assert
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "--format onnx needs onnx" in error
+    assert "pip install 'fedgraft[export]'" in error and "trace" not in error
+
+
+def test_the_onnx_export_reports_its_check_on_sample_rows(
+    finished_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Execute
+    with caplog.at_level(logging.INFO, logger="simulations.export"):
+        export_run(finished_run, "onnx", tmp_path / "onnx")
+
+    # Assert
+    assert re.search(
+        r"ONNX check \(onnxruntime vs PyTorch on 3 sample rows\): 3/3 predictions "
+        r"agree, largest logit difference \S+ \(allowed \S+\)",
+        caplog.text,
+    )
+    assert "TracerWarning" not in caplog.text
+
+
+def test_the_adapter_names_its_base_model_portably(
+    finished_run: Path, tiny_backbone: Path
+) -> None:
+    # Execute
+    config = json.loads((finished_run / "adapter" / "adapter_config.json").read_text())
+
+    # Assert
+    assert config["base_model_name_or_path"] == str(tiny_backbone.resolve())
+
+
+@pytest.mark.parametrize(
+    ("name", "portable"),
+    [
+        ("minilm", "sentence-transformers/all-MiniLM-L6-v2"),
+        ("bert-base-uncased", "bert-base-uncased"),
+    ],
+)
+def test_portable_name_of_a_backbone(name: str, portable: str) -> None:
+    assert portable_name(name) == portable
+
+
+def test_merged_modules_stop_at_the_pooling_the_head_reads(tmp_path: Path) -> None:
+    # Prepare: a backbone whose pipeline normalises after pooling, as MiniLM's does
+    backbone, merged = tmp_path / "backbone", tmp_path / "merged"
+    (backbone / "1_Pooling").mkdir(parents=True)
+    (backbone / "1_Pooling" / "config.json").write_text("{}")
+    merged.mkdir()
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "models.Normalize"},
+    ]
+    (backbone / "modules.json").write_text(json.dumps(modules))
+
+    # Execute
+    write_sentence_modules(backbone, merged)
+
+    # Assert: every module listed is written, and none comes after the pooling
+    written = json.loads((merged / "modules.json").read_text())
+    assert written == modules[:2]
+    assert (merged / "1_Pooling" / "config.json").exists()
