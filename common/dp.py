@@ -167,13 +167,13 @@ def delta_noise_multiplier(noise_multiplier: float, count_stddev: float) -> floa
 
 
 def noisy_unclipped_fraction(
-    centred_count: float, expected_clients: int, std: float, rng: np.random.Generator
+    centred_count: float, expected_clients: float, std: float, rng: np.random.Generator
 ) -> float:
     """``(sum(b_i - 1/2) + N(0, std^2)) / m + 1/2``: the released estimate of the
     unclipped share, from the sum of centred bits (``std = 0`` adds nothing;
     distributed mode passes the already noised sum)."""
     noise = float(rng.normal(0.0, std)) if std > 0 else 0.0
-    return (centred_count + noise) / max(expected_clients, 1) + 0.5
+    return (centred_count + noise) / max(expected_clients, 1.0) + 0.5
 
 
 def next_clip_norm(

@@ -5,9 +5,10 @@ One file, ``checkpoint.safetensors`` in the output folder, rewritten after every
 leaves either the old or the new checkpoint). It holds the global adapter as tensors
 and, in its metadata, the last complete round, the flat run config, the metrics rows
 so far and a SHA-256 digest of the tensors, so that a truncated or corrupted file is
-refused rather than resumed from. Client
-sampling and the secure-aggregation graph are pure functions of the seed and the round,
-so no generator state needs saving. A stateful aggregation rule (a server optimiser)
+refused rather than resumed from. Client sampling and the secure-aggregation graph
+are pure functions of the seed (or, under client-level DP with
+``train.fraction < 1``, of the secret key in ``private/``) and the round, so no
+generator state needs saving. A stateful aggregation rule (a server optimiser)
 adds its moments as tensors named ``rule-state/...``.
 """
 

@@ -18,10 +18,14 @@ In distributed mode the secure sum already carries the noise, ``m`` shares of va
 variance is missing (``dp_noise_shortfall``) and the round is charged at the noise
 multiplier it really had, ``sigma * sqrt(k / m)``.
 
-Each round is charged as Poisson sampling at ``q = m / n`` (the rate it really
-sampled at; the coordinator samples a fixed number without replacement, for which
-Poisson sampling is the usual approximation). A round is charged as soon as its
-clients are sampled, also when it is later skipped, so the account never runs behind.
+Each round is charged as ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` at the
+probability ``q`` with which the sampler (server.sampling) took each node: with
+``train.fraction < 1`` a secret Poisson sample at ``q = train.fraction`` (whose
+members and size stay out of the metrics lines), else every node (``q = 1``). The
+mean then divides by the expected cohort ``q n``, McMahan et al.'s fixed
+denominator. A round is charged as soon as its clients are sampled, also when it is
+later skipped (a Poisson sample below ``train.min-clients``, too few replies), so
+the account never runs behind.
 The charges go into the metrics lines, which every checkpoint holds, so a resumed run
 rebuilds the same account.
 
@@ -59,6 +63,7 @@ import numpy as np
 from common import dp, keys
 from common.codec import AdapterState
 from common.config import ConfigError, DpConfig
+from server.sampling import Cohort
 from server.secagg import RingExtras
 from server.summation import RoundSum
 
@@ -126,7 +131,10 @@ class ClientLevelDP:
                 settings.clipped_count_stddev or dp.count_stddev_from_rows(rows)
             )
         self._charge: dp.RoundCharge | None = None
-        self._expected = 0
+        # The round's cohort: its size (the noise shares) and its expected size q n
+        # (the mean's denominator and the unclipped share's).
+        self._sampled = 0
+        self._expected = 0.0
         self._epsilon = self.accountant.epsilon()
 
     @property
@@ -173,8 +181,8 @@ class ClientLevelDP:
         """Epsilon at ``dp.delta`` of the rounds charged so far."""
         return self._epsilon
 
-    def begin_round(self, sampled: int, available: int) -> None:
-        """Take note of the round's sample and check the budget (and, in the first
+    def begin_round(self, cohort: Cohort) -> None:
+        """Take note of the round's cohort and check the budget (and, in the first
         round of adaptive clipping, fix ``sigma_b``).
 
         Raises
@@ -186,13 +194,13 @@ class ClientLevelDP:
             When the default ``sigma_b = m / 20`` is too small for
             ``dp.noise-multiplier``; nothing has been sent yet.
         """
-        self._expected = sampled
+        self._sampled, self._expected = len(cohort.nodes), cohort.expected
         self._charge = None
-        if sampled < 1:
+        if cohort.available < 1:
             return
         if self.adaptive and self.count_stddev is None:
-            self._fix_count_stddev(sampled)
-        charge = dp.RoundCharge(sampled / available, self.settings.noise_multiplier)
+            self._fix_count_stddev(max(1, round(cohort.expected)))
+        charge = dp.RoundCharge(cohort.sampling_rate, self.settings.noise_multiplier)
         if self.accountant.would_exceed(self.settings.target_epsilon, charge):
             raise BudgetExhausted(
                 f"one more round would take epsilon from {self._epsilon:.4g} to "
@@ -208,13 +216,13 @@ class ClientLevelDP:
         Returns ``None`` when nothing was summed.
         """
         if self._charge is None:
-            # No client was sampled (or begin_round was skipped): release nothing.
+            # No node was online (or begin_round was skipped): release nothing.
             return None
         survivors = summed.count if summed is not None else 0
         shortfall = 0.0
         charge = self._charge
         if self.settings.mode == "distributed":
-            shortfall = dp.noise_shortfall(survivors, self._expected)
+            shortfall = dp.noise_shortfall(survivors, self._sampled)
             # With no survivor nothing is released: the nominal charge stands.
             if 0 < shortfall < 1:
                 charge = dataclasses.replace(
@@ -226,7 +234,7 @@ class ClientLevelDP:
                     "noise variance is missing; the round is charged at noise "
                     "multiplier %.3g",
                     survivors,
-                    self._expected,
+                    self._sampled,
                     100 * shortfall,
                     charge.noise_multiplier,
                 )

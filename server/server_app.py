@@ -29,6 +29,7 @@ from common.tasks import open_bench
 from server.aggregation import build_rule
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.privacy import ClientLevelDP, privacy_summary
+from server.sampling import CohortSampler, SecretPoissonSampler, cohort_key
 from server.secagg import SecureSum
 from server.strategy import BackboneOffer, FederatedLoRA, StatefulRule, rule_state
 from server.summation import PlainSum
@@ -115,6 +116,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
             )
         ),
         privacy=privacy,
+        sampler=_secret_sampler(config, output_dir),
     )
     initial = bench.state() if resumed is None else resumed.state
     try:
@@ -133,6 +135,14 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
     if strategy.stop_reason is not None:
         print(strategy.stop_reason)
     return output_dir
+
+
+def _secret_sampler(config: RunConfig, output_dir: Path) -> CohortSampler | None:
+    """Client-level DP with ``train.fraction < 1`` samples in secret (the
+    amplification its account claims); every other run samples from its seed."""
+    if not (config.dp.client_level and config.train.fraction < 1):
+        return None
+    return SecretPoissonSampler(cohort_key(output_dir), config.train.fraction)
 
 
 def build_server_app(config: RunConfig) -> ServerApp:

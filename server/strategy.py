@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from common.evaluation import EvalResult
 from common.sharing import shared_subset
 from common.wire import to_array_record
 from server.privacy import BudgetExhausted, ClientLevelDP
+from server.sampling import Cohort, CohortSampler, SeededSampler
 from server.summation import RoundSum, Summer
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,9 @@ class RoundReport:
     bytes_down: int = 0
     bytes_backbone: int = 0
     privacy: dict[str, float] = field(default_factory=dict)
+    #: False when the cohort was sampled in secret (client-level DP, fraction < 1):
+    #: its members and size then stay out of the metrics line.
+    cohort_public: bool = True
 
     def metrics(self, evaluation: EvalResult | None, seconds: float) -> dict[str, Any]:
         """The metrics line for ``metrics.jsonl``; ``evaluation`` is ``None`` in a
@@ -133,14 +136,17 @@ class RoundReport:
         extras = personal_metrics | self.privacy
         if site_epsilons:
             extras["sample_epsilon_max"] = float(max(site_epsilons))
+        public = self.cohort_public
         return (
             {
                 "round": self.server_round,
                 "phase": self.phase,
-                "sampled": self.sampled,
-                "clients": self.clients,
+                "sampled": self.sampled if public else None,
+                "clients": self.clients if public else None,
                 # Node ids as text: they are uint64 and JSON readers often use doubles.
-                "participants": [str(node) for node in self.participants],
+                "participants": (
+                    [str(node) for node in self.participants] if public else None
+                ),
                 "failed": self.failed,
                 "rejected": self.rejected,
                 "train_loss": train_loss,
@@ -204,6 +210,9 @@ class FederatedLoRA:
         round, so a resumed run sends what an uninterrupted one would).
     privacy : ClientLevelDP, optional
         Client-level DP between the sum and the rule (``dp.enabled``).
+    sampler : CohortSampler, optional
+        Picks each round's cohort; by default :class:`server.sampling.SeededSampler`
+        from the run's seed and ``train.fraction``.
 
     Attributes
     ----------
@@ -222,6 +231,7 @@ class FederatedLoRA:
         on_round: Callable[[dict[str, Any], AdapterState], None],
         downlink: Callable[[int], Codec] | None = None,
         privacy: ClientLevelDP | None = None,
+        sampler: CohortSampler | None = None,
     ) -> None:
         self.config = config
         self.backbone = backbone
@@ -232,6 +242,9 @@ class FederatedLoRA:
         self.on_round = on_round
         self.downlink = downlink or (lambda server_round: Float32Codec())
         self.privacy = privacy
+        self.sampler = sampler or SeededSampler(
+            config.seed, config.train.fraction, config.train.min_clients
+        )
         self.stop_reason: str | None = None
         self._bundle: ArrayRecord | None = None
 
@@ -294,9 +307,22 @@ class FederatedLoRA:
         BudgetExhausted
             Before anything is sent, when the round would overspend ``dp.*``.
         """
-        nodes = self.configure_train(grid, server_round, report)
+        cohort = self.configure_train(grid, server_round, report)
+        nodes = cohort.nodes
         if self.privacy is not None:
-            self.privacy.begin_round(report.sampled, report.available)
+            self.privacy.begin_round(cohort)
+        if len(nodes) < self.config.train.min_clients:
+            # A Poisson sample can come out short. Under DP the round is charged
+            # all the same: whether it ran depends on the sample.
+            if self.privacy is not None:
+                self.privacy.release(None, report)
+            log.warning(
+                "round %d skipped: %d node(s) sampled, train.min-clients = %d",
+                server_round,
+                len(nodes),
+                self.config.train.min_clients,
+            )
+            return state
         extras = self.summer.prepare(grid, nodes, server_round, report)
         replies = self.train(grid, extras, server_round, state, report)
         # Replies carry exactly the tensors this round's phase and rule share.
@@ -323,12 +349,12 @@ class FederatedLoRA:
 
     def configure_train(
         self, grid: Grid, server_round: int, report: RoundReport
-    ) -> list[int]:
-        """Wait for enough nodes, then sample ``train.fraction`` of them (counted in
+    ) -> Cohort:
+        """Wait for enough nodes, then sample the round's cohort (counted in
         ``report.available`` and ``report.sampled``).
 
-        The sample is a pure function of the seed, the round and the node ids, so a
-        resumed run samples exactly as an uninterrupted one.
+        The sample is a pure function of the sampler's seed or key, the round and
+        the node ids, so a resumed run samples exactly as an uninterrupted one.
         """
         needed = self.config.train.min_clients
         deadline = time.monotonic() + self.config.train.timeout
@@ -336,15 +362,10 @@ class FederatedLoRA:
         while len(nodes) < needed and time.monotonic() < deadline:
             time.sleep(_NODE_POLL_SECONDS)
             nodes = sorted(grid.get_node_ids())
-        count = min(
-            len(nodes), max(needed, math.ceil(self.config.train.fraction * len(nodes)))
-        )
-        # Sample positions, not ids: node ids are uint64 and numpy would turn them to
-        # floats.
-        rng = np.random.default_rng([self.config.seed, server_round])
-        chosen = rng.choice(len(nodes), size=count, replace=False)
-        report.available, report.sampled = len(nodes), count
-        return [nodes[int(position)] for position in sorted(chosen)]
+        cohort = self.sampler.sample(nodes, server_round)
+        report.available, report.sampled = cohort.available, len(cohort.nodes)
+        report.cohort_public = cohort.public
+        return cohort
 
     def instructions(self, server_round: int, expected_clients: int) -> ConfigRecord:
         """The round's instructions: backbone identity, label map, run config,

@@ -21,6 +21,7 @@ from common.wire import from_array_record
 from server.checkpoint import load_checkpoint
 from server.contribution import Contribution
 from server.privacy import ClientLevelDP
+from server.sampling import Cohort
 from server.server_app import coordinate
 from server.summation import RoundSum
 from simulations.inprocess_grid import InProcessGrid
@@ -47,6 +48,12 @@ def settings(**overrides: Any) -> DpConfig:
         "target_epsilon": 0.0,
     } | overrides
     return DpConfig(**values)
+
+
+def cohort(sampled: int, available: int) -> Cohort:
+    """A public cohort of ``sampled`` of ``available`` nodes, as the seeded
+    sampler draws it (rate and expected size from the count)."""
+    return Cohort(list(range(sampled)), available, sampled / available, sampled, True)
 
 
 @dataclass
@@ -121,7 +128,7 @@ def test_central_noise_on_a_zero_update_has_std_sigma_times_clip() -> None:
     # Prepare: four clients sent all-zero deltas
     privacy = ClientLevelDP(settings(clip_norm=0.5, noise_multiplier=1.3))
     zero = {"w": np.zeros((400, 500), np.float32)}
-    privacy.begin_round(sampled=4, available=4)
+    privacy.begin_round(cohort(4, 4))
 
     # Execute
     released = privacy.release(RoundSum(total=zero, weight=4.0, count=4), Stats())
@@ -163,7 +170,7 @@ def test_a_plain_sum_is_clipped_and_unweighted_on_the_coordinator() -> None:
         contributions=[Contribution(1, big, 1000.0), Contribution(2, small, 1.0)],
     )
     privacy = ClientLevelDP(settings(noise_multiplier=1e-9))
-    privacy.begin_round(sampled=3, available=6)
+    privacy.begin_round(cohort(3, 6))
 
     # Execute
     released = privacy.release(summed, Stats())
@@ -179,7 +186,7 @@ def test_distributed_dropouts_report_the_shortfall_and_charge_the_actual_noise()
 ):
     # Prepare
     privacy = ClientLevelDP(settings(mode="distributed", noise_multiplier=2.0))
-    privacy.begin_round(sampled=4, available=8)
+    privacy.begin_round(cohort(4, 8))
     stats = Stats()
 
     # Execute: 3 of the 4 sampled clients survived
@@ -625,7 +632,7 @@ def test_the_clip_norm_moves_geometrically_while_all_updates_sit_on_one_side(
 
     # Execute: three rounds of four clients
     for _ in range(3):
-        privacy.begin_round(sampled=4, available=4)
+        privacy.begin_round(cohort(4, 4))
         stats = Stats()
         privacy.release(plain_round([norm_over_clip * privacy.clip_norm] * 4), stats)
         assert stats.privacy[dp.CLIP_NORM] == clips[-1]
@@ -648,7 +655,7 @@ def test_the_clip_norm_settles_at_the_target_quantile_of_the_norms(
 
     # Execute
     for _ in range(80):
-        privacy.begin_round(sampled=10, available=10)
+        privacy.begin_round(cohort(10, 10))
         privacy.release(plain_round(norms), Stats())
 
     # Assert: within one client of the gamma quantile
@@ -679,7 +686,7 @@ def test_the_coordinator_noises_the_delta_with_the_raised_multiplier() -> None:
         )
     )
     zero = {"w": np.zeros((400, 500), np.float32)}
-    privacy.begin_round(sampled=4, available=4)
+    privacy.begin_round(cohort(4, 4))
     stats = Stats()
 
     # Execute: a secure round (no individual updates) whose clients all fit
@@ -723,7 +730,7 @@ def test_the_default_clipped_count_noise_is_refused_when_too_few_clients_sample(
 
     # Execute / Assert
     with pytest.raises(ConfigError, match="dp.clipped-count-stddev") as refusal:
-        privacy.begin_round(sampled=4, available=10)
+        privacy.begin_round(cohort(4, 10))
     assert "dp.noise-multiplier" in str(refusal.value)
     assert "10 clients per round" in str(refusal.value)
 
@@ -733,9 +740,9 @@ def test_the_default_clipped_count_noise_is_m_over_20_of_the_first_round() -> No
     privacy = ClientLevelDP(settings(adaptive_clip=True, noise_multiplier=1.0))
 
     # Execute: 40 sampled, then fewer
-    privacy.begin_round(sampled=40, available=100)
+    privacy.begin_round(cohort(40, 100))
     privacy.release(None, Stats())
-    privacy.begin_round(sampled=30, available=100)
+    privacy.begin_round(cohort(30, 100))
 
     # Assert: fixed at 40 / 20 for the run
     assert privacy.count_stddev == 2.0
@@ -804,7 +811,7 @@ def test_the_adaptive_clip_norm_is_rebuilt_from_the_metrics_rows() -> None:
     privacy = ClientLevelDP(config, rng=np.random.default_rng(2))
     rows: list[dict[str, Any]] = [{"round": 0, **privacy.metrics()}]
     for norms in ([5.0, 5.0, 0.1], [0.1, 0.1, 0.1], [9.0, 9.0, 9.0]):
-        privacy.begin_round(sampled=3, available=3)
+        privacy.begin_round(cohort(3, 3))
         stats = Stats()
         privacy.release(plain_round(norms), stats)
         rows.append(json.loads(json.dumps(stats.privacy)))
@@ -821,7 +828,7 @@ def test_the_adaptive_clip_norm_is_rebuilt_from_the_metrics_rows() -> None:
 def test_a_capped_adaptive_clip_norm_stays_at_the_ceiling() -> None:
     privacy = ClientLevelDP(adaptive(clip_norm=1.0), clip_ceiling=1.05)
     for _ in range(3):
-        privacy.begin_round(sampled=2, available=2)
+        privacy.begin_round(cohort(2, 2))
         privacy.release(plain_round([100.0, 100.0]), Stats())
     assert privacy.clip_norm == 1.05
 
