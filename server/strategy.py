@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from common import keys
 from common.backbone import bundle_files
 from common.codec import AdapterState, Codec, Float32Codec, apply_delta
-from common.config import RunConfig
+from common.config import RuleTraits, RunConfig
 from common.evaluation import EvalResult
 from common.sharing import shared_subset
 from common.wire import to_array_record
@@ -61,8 +61,9 @@ PERSONAL_METRICS: tuple[tuple[str, str, str, Callable[[list[float]], float]], ..
 class AggregationRule(Protocol):
     """Turns a round's contributions into one delta for the global adapter."""
 
-    name: str
-    needs_individual_updates: bool
+    #: What the rule is (name, needs individual updates...), declared once in
+    #: :data:`common.config.AGGREGATION_RULES`.
+    traits: RuleTraits
 
     def aggregate(self, summed: RoundSum) -> AdapterState:
         """The delta to apply to the global adapter."""

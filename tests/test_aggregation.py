@@ -6,12 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import (
-    AGGREGATION_RULES,
-    RULES_NEEDING_INDIVIDUAL_UPDATES,
-    ConfigError,
-    RunConfig,
-)
+from common.config import AGGREGATION_RULES, ConfigError, RunConfig
 from server.aggregation import CoordinateMedian, FedAvg, TrimmedMean, build_rule
 from server.contribution import Contribution
 from server.summation import RoundSum
@@ -56,12 +51,31 @@ def test_trimmed_mean_drops_the_extremes_of_each_coordinate() -> None:
     )
 
 
+@pytest.mark.parametrize("name", list(AGGREGATION_RULES))
+def test_each_declared_rule_builds_the_class_that_points_at_its_traits(
+    name: str,
+) -> None:
+    # Prepare
+    config = RunConfig.from_flat({"aggregation": name})
+
+    # Execute
+    rule = build_rule(config)
+
+    # Assert
+    assert rule.traits is AGGREGATION_RULES[name]
+    assert rule.traits.name == name
+
+
 def test_the_rules_needing_updates_are_exactly_those_that_read_them() -> None:
-    for name in AGGREGATION_RULES:
-        rule = build_rule(RunConfig.from_flat({"aggregation": name}))
-        assert rule.needs_individual_updates == (
-            name in RULES_NEEDING_INDIVIDUAL_UPDATES
-        )
+    # Prepare / Execute
+    needing = {
+        name
+        for name, traits in AGGREGATION_RULES.items()
+        if traits.needs_individual_updates
+    }
+
+    # Assert
+    assert needing == {"flexlora", "fedavg-per-label", "median", "trimmed-mean"}
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean"])

@@ -1,4 +1,4 @@
-"""Tests for common/config.py: the one reader of the flat kebab-case keys."""
+"""Tests for common/config/: the one reader of the flat kebab-case keys."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from common.config import DEFAULTS, ConfigError, RunConfig, parse_assignment
+from common.config import (
+    AGGREGATION_RULES,
+    DEFAULTS,
+    KEYS,
+    RESUMABLE_CHANGES,
+    ConfigError,
+    RunConfig,
+    parse_assignment,
+    reference,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -323,3 +332,74 @@ def test_parsed_assignment_feeds_from_flat() -> None:
 
     # Assert
     assert config.sim.local_baseline is False
+
+
+def test_key_reference_in_docs_is_current() -> None:
+    # Prepare
+    written = (REPO_ROOT / "docs" / "CONFIG.md").read_text()
+
+    # Execute
+    generated = reference.markdown()
+
+    # Assert
+    assert written == generated, (
+        "docs/CONFIG.md is stale; regenerate it with "
+        "`python -m common.config.reference > docs/CONFIG.md`"
+    )
+
+
+def test_every_key_is_declared_once_with_a_one_line_doc() -> None:
+    # Prepare / Execute
+    names = [key.name for key in KEYS]
+
+    # Assert
+    assert len(names) == len(set(names)) == len(DEFAULTS)
+    assert all(key.doc and "\n" not in key.doc for key in KEYS)
+
+
+def test_only_keys_declared_resumable_may_change_on_resume() -> None:
+    # Prepare
+    saved = RunConfig.from_flat({}).as_dict()
+    resumed = RunConfig.from_flat({"num-server-rounds": 9, "output.dir": "x"})
+
+    # Execute / Assert
+    resumed.check_resumable_from(saved)
+    with pytest.raises(ConfigError, match=r"lora\.r \(8 -> 4\)"):
+        resumed.with_overrides(**{"lora.r": 4}).check_resumable_from(saved)
+    assert set(RESUMABLE_CHANGES) == {key.name for key in KEYS if key.resumable}
+
+
+def _refused_key(flat: dict[str, object]) -> str | None:
+    try:
+        RunConfig.from_flat(flat)
+    except ConfigError as error:
+        return str(error).split("'")[1]
+    return None
+
+
+@pytest.mark.parametrize("rule", list(AGGREGATION_RULES))
+def test_secure_aggregation_refuses_exactly_the_rules_needing_each_update(
+    rule: str,
+) -> None:
+    # Prepare
+    flat = {"aggregation": rule, "secagg.enabled": True}
+
+    # Execute
+    refused = _refused_key(flat) == "aggregation"
+
+    # Assert
+    assert refused == AGGREGATION_RULES[rule].needs_individual_updates
+
+
+@pytest.mark.parametrize("rule", list(AGGREGATION_RULES))
+def test_head_only_training_refuses_exactly_the_rules_treating_lora_factors(
+    rule: str,
+) -> None:
+    # Prepare
+    flat = {"aggregation": rule, "train.mode": "head"}
+
+    # Execute
+    refused = _refused_key(flat) == "aggregation"
+
+    # Assert
+    assert refused == AGGREGATION_RULES[rule].treats_lora_factors

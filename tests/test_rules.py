@@ -27,7 +27,7 @@ from common import keys
 from common.batching import Encoded, encode
 from common.codec import AdapterState, Float32Codec, apply_delta
 from common.config import (
-    SERVER_OPTIMISER_LR,
+    AGGREGATION_RULES,
     ConfigError,
     LoraSettings,
     RunConfig,
@@ -191,7 +191,7 @@ def test_server_lr_zero_takes_the_rules_default_rate(rule: str, default: float) 
     # Assert
     np.testing.assert_array_equal(steps[0], steps[1])
     assert not np.allclose(steps[0], steps[2])
-    assert SERVER_OPTIMISER_LR[rule] == default
+    assert AGGREGATION_RULES[rule].server_optimiser_lr == default
 
 
 def test_optimiser_state_of_another_rule_is_refused() -> None:
@@ -418,7 +418,7 @@ def test_a_rule_reading_each_update_is_refused_behind_secure_aggregation(
 )
 def test_a_rule_needing_only_the_sum_runs_behind_secure_aggregation(rule: str) -> None:
     config = RunConfig.from_flat({"aggregation": rule, "secagg.enabled": True})
-    assert not build_rule(config).needs_individual_updates
+    assert not build_rule(config).traits.needs_individual_updates
 
 
 @pytest.mark.parametrize("rule", ["ffa", "fedsa", "flexlora"])

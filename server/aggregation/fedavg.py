@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.codec import AdapterState
+from common.config import AGGREGATION_RULES
 from server.summation import RoundSum
 
 
@@ -12,8 +13,7 @@ class FedAvg:
     """Example-weighted mean of the deltas. It needs only their sum, so the sum may
     come from secure aggregation."""
 
-    name = "fedavg"
-    needs_individual_updates = False
+    traits = AGGREGATION_RULES["fedavg"]
 
     def aggregate(self, summed: RoundSum) -> AdapterState:
         """The mean delta: sum(w_i * delta_i) / sum(w_i)."""

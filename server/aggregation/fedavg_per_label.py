@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 from common.codec import AdapterState
+from common.config import AGGREGATION_RULES
 from common.model import HEAD_PREFIX
 from server.aggregation.fedavg import FedAvg
 from server.summation import RoundSum
@@ -29,8 +30,7 @@ class FedAvgPerLabel:
     each client's label histogram: for now this rule runs without secure aggregation.
     """
 
-    name = "fedavg-per-label"
-    needs_individual_updates = True
+    traits = AGGREGATION_RULES["fedavg-per-label"]
 
     def aggregate(self, summed: RoundSum) -> AdapterState:
         """The FedAvg mean, with the head rows replaced by their per-label means."""

@@ -6,6 +6,7 @@ adapter within a round. The client side is ``client.finetune``'s ``proximal_mu``
 from __future__ import annotations
 
 from common.codec import AdapterState
+from common.config import AGGREGATION_RULES
 from server.aggregation.fedavg import FedAvg
 from server.summation import RoundSum
 
@@ -13,8 +14,7 @@ from server.summation import RoundSum
 class FedProx:
     """The example-weighted mean of the deltas (the proximal term acts on clients)."""
 
-    name = "fedprox"
-    needs_individual_updates = False
+    traits = AGGREGATION_RULES["fedprox"]
 
     def aggregate(self, summed: RoundSum) -> AdapterState:
         """The FedAvg mean."""

@@ -13,6 +13,7 @@ carries ``personal_accuracy_mean`` and ``_min`` (``personal_perplexity_mean`` an
 from __future__ import annotations
 
 from common.codec import AdapterState
+from common.config import AGGREGATION_RULES
 from server.aggregation.fedavg import FedAvg
 from server.summation import RoundSum
 
@@ -20,8 +21,7 @@ from server.summation import RoundSum
 class FedSA:
     """The example-weighted mean of the shared A (and head) deltas."""
 
-    name = "fedsa"
-    needs_individual_updates = False
+    traits = AGGREGATION_RULES["fedsa"]
 
     def aggregate(self, summed: RoundSum) -> AdapterState:
         """The FedAvg mean of what was shared (no ``lora_B`` is among it)."""

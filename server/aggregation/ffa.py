@@ -10,6 +10,7 @@ which averaging both factors does not. The upload is the B half of the factors.
 from __future__ import annotations
 
 from common.codec import AdapterState
+from common.config import AGGREGATION_RULES
 from server.aggregation.fedavg import FedAvg
 from server.summation import RoundSum
 
@@ -17,8 +18,7 @@ from server.summation import RoundSum
 class FederatedFrozenA:
     """The example-weighted mean of the B (and head) deltas; A never changes."""
 
-    name = "ffa"
-    needs_individual_updates = False
+    traits = AGGREGATION_RULES["ffa"]
 
     def aggregate(self, summed: RoundSum) -> AdapterState:
         """The FedAvg mean of what was shared (no ``lora_A`` is among it)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.codec import AdapterState
+from common.config import AGGREGATION_RULES
 from common.low_rank import factor_pairs, factorise, product
 from common.sharing import is_head
 from server.summation import RoundSum
@@ -31,8 +32,7 @@ class FlexLoRA:
         LoRA's ``alpha`` (the same for every client).
     """
 
-    name = "flexlora"
-    needs_individual_updates = True
+    traits = AGGREGATION_RULES["flexlora"]
 
     def __init__(self, rank: int, alpha: float) -> None:
         self.rank = rank

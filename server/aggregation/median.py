@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.codec import AdapterState
+from common.config import AGGREGATION_RULES
 from server.summation import RoundSum
 
 
@@ -14,8 +15,7 @@ class CoordinateMedian:
     It needs every client's update, so it cannot run behind secure aggregation.
     """
 
-    name = "median"
-    needs_individual_updates = True
+    traits = AGGREGATION_RULES["median"]
 
     def aggregate(self, summed: RoundSum) -> AdapterState:
         """Median over clients, per coordinate."""

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from common.codec import AdapterState
+from common.config import AGGREGATION_RULES
 from server.aggregation.fedavg import FedAvg
 from server.summation import RoundSum
 
@@ -73,8 +74,7 @@ class FedAvgM:
     ``m = momentum * m + mean_delta``; step ``= server_lr * m``.
     """
 
-    name = "fedavgm"
-    needs_individual_updates = False
+    traits = AGGREGATION_RULES["fedavgm"]
 
     def __init__(self, server_lr: float, momentum: float) -> None:
         self.server_lr = server_lr
@@ -107,8 +107,7 @@ class FedAdam:
     step ``= server_lr * m / (sqrt(v) + tau)``, with ``v`` starting at ``tau^2``.
     """
 
-    name = "fedadam"
-    needs_individual_updates = False
+    traits = AGGREGATION_RULES["fedadam"]
 
     def __init__(
         self, server_lr: float, beta1: float, beta2: float, tau: float
@@ -149,7 +148,7 @@ class FedYogi(FedAdam):
     """Yogi on the pseudo-gradient (Reddi et al. 2021): as :class:`FedAdam`, but
     ``v = v - (1 - beta2) * d^2 * sign(v - d^2)``, which grows ``v`` more slowly."""
 
-    name = "fedyogi"
+    traits = AGGREGATION_RULES["fedyogi"]
 
     def second_moment(self, v: np.ndarray, squared: np.ndarray) -> np.ndarray:
         """Yogi's additive update of ``v``."""

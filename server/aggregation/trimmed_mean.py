@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from common.codec import AdapterState
+from common.config import AGGREGATION_RULES
 from server.summation import RoundSum
 
 
@@ -20,8 +21,7 @@ class TrimmedMean:
         Share cut from each end, in [0, 0.5).
     """
 
-    name = "trimmed-mean"
-    needs_individual_updates = True
+    traits = AGGREGATION_RULES["trimmed-mean"]
 
     def __init__(self, fraction: float) -> None:
         self.fraction = fraction

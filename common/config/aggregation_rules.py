@@ -1,0 +1,115 @@
+"""What each aggregation rule is, declared once as plain data.
+
+The rule classes in ``server/aggregation/`` point at their :class:`RuleTraits`
+(``traits = AGGREGATION_RULES["median"]``) and the configuration checks read the
+same object, so no property of a rule lives in a list beside it. ``common`` cannot
+import ``server``, hence the data lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class RuleTraits:
+    """The properties of one aggregation rule that the rest of the code reads.
+
+    Attributes
+    ----------
+    name : str
+        The value of the ``aggregation`` key.
+    summary : str
+        What it does, one line (the key reference's text).
+    needs_individual_updates : bool
+        It reads each client's update, so it cannot run behind secure aggregation
+        or client-level DP (they reveal or bound only the sum).
+    treats_lora_factors : bool
+        It changes how the LoRA factors train and travel (pointless without LoRA
+        training, ``train.mode = head``).
+    server_optimiser_lr : float or None
+        A server optimiser's default ``server.lr``; ``None`` for a plain mean.
+    sends_factors : bool
+        Sites send their LoRA factors rather than a delta: no update-norm bound
+        applies, the codec must keep the factors' 2-D shapes.
+    proximal_term : bool
+        Clients add a proximal term to their loss (no per-example gradient, so not
+        with DP-SGD).
+    sends_label_counts : bool
+        Sites send per-label counts with the head (no labels: not for a causal LM;
+        they leave a site without noise: not with DP-SGD).
+    """
+
+    name: str
+    summary: str
+    needs_individual_updates: bool = False
+    treats_lora_factors: bool = False
+    server_optimiser_lr: float | None = None
+    sends_factors: bool = False
+    proximal_term: bool = False
+    sends_label_counts: bool = False
+
+
+_DECLARED = (
+    RuleTraits("fedavg", "example-weighted mean of the deltas"),
+    RuleTraits(
+        "fedprox",
+        "fedavg; clients add `fedprox.mu/2 * ||theta - theta_global||^2`",
+        proximal_term=True,
+    ),
+    RuleTraits(
+        "fedavgm",
+        "server momentum on the mean delta (`server.lr`, `server.momentum`)",
+        server_optimiser_lr=1.0,
+    ),
+    RuleTraits(
+        "fedadam",
+        "Adam on the mean delta as a pseudo-gradient (Reddi et al. 2021)",
+        server_optimiser_lr=0.01,
+    ),
+    RuleTraits(
+        "fedyogi",
+        "Yogi on the mean delta as a pseudo-gradient (Reddi et al. 2021)",
+        server_optimiser_lr=0.01,
+    ),
+    RuleTraits(
+        "ffa",
+        "FFA-LoRA: A frozen at its seeded start, B averaged",
+        treats_lora_factors=True,
+    ),
+    RuleTraits(
+        "fedsa",
+        "FedSA-LoRA: A and head averaged, each site keeps its own B",
+        treats_lora_factors=True,
+    ),
+    RuleTraits(
+        "flexlora",
+        "sites of different ranks: mean of the products B·A, truncated SVD to rank",
+        needs_individual_updates=True,
+        treats_lora_factors=True,
+        sends_factors=True,
+    ),
+    RuleTraits(
+        "fedavg-per-label",
+        "head rows averaged over the clients holding each label",
+        needs_individual_updates=True,
+        sends_label_counts=True,
+    ),
+    RuleTraits(
+        "median",
+        "coordinate-wise median, robust to wild updates",
+        needs_individual_updates=True,
+    ),
+    RuleTraits(
+        "trimmed-mean",
+        "coordinate-wise mean without `aggregation.trim-fraction` at each end",
+        needs_individual_updates=True,
+    ),
+)
+
+#: Every rule by name, in the order the key reference lists them.
+AGGREGATION_RULES: Mapping[str, RuleTraits] = MappingProxyType(
+    {traits.name: traits for traits in _DECLARED}
+)
