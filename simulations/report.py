@@ -49,7 +49,7 @@ def _save(figure: Figure, path: Path) -> Path:
 
 def _title(directory: Path, summary: Mapping[str, Any] | None, what: str) -> str:
     kind = (summary or {}).get("kind")
-    return f"{directory.name}" + (f" ({kind})" if kind else "") + f": {what}"
+    return f"{directory.name}" + (f" ({kind})" if kind else "") + f"\n{what}"
 
 
 def plot_accuracy_loss(
@@ -111,40 +111,59 @@ def _node_order(nodes: set[str]) -> list[str]:
     )
 
 
-def plot_participation(
-    rows: Sequence[Mapping[str, Any]], path: Path, title: str
-) -> Path:
-    """A node × round grid of who took part, or replies per round without ids."""
+def participation_figure(rows: Sequence[Mapping[str, Any]], title: str) -> Figure:
+    """A site × round grid of who took part, or replies per round without ids.
+
+    Sites are drawn as short indices in the order of their node ids; Flower's node
+    ids (up to 20 digits) go into a key below the grid, up to
+    :data:`_MAX_NODE_LABELS` of them.
+    """
     nodes = _node_order(
         {str(node) for row in rows for node in row.get("participants") or ()}
     )
     rounds = [row["round"] for row in rows]
+    width = max(7.0, 1 + 0.4 * len(rows))  # wide enough for the two-line title
     if not nodes:
-        figure = Figure(figsize=(7, 4), layout="constrained")
+        figure = Figure(figsize=(width, 4), layout="constrained")
         axes = figure.subplots()
         axes.bar(rounds, [row.get("clients") or 0 for row in rows], color="tab:gray")
         axes.set_xlabel("round")
         axes.set_ylabel("clients (useful replies)")
         axes.yaxis.get_major_locator().set_params(integer=True)
         axes.set_xticks(rounds)
-        axes.set_title(f"{title}\nno participant ids recorded: clients per round")
-        return _save(figure, path)
+        axes.set_title(f"{title}: no participant ids recorded, clients per round")
+        return figure
     index = {node: position for position, node in enumerate(nodes)}
-    grid = np.zeros((len(nodes), len(rows)), dtype=np.uint8)  # (nodes, rounds)
+    grid = np.zeros((len(nodes), len(rows)), dtype=np.uint8)  # (sites, rounds)
     for column, row in enumerate(rows):
         for node in row.get("participants") or ():
             grid[index[str(node)], column] = 1
-    height = min(2 + 0.25 * len(nodes), 14)
-    figure = Figure(figsize=(max(5, 1 + 0.4 * len(rows)), height), layout="constrained")
+    labelled = len(nodes) <= _MAX_NODE_LABELS
+    height = min(2.5 + 0.25 * len(nodes) * (2 if labelled else 1), 16)
+    figure = Figure(figsize=(width, height), layout="constrained")
     axes = figure.subplots()
     axes.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="none")
     axes.set_xticks(range(len(rows)), [str(r) for r in rounds])
-    if len(nodes) <= _MAX_NODE_LABELS:
-        axes.set_yticks(range(len(nodes)), nodes)
     axes.set_xlabel("round")
-    axes.set_ylabel(f"node ({len(nodes)})")
-    axes.set_title(f"{title}\nfilled = the node took part")
-    return _save(figure, path)
+    axes.set_ylabel(f"site ({len(nodes)})")
+    axes.set_title(f"{title}: filled = the site took part")
+    if labelled:
+        axes.set_yticks(range(len(nodes)), [str(i) for i in range(len(nodes))])
+        key = [f"{i}: node {node}" for i, node in enumerate(nodes)]
+        columns = max(1, int(width // 2.6))
+        lines = [
+            "    ".join(key[start : start + columns])
+            for start in range(0, len(key), columns)
+        ]
+        axes.set_xlabel("round\n\n" + "\n".join(lines), fontsize="small")
+    return figure
+
+
+def plot_participation(
+    rows: Sequence[Mapping[str, Any]], path: Path, title: str
+) -> Path:
+    """Write :func:`participation_figure` to ``path``."""
+    return _save(participation_figure(rows, title), path)
 
 
 def write_report(directory: Path) -> list[Path]:

@@ -9,12 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from rich.console import Console
 
 from common.config import DEFAULTS
 from common.outputs import METRICS_FILE, SUMMARY_FILE
 from simulations.inspection import changed_settings, inspect_run
-from simulations.report import REPORT_DIR, plot_participation, write_report
+from simulations.report import (
+    REPORT_DIR,
+    participation_figure,
+    plot_participation,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINGERPRINT = "ab12cd34ef56" + "0" * 52
@@ -250,3 +256,21 @@ def test_write_report_rejects_empty_metrics(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="no rounds"):
         write_report(directory)
+
+
+def test_participation_plot_shows_short_site_indices_with_a_key_to_node_ids() -> None:
+    # Prepare: Flower's node ids are up to 20 digits long
+    ids = ["5601218217620854168", "12093820938209382093", "4432"]
+    rows = [{"round": r, "participants": ids[: r + 1]} for r in range(3)]
+
+    # Execute
+    figure = participation_figure(rows, "federated-20261204-160250 (federated)\nrun")
+    FigureCanvasAgg(figure).draw()
+
+    # Assert: indices on the axis, ids in the key, and the title inside the figure
+    (axes,) = figure.axes
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["0", "1", "2"]
+    assert "0: node 4432" in axes.get_xlabel() and ids[1] in axes.get_xlabel()
+    renderer = figure.canvas.get_renderer()
+    title = axes.title.get_window_extent(renderer)
+    assert 0 <= title.x0 and title.x1 <= figure.bbox.x1 and title.y1 <= figure.bbox.y1
