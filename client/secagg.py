@@ -15,7 +15,7 @@ from common.secagg import crypto
 from common.secagg.encoding import RING_BITS, FixedPoint
 from common.secagg.protocol import ClientRound, ProtocolViolation
 from common.secagg.rotation import rotate
-from common.wire import to_array_record
+from common.wire import to_array_record, wire_bytes
 
 
 def _ids(values: object) -> list[int]:
@@ -118,9 +118,26 @@ def share_keys(message: Message, context: Context) -> Message:
             {
                 keys.SECAGG_PEERS: [str(p) for p in sealed],
                 keys.SECAGG_SEALED: list(sealed.values()),
+                keys.SECAGG_SEED_COMMITMENTS: [state.commitments[p][0] for p in sealed],
+                keys.SECAGG_KEY_COMMITMENTS: [state.commitments[p][1] for p in sealed],
             }
         ),
     )
+
+
+def _sender_commitments(
+    request: ConfigRecord, senders: list[int]
+) -> dict[int, tuple[bytes, bytes]] | None:
+    """Each sender's commitments to the (seed, key) shares it sent this site, when
+    the coordinator relayed them."""
+    if keys.SECAGG_SEED_COMMITMENTS not in request:
+        return None
+    pairs = zip(
+        (wire_bytes(c, "commitment") for c in request[keys.SECAGG_SEED_COMMITMENTS]),  # type: ignore[union-attr]
+        (wire_bytes(c, "commitment") for c in request[keys.SECAGG_KEY_COMMITMENTS]),  # type: ignore[union-attr]
+        strict=True,
+    )
+    return dict(zip(senders, pairs, strict=True))
 
 
 def masked_update(
@@ -140,13 +157,17 @@ def masked_update(
     the weight, neither clipped nor weighted.
 
     Returns the masked ``(P + 1 + T,) uint32`` upload and the senders whose shares
-    failed authentication (the coordinator drops them from the round).
+    failed authentication or their commitments (the coordinator drops them from the
+    round; this site adds no pairwise mask with them).
     """
     state = _load(context, server_round)
     senders = _ids(request[keys.SECAGG_SENDERS])
     failed = state.receive_shares(
-        dict(zip(senders, (bytes(b) for b in request[keys.SECAGG_SEALED]), strict=True))
-    )  # type: ignore[union-attr]
+        dict(
+            zip(senders, (bytes(b) for b in request[keys.SECAGG_SEALED]), strict=True)
+        ),  # type: ignore[union-attr]
+        _sender_commitments(request, senders),
+    )
     encoding = FixedPoint(
         scale=float(request[keys.SECAGG_SCALE]),  # type: ignore[arg-type]
         clip_norm=float(request[keys.SECAGG_CLIP]),  # type: ignore[arg-type]
@@ -165,12 +186,16 @@ def masked_update(
         flat_delta = rotate(flat_delta, seed)
     encoded = encoding.encode(flat_delta, num_examples)  # (P + 1,) in the ring
     if noise is not None:
-        # Two's complement in Z_(2^32): negative steps wrap, as in the encoding.
-        steps = np.rint(noise * encoding.scale).astype(np.int64).astype(np.uint32)
+        # Two's complement in the ring: negative steps wrap, as in the encoding.
+        steps = np.rint(noise * encoding.scale).astype(np.int64).astype(encoding.ring)
         encoded[:-1] += steps
     if tail is not None:
         encoded = np.concatenate([encoded, encoding.to_ring(tail)])
-    masked = state.mask(encoded, _ids(request[keys.SECAGG_PEERS]))
+    # No pairwise mask with a sender whose shares failed: the coordinator drops it,
+    # and could not rebuild its half of that mask from shares nobody holds.
+    masked = state.mask(
+        encoded, [p for p in _ids(request[keys.SECAGG_PEERS]) if p not in failed]
+    )
     _save(context, state, server_round)
     return (
         to_array_record({"update": masked}),

@@ -61,6 +61,10 @@ SECAGG_PEER_CIPHER_PKS = "peer-cipher-pks"
 SECAGG_PEER_MASK_PKS = "peer-mask-pks"
 SECAGG_SENDERS = "senders"
 SECAGG_SEALED = "sealed"
+# Commitments to each share (common.secagg.crypto.share_commitment), aligned with
+# SECAGG_PEERS in the share stage's reply and with SECAGG_SENDERS in the inbox.
+SECAGG_SEED_COMMITMENTS = "seed-commitments"
+SECAGG_KEY_COMMITMENTS = "key-commitments"
 SECAGG_SCALE = "scale"
 SECAGG_CLIP = "clip-norm"
 SECAGG_MAX_WEIGHT = "max-weight"

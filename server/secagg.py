@@ -32,6 +32,8 @@ from common.secagg.encoding import (
     unflatten,
 )
 from common.secagg.protocol import (
+    KEY_SHARE,
+    SEED_SHARE,
     CoordinatorRound,
     ProtocolViolation,
     default_neighbours,
@@ -52,6 +54,8 @@ NOISE_HEADROOM_STDS = 8.0
 ADVERTISE = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_ADVERTISE}"
 SHARE = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_SHARE}"
 UNMASK = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_UNMASK}"
+#: The two kinds of share a holder returns, in the order of ``_returned_shares``.
+SHARE_KINDS = (SEED_SHARE, KEY_SHARE)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,10 @@ class SecureSum:
         self._round: CoordinatorRound | None = None
         self._shared: list[int] = []
         self._senders: dict[int, list[int]] = {}
+        # owner -> holder -> commitments to the (seed, key) shares owner sent holder
+        self._commitments: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+        # (accuser, accused): pairwise masks the accuser left out of its upload
+        self._omitted: set[tuple[int, int]] = set()
         self._extras = RingExtras()
         self._encoding: FixedPoint | None = None
 
@@ -182,6 +190,7 @@ class SecureSum:
             )
 
         sealed: dict[int, dict[int, bytes]] = {}
+        self._commitments = {}
         for reply in self._stage(grid, live, SHARE, share_request, stats):
             node = reply.metadata.src_node_id
             try:
@@ -189,21 +198,36 @@ class SecureSum:
                 receivers = [
                     int(r) for r in wire_list(record[keys.SECAGG_PEERS], "receivers")
                 ]
-                blobs = [
-                    wire_bytes(b, "sealed share")
-                    for b in wire_list(record[keys.SECAGG_SEALED], "sealed shares")
-                ]
-                if sorted(receivers) != protocol.live_neighbours(node, live) or len(
-                    blobs
-                ) != len(receivers):
+                blobs, seed_commitments, key_commitments = (
+                    [wire_bytes(b, name) for b in wire_list(record[name], name)]
+                    for name in (
+                        keys.SECAGG_SEALED,
+                        keys.SECAGG_SEED_COMMITMENTS,
+                        keys.SECAGG_KEY_COMMITMENTS,
+                    )
+                )
+                if sorted(receivers) != protocol.live_neighbours(node, live) or not (
+                    len(blobs)
+                    == len(seed_commitments)
+                    == len(key_commitments)
+                    == len(receivers)
+                ):
                     raise ValueError(
-                        "shares are not addressed to exactly its live neighbours"
+                        "shares and commitments are not addressed to exactly its "
+                        "live neighbours"
                     )
             except Exception as error:  # noqa: BLE001 - one bad reply, one node out
                 log_rejection(node, RejectedUpdate(f"bad key shares: {error}"))
                 stats.rejected += 1
                 continue
             sealed[node] = dict(zip(receivers, blobs, strict=True))
+            self._commitments[node] = dict(
+                zip(
+                    receivers,
+                    zip(seed_commitments, key_commitments, strict=True),
+                    strict=True,
+                )
+            )
         self._shared = sorted(sealed)
         participants = protocol.prune(self._shared)
         if len(participants) < 2:
@@ -253,10 +277,16 @@ class SecureSum:
                     ],
                     keys.SECAGG_SENDERS: [str(s) for s in senders],
                     keys.SECAGG_SEALED: [sealed[s][node] for s in senders],
+                    keys.SECAGG_SEED_COMMITMENTS: [
+                        self._commitments[s][node][0] for s in senders
+                    ],
+                    keys.SECAGG_KEY_COMMITMENTS: [
+                        self._commitments[s][node][1] for s in senders
+                    ],
                     keys.SECAGG_SCALE: self._encoding.scale,  # type: ignore[union-attr]
                     keys.SECAGG_CLIP: self.settings.clip_norm,
                     keys.SECAGG_MAX_WEIGHT: self.settings.max_weight,
-                    keys.SECAGG_RING_BITS: self.ring_bits,
+                    keys.SECAGG_RING_BITS: self._encoding.ring_bits,  # type: ignore[union-attr]
                     keys.SECAGG_COORDINATE_BOUND: self._encoding.coordinate_bound,  # type: ignore[union-attr]
                     keys.SECAGG_ROTATION_SEED: self._rotation_seed,
                 }
@@ -288,7 +318,9 @@ class SecureSum:
         survivors = sorted(masked)
         seed_shares, key_shares = self._unmask_shares(grid, survivors, stats)
         try:
-            ring_sum = protocol.unmask(masked, self._shared, seed_shares, key_shares)
+            ring_sum = protocol.unmask(
+                masked, self._shared, seed_shares, key_shares, self._omitted
+            )
         except ProtocolViolation as error:
             log.warning(
                 "secure aggregation could not unmask this round (%s); "
@@ -362,15 +394,17 @@ class SecureSum:
         """The uploaders to leave out for their accusations (logged).
 
         A client may only accuse the neighbours whose shares it was handed; one that
-        names anybody else is lying and goes alone. A valid accusation removes the
-        accuser together with the accused: the coordinator cannot tell which of the
-        two lies, and no client can exclude another while itself staying in.
+        names anybody else is lying and goes alone. A node accused by at least
+        ``threshold`` neighbours goes alone: SecAgg+ already assumes fewer than that
+        many corrupt neighbours (they could unmask it otherwise). Below that the
+        coordinator cannot tell who lies, so the accusers go with the accused: no
+        client can exclude another while itself staying in.
         """
         removed: set[int] = set()
+        backers: dict[int, set[int]] = {}
+        self._omitted = set()
         for accuser in sorted(a for a in accusations if a in uploaded):
             accused = accusations[accuser]
-            if not accused:
-                continue
             if not accused <= set(self._senders.get(accuser, ())):
                 log_rejection(
                     accuser,
@@ -381,23 +415,36 @@ class SecureSum:
                 )
                 removed.add(accuser)
                 continue
-            for node in sorted(accused | {accuser}):
+            for node in accused:
+                backers.setdefault(node, set()).add(accuser)
+                self._omitted.add((accuser, node))  # it masked without node
+        threshold = self._round.threshold if self._round is not None else 1
+        for node, accusers in sorted(backers.items()):
+            accusers -= removed
+            leaving = {node} if len(accusers) >= threshold else accusers | {node}
+            for each in sorted(leaving):
                 log_rejection(
-                    node,
+                    each,
                     RejectedUpdate(
-                        f"node {accuser} reports that key shares from node(s) "
-                        f"{sorted(accused)} failed authentication; accuser and "
-                        "accused are both left out"
+                        f"node(s) {sorted(accusers)} report that key shares from "
+                        f"node {node} failed authentication or their commitment; "
+                        + (
+                            "enough to believe them"
+                            if leaving == {node}
+                            else "accusers and accused are all left out"
+                        )
                     ),
                 )
-            removed |= accused | {accuser}
+            removed |= leaving
         return sorted(removed & uploaded)
 
     def _unmask_shares(
         self, grid: Grid, survivors: list[int], stats: RoundStats
     ) -> tuple[dict[int, dict[int, int]], dict[int, dict[int, int]]]:
         """Run the unmask stage: owner -> {holder: share} of the survivors'
-        self-mask seeds and of the dropped clients' mask keys."""
+        self-mask seeds and of the dropped clients' mask keys, each checked against
+        the commitment its owner made in the key stage (a share that fails is
+        dropped, naming the holder that returned it)."""
         dropped = sorted(set(self._shared) - set(survivors))
         request = ConfigRecord(
             {
@@ -405,46 +452,38 @@ class SecureSum:
                 keys.SECAGG_DROPPED: [str(n) for n in dropped],
             }
         )
-        seed_shares: dict[int, dict[int, int]] = {}
-        key_shares: dict[int, dict[int, int]] = {}
+        shares: tuple[dict[int, dict[int, int]], ...] = ({}, {})  # seeds, keys
         for reply in self._stage(
             grid, survivors, UNMASK, lambda node: request, stats, count_failures=False
         ):
             holder = reply.metadata.src_node_id
             try:
-                record = reply.content.config_records[keys.SECAGG_RECORD]
-                parsed = [
-                    (
-                        target,
-                        int(owner),
-                        crypto.share_from_bytes(wire_bytes(share, what)),
-                    )
-                    for owners, values, target, what in (
-                        (
-                            keys.SECAGG_SEED_OWNERS,
-                            keys.SECAGG_SEED_SHARES,
-                            seed_shares,
-                            "seed share",
-                        ),
-                        (
-                            keys.SECAGG_KEY_OWNERS,
-                            keys.SECAGG_KEY_SHARES,
-                            key_shares,
-                            "key share",
-                        ),
-                    )
-                    for owner, share in zip(
-                        wire_list(record[owners], owners),
-                        wire_list(record[values], values),
-                        strict=True,
-                    )
-                ]
+                returned = _returned_shares(reply)
             except Exception as error:  # noqa: BLE001 - its shares are ignored
                 log.warning("node %d sent unusable unmask shares: %s", holder, error)
                 continue
-            for target, owner, share in parsed:
-                target.setdefault(owner, {})[holder] = share
-        return seed_shares, key_shares
+            for kind, owner, share in returned:
+                if self._committed(kind, owner, holder, share):
+                    shares[kind].setdefault(owner, {})[holder] = share
+                else:
+                    log.warning(
+                        "node %d returned a share of node %s's %s that does not "
+                        "match the commitment made for it; the share is ignored",
+                        holder,
+                        owner,
+                        SHARE_KINDS[kind].decode(),
+                    )
+        return shares
+
+    def _committed(self, kind: int, owner: int, holder: int, share: int) -> bool:
+        """Whether ``share`` is what ``owner`` committed to sending ``holder``."""
+        assert self._round is not None
+        commitments = self._commitments.get(owner, {}).get(holder)
+        return commitments is not None and commitments[kind] == (
+            crypto.share_commitment(
+                SHARE_KINDS[kind], self._round.salt, owner, holder, share
+            )
+        )
 
     def _out_of_bounds(
         self,
@@ -525,7 +564,8 @@ class SecureSum:
 
     @staticmethod
     def _masked_vector(reply: Message, length: int, ring: np.dtype) -> np.ndarray:
-        """The upload as a read-only view in the ``ring`` dtype (uint32 or uint16),
+        """The upload as a read-only view in the ``ring`` dtype (uint32, uint64 or
+        uint16),
         checked before it is decoded."""
         records = reply.content.array_records
         if keys.MASKED_RECORD not in records or len(records[keys.MASKED_RECORD]) != 1:
@@ -556,3 +596,23 @@ class SecureSum:
         return np.frombuffer(
             array.data, dtype=little, count=length, offset=stream.tell()
         )
+
+
+def _returned_shares(reply: Message) -> list[tuple[int, int, int]]:
+    """``(kind, owner, share)`` for every share of an unmask reply (kind 0: a
+    self-mask seed's, 1: a mask key's), parsed without trusting the types."""
+    record = reply.content.config_records[keys.SECAGG_RECORD]
+    return [
+        (kind, int(owner), crypto.share_from_bytes(wire_bytes(share, values)))
+        for kind, (owners, values) in enumerate(
+            (
+                (keys.SECAGG_SEED_OWNERS, keys.SECAGG_SEED_SHARES),
+                (keys.SECAGG_KEY_OWNERS, keys.SECAGG_KEY_SHARES),
+            )
+        )
+        for owner, share in zip(
+            wire_list(record[owners], owners),
+            wire_list(record[values], values),
+            strict=True,
+        )
+    ]

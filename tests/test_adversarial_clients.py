@@ -16,6 +16,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from common import keys
+from common.secagg import crypto
 from common.secagg.encoding import FixedPoint
 from common.wire import from_array_record, to_array_record
 from simulations.inprocess_grid import InProcessGrid
@@ -68,7 +69,7 @@ def assert_attacker_left_out(run, rejected: int = 1) -> None:  # type: ignore[no
     assert run.rows[2]["clients"] == len(NODES)
 
 
-# -- D: the plain path's num-examples ---------------------------------------------------
+# -- D: the plain path's num-examples --------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -132,7 +133,7 @@ def test_a_non_finite_aggregate_skips_the_round_and_keeps_the_last_good_global(
     assert "aggregate holds NaN or Inf" in caplog.text
 
 
-# -- E: the secure path's weight slot and delta coordinates ------------------------------
+# -- E: the secure path's weight slot and delta coordinates ----------------------------
 
 
 def add_to_upload(position: int, steps: int) -> Callable[[Message], None]:
@@ -180,7 +181,7 @@ def test_a_forged_masked_vector_skips_the_round_and_the_run_goes_on(
     assert "no honest upload can cause" in caplog.text
 
 
-def test_an_honest_secure_round_passes_the_bounds_with_oversized_deltas_and_counts() -> (
+def test_oversized_honest_deltas_and_counts_are_clipped_and_capped_not_wrapped() -> (
     None
 ):
     # Prepare: every site's delta has norm ~1e6 and it claims 1e9 examples: each is
@@ -194,7 +195,7 @@ def test_an_honest_secure_round_passes_the_bounds_with_oversized_deltas_and_coun
         grid=synthetic_grid(app=app),
     )
 
-    # Assert: no wrap-around: the mean is the clipped delta, sqrt(14) values of 10/sqrt(14)
+    # Assert: no wrap-around: the mean is the clipped delta, 14 values of 10/sqrt(14)
     size = sum(v.size for v in REFERENCE.values())
     clipped = 10.0 / np.sqrt(size)
     for name, value in run.states[1].items():
@@ -236,7 +237,9 @@ def test_an_accusation_removes_the_accuser_with_the_accused_and_says_so(
         run.states[1], mean_delta(tuple(sorted(set(HONEST) - {victim})))
     )
     for node in (victim, ATTACKER):
-        assert f"node {node}: update rejected: node {ATTACKER} reports" in caplog.text
+        assert f"node {node}: update rejected: node(s) [{ATTACKER}] report" in (
+            caplog.text
+        )
 
 
 @pytest.mark.parametrize(
@@ -266,7 +269,56 @@ def test_an_accusation_beyond_the_accusers_senders_removes_only_the_accuser(
     assert_attacker_left_out(run)
 
 
-# -- G: malformed records ---------------------------------------------------------------
+def flip_commitments(reply: Message) -> None:
+    record = config_of(reply)
+    record[keys.SECAGG_SEED_COMMITMENTS] = [
+        bytes([c[0] ^ 1]) + c[1:]
+        for c in record[keys.SECAGG_SEED_COMMITMENTS]  # type: ignore[union-attr]
+    ]
+
+
+def test_shares_that_break_their_commitments_remove_only_their_sender(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: the attacker's shares no longer match the commitments it publishes
+    tamper = once(ATTACKER, keys.ACTION_SECAGG_SHARE, flip_commitments)
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        run = run_synthetic(synthetic_config(**SECURE), tamper)
+
+    # Assert: all five holders report it, at least the threshold: they are believed
+    assert_attacker_left_out(run)
+    assert f"report that key shares from node {ATTACKER}" in caplog.text
+    assert "enough to believe them" in caplog.text
+
+
+def test_a_bogus_unmask_share_is_ignored_naming_its_holder_and_the_round_unmasks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: the attacker returns a wrong (but well-formed) share of a seed;
+    # unverified, Lagrange interpolation would rebuild a wrong seed and every
+    # round would skip with nobody to blame
+    def bogus(reply: Message) -> None:
+        record = config_of(reply)
+        shares = list(record[keys.SECAGG_SEED_SHARES])  # type: ignore[arg-type]
+        shares[0] = crypto.share_to_bytes(crypto.share_from_bytes(shares[0]) ^ 1)
+        record[keys.SECAGG_SEED_SHARES] = shares
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        run = run_synthetic(
+            synthetic_config(**SECURE),
+            once(ATTACKER, keys.ACTION_SECAGG_UNMASK, bogus),
+        )
+
+    # Assert
+    assert run.rows[1]["clients"] == len(NODES)
+    assert_states_equal(run.states[1], mean_delta(NODES))
+    assert f"node {ATTACKER} returned a share of node" in caplog.text
+
+
+# -- G: malformed records --------------------------------------------------------------
 
 
 def replace_adapter_stype(reply: Message) -> None:

@@ -187,6 +187,27 @@ def recover_secret(shares: Mapping[int, int], threshold: int) -> bytes:
     return secret.to_bytes(SECRET_BYTES, "big")
 
 
+def share_commitment(
+    purpose: bytes, salt: bytes, owner: int, holder: int, share: int
+) -> bytes:
+    """SHA-256 binding one share to its round, use, owner and holder (each field
+    length-framed). The owner publishes it with the encrypted share, so the holder
+    can check what it decrypts and the coordinator what the holder returns; a share
+    is a uniform field element or a 32-byte random secret, so the digest reveals
+    nothing usable about it."""
+    digest = hashes.Hash(hashes.SHA256())
+    for part in (
+        b"fedgraft/share-commitment",
+        purpose,
+        salt,
+        owner.to_bytes(8, "big"),
+        holder.to_bytes(8, "big"),
+        share_to_bytes(share),
+    ):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.finalize()
+
+
 def share_to_bytes(value: int) -> bytes:
     """Fixed-width encoding of a share (66 bytes covers GF(2^521 - 1))."""
     return value.to_bytes(66, "big")

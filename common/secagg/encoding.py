@@ -1,5 +1,5 @@
-"""Fixed-point encoding of clipped, weighted deltas in Z_(2^32) or Z_(2^16), with
-headroom.
+"""Fixed-point encoding of clipped, weighted deltas in Z_(2^32), Z_(2^64) or Z_(2^16),
+with headroom.
 
 Each client sends ``q(w * clip(delta))`` followed by ``q(w)``, where ``w`` is its
 example count divided by ``max-weight`` (so ``0 < w <= 1``) and ``q(x) =
@@ -9,7 +9,9 @@ single count is ever sent in the clear.
 
 The scale is the largest that keeps every coordinate of the sum of ``n`` clients inside
 the signed range: ``n * bound * scale < 2^(bits - 1)``, where ``bound`` is the clip
-norm in the 32-bit ring. The 16-bit ring (the quantising codecs: half the upload) has
+norm in the 32-bit ring. A cohort too large for steps of 1e-6 in 32 bits (about 214
+clients at clip 10) sums in the 64-bit ring instead: twice the upload, steps of
+``n * clip / 2^62``. The 16-bit ring (the quantising codecs: half the upload) has
 too little headroom for that, so there the delta is first rotated
 (``common.secagg.rotation``), each coordinate is clipped to a bound of order
 ``clip / sqrt(block)`` that the rotation makes it all but never reach, and the rounding
@@ -29,9 +31,12 @@ from common.secagg.rotation import coordinate_bound
 
 RING_BITS = 32
 NARROW_RING_BITS = 16
+#: The ring of a cohort too large for 1e-6 steps in 32 bits (twice the upload).
+WIDE_RING_BITS = 64
+MIN_STEP = 1e-6  # the coarsest step the 32- and 64-bit rings accept
 NARROW_MIN_STEP = 1e-2  # the coarsest step the 16-bit ring accepts (~300 clients)
-_RING_DTYPES = {32: np.uint32, 16: np.uint16}
-_SIGNED_DTYPES = {32: np.int32, 16: np.int16}
+_RING_DTYPES = {64: np.uint64, 32: np.uint32, 16: np.uint16}
+_SIGNED_DTYPES = {64: np.int64, 32: np.int32, 16: np.int16}
 
 
 class HeadroomError(ValueError):
@@ -74,7 +79,7 @@ class FixedPoint:
         num_clients: int,
         clip_norm: float,
         max_weight: float,
-        min_step: float = 1e-6,
+        min_step: float = MIN_STEP,
         ring_bits: int = RING_BITS,
         coordinate_bound: float = 0.0,
     ) -> FixedPoint:
@@ -98,7 +103,10 @@ class FixedPoint:
         bound = num_clients * max(per_coordinate, 1.0)
         # Stochastic rounding may add one step per client: keep n steps spare.
         spare = num_clients if ring_bits < RING_BITS else 0
-        scale = math.floor((2 ** (ring_bits - 1) - 1 - spare) / bound)
+        # float64 holds integers exactly only to 2^53: in 64 bits a spare bit
+        # absorbs the rounding of the scaled values.
+        top = 2 ** (ring_bits - 1) - 1 if ring_bits <= 32 else 2 ** (ring_bits - 2)
+        scale = math.floor((top - spare) / bound)
         if scale < 1 / min_step:
             raise HeadroomError(
                 f"{num_clients} clients with secagg.clip-norm = {clip_norm} "
@@ -182,23 +190,32 @@ def round_encoding(
     num_clients: int, bound: float, max_weight: float, ring_bits: int = RING_BITS
 ) -> FixedPoint:
     """The encoding of a round of ``num_clients`` whose coordinates stay within
-    ``bound`` each (the clip norm, plus any noise headroom): the 32-bit ring as is, the
-    16-bit ring for a rotated delta with its per-coordinate bound and coarser floor.
+    ``bound`` each (the clip norm, plus any noise headroom): the 16-bit ring for a
+    rotated delta with its per-coordinate bound and coarser floor; otherwise the
+    32-bit ring, or the 64-bit ring when the cohort is too large for steps of
+    ``MIN_STEP`` in 32 bits.
 
     Raises
     ------
     HeadroomError
         When the ring cannot hold that many clients at a useful step.
     """
-    narrow = ring_bits < RING_BITS
-    return FixedPoint.for_clients(
-        num_clients,
-        bound,
-        max_weight,
-        min_step=NARROW_MIN_STEP if narrow else 1e-6,
-        ring_bits=ring_bits,
-        coordinate_bound=coordinate_bound(bound) if narrow else 0.0,
-    )
+    if ring_bits < RING_BITS:
+        return FixedPoint.for_clients(
+            num_clients,
+            bound,
+            max_weight,
+            min_step=NARROW_MIN_STEP,
+            ring_bits=ring_bits,
+            coordinate_bound=coordinate_bound(bound),
+        )
+    try:
+        return FixedPoint.for_clients(num_clients, bound, max_weight)
+    except HeadroomError:
+        # Too many clients (about 2^31 * 1e-6 / clip) for 1e-6 steps in 32 bits.
+        return FixedPoint.for_clients(
+            num_clients, bound, max_weight, ring_bits=WIDE_RING_BITS
+        )
 
 
 def flatten(state: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""Masks in the ring of integers modulo 2^32 (or 2^16), expanded from 32-byte seeds by
-a ChaCha20 keystream (``cryptography``); unsigned arithmetic wraps, which is the
-ring."""
+"""Masks in the ring of integers modulo 2^32 (or 2^64, 2^16), expanded from 32-byte
+seeds by a ChaCha20 keystream (``cryptography``); unsigned arithmetic wraps, which is
+the ring."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ _NONCE = bytes(
 
 def prg(seed: bytes, length: int, dtype: np.typing.DTypeLike = np.uint32) -> np.ndarray:
     """``length`` pseudo-random unsigned integers of ``dtype`` (uniform in its ring:
-    uint32 for Z_(2^32), uint16 for Z_(2^16)) from a 32-byte seed."""
+    uint32 for Z_(2^32), uint64 for Z_(2^64), uint16 for Z_(2^16)) from a 32-byte
+    seed."""
     width = np.dtype(dtype).itemsize
     zeros = bytes(width * length)
     stream = bytearray(width * length)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +29,10 @@ from common.secagg import crypto
 from common.secagg.masking import add_mask, pair_sign, prg
 
 _MASK_PURPOSE = b"pairwise-mask"
-RING_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint16))
+#: What a share is of: the self-mask seed ``b`` or the mask key ``s_sk``.
+SEED_SHARE = b"self-mask-seed"
+KEY_SHARE = b"mask-key"
+RING_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint64), np.dtype(np.uint16))
 _SHARE_PURPOSE = b"share-encryption"
 
 
@@ -115,6 +118,9 @@ class ClientRound:
     held_shares: dict[int, tuple[int, int]] = field(
         default_factory=dict
     )  # sender -> (b share, s_sk share)
+    commitments: dict[int, tuple[bytes, bytes]] = field(
+        default_factory=dict
+    )  # holder -> commitments to the (b, s_sk) shares sent to it
 
     def advertise(self) -> tuple[bytes, bytes]:
         """Fresh key pairs for this round; returns the public keys (c, s)."""
@@ -166,6 +172,17 @@ class ClientRound:
         key_shares = crypto.share_secret(self.mask_key, self.threshold, holders)
         cipher = crypto.private_from_bytes(self.cipher_key)
         sealed = {}
+        self.commitments = {
+            peer: (
+                crypto.share_commitment(
+                    SEED_SHARE, self.salt, self.node, peer, seed_shares[peer]
+                ),
+                crypto.share_commitment(
+                    KEY_SHARE, self.salt, self.node, peer, key_shares[peer]
+                ),
+            )
+            for peer in holders
+        }
         for peer in holders:
             key = crypto.agree(cipher, peer_keys[peer][0], self.salt, _SHARE_PURPOSE)
             plaintext = _share_plaintext(
@@ -176,9 +193,14 @@ class ClientRound:
             )
         return sealed
 
-    def receive_shares(self, sealed: Mapping[int, bytes]) -> list[int]:
+    def receive_shares(
+        self,
+        sealed: Mapping[int, bytes],
+        commitments: Mapping[int, tuple[bytes, bytes]] | None = None,
+    ) -> list[int]:
         """Decrypt the shares neighbours sent; returns senders whose ciphertext
-        failed."""
+        failed, or (given their ``commitments``, sender -> (seed, key)) whose shares
+        do not match what they committed to."""
         cipher = crypto.private_from_bytes(self.cipher_key)
         failed = []
         for sender, blob in sealed.items():
@@ -201,15 +223,36 @@ class ClientRound:
             ):
                 failed.append(sender)
                 continue
-            self.held_shares[sender] = (
+            shares = (
                 crypto.share_from_bytes(plaintext[16:82]),
                 crypto.share_from_bytes(plaintext[82:148]),
             )
+            if commitments is not None and not self._committed(
+                sender, shares, commitments.get(sender)
+            ):
+                failed.append(sender)
+                continue
+            self.held_shares[sender] = shares
         return sorted(failed)
+
+    def _committed(
+        self,
+        sender: int,
+        shares: tuple[int, int],
+        commitments: tuple[bytes, bytes] | None,
+    ) -> bool:
+        """Whether ``shares`` (seed, key) from ``sender`` match its commitments."""
+        return commitments is not None and all(
+            crypto.share_commitment(purpose, self.salt, sender, self.node, share)
+            == commitment
+            for purpose, share, commitment in zip(
+                (SEED_SHARE, KEY_SHARE), shares, commitments, strict=True
+            )
+        )
 
     def mask(self, encoded: np.ndarray, live_peers: Iterable[int]) -> np.ndarray:
         """Add the self mask and the pairwise masks with ``live_peers``, in the ring
-        of ``encoded``'s dtype (uint32: mod 2^32; uint16: mod 2^16).
+        of ``encoded``'s dtype (uint32: mod 2^32; uint64: mod 2^64; uint16: mod 2^16).
 
         Raises
         ------
@@ -328,8 +371,10 @@ class CoordinatorRound:
         shared: Iterable[int],
         seed_shares: Mapping[int, Mapping[int, int]],
         key_shares: Mapping[int, Mapping[int, int]],
+        omitted: Collection[tuple[int, int]] = (),
     ) -> np.ndarray:
-        """The sum of the survivors' encoded inputs, in their ring (mod 2^32 or 2^16).
+        """The sum of the survivors' encoded inputs, in their ring (mod 2^32, 2^64 or
+        2^16).
 
         Parameters
         ----------
@@ -340,6 +385,9 @@ class CoordinatorRound:
         seed_shares, key_shares : Mapping[int, Mapping[int, int]]
             Owner -> {holder: share} of self-mask seeds (survivors) and mask keys
             (dropped).
+        omitted : Collection[tuple[int, int]]
+            ``(survivor, dropped)`` pairs whose mask the survivor left out (it
+            reported the dropped node's shares as bad).
 
         Raises
         ------
@@ -357,7 +405,11 @@ class CoordinatorRound:
             np.subtract(total, prg(seed, length, ring), out=total)
         alive = set(survivors)
         for gone in sorted(set(shared) - alive):
-            affected = [i for i in self.live_neighbours(gone, shared) if i in alive]
+            affected = [
+                i
+                for i in self.live_neighbours(gone, shared)
+                if i in alive and (i, gone) not in omitted
+            ]
             if not affected:
                 continue
             mask_key = crypto.private_from_bytes(
