@@ -59,7 +59,7 @@ def contribution_from_reply(
         raise RejectedUpdate(f"reply has no '{keys.METRICS_RECORD}' metrics")
     metrics = reply_metrics(reply)
     weight = metrics.get(keys.NUM_EXAMPLES, 0.0)
-    if not 1 <= weight <= max_weight:
+    if not (math.isfinite(weight) and 1 <= weight <= max_weight):
         raise RejectedUpdate(
             f"'{keys.NUM_EXAMPLES}' must be a count in [1, train.max-weight = "
             f"{max_weight:g}], got {weight:g}"
