@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from common.config.aggregation_rules import AGGREGATION_RULES, RuleTraits
-from common.config.errors import Refusal
+from common.config.errors import Refusal, refuse_if
 
 if TYPE_CHECKING:
     from common.config.run import RunConfig
@@ -26,223 +26,205 @@ def _traits(config: RunConfig) -> RuleTraits:
 
 def budget_ends_on_an_evaluated_round(config: RunConfig) -> Refusal | None:
     """A run that a privacy budget may stop early evaluates every round."""
-    if config.eval_every != 1 and config.dp.enabled and config.dp.target_epsilon:
-        return Refusal(
-            "eval.every",
-            "a run that dp.target-epsilon may stop early must end on an evaluated "
-            "round; set eval.every = 1 with a privacy budget",
-        )
-    return None
+    return refuse_if(
+        config.eval_every != 1 and config.dp.enabled and config.dp.target_epsilon > 0,
+        "eval.every",
+        "a run that dp.target-epsilon may stop early must end on an evaluated "
+        "round; set eval.every = 1 with a privacy budget",
+    )
 
 
 def lp_ft_runs_both_phases(config: RunConfig) -> Refusal | None:
     """``lp-ft`` keeps at least one round for each of its two phases."""
     rounds, train = config.num_server_rounds, config.train
-    if train.mode == "lp-ft" and not 1 <= train.lp_rounds < rounds:
-        return Refusal(
-            "train.lp-rounds",
-            f"with train.mode = lp-ft it must be at least 1 and below "
-            f"num-server-rounds ({rounds}), so that both phases run",
-        )
-    return None
+    return refuse_if(
+        train.mode == "lp-ft" and not 1 <= train.lp_rounds < rounds,
+        "train.lp-rounds",
+        f"with train.mode = lp-ft it must be at least 1 and below "
+        f"num-server-rounds ({rounds}), so that both phases run",
+    )
 
 
 def factor_rule_needs_lora_training(config: RunConfig) -> Refusal | None:
     """A rule that treats LoRA factors is pointless when none train."""
     rule = config.aggregation.rule
-    if config.train.mode == "head" and _traits(config).treats_lora_factors:
-        return Refusal(
-            "aggregation",
-            f"aggregation = {rule} changes how LoRA factors train and travel, but "
-            "train.mode = head trains no LoRA factors; use train.mode = lora or "
-            "lp-ft, or another rule",
-        )
-    return None
+    return refuse_if(
+        config.train.mode == "head" and _traits(config).treats_lora_factors,
+        "aggregation",
+        f"aggregation = {rule} changes how LoRA factors train and travel, but "
+        "train.mode = head trains no LoRA factors; use train.mode = lora or "
+        "lp-ft, or another rule",
+    )
 
 
 def secure_sum_hides_individual_updates(config: RunConfig) -> Refusal | None:
     """Secure aggregation reveals only the sum, which some rules cannot use."""
     rule = config.aggregation.rule
-    if config.secagg.enabled and _traits(config).needs_individual_updates:
-        return Refusal(
-            "aggregation",
-            f"aggregation = {rule} needs each client's update, but secure "
-            "aggregation (secagg.enabled = true) reveals only their sum; use "
-            "aggregation = fedavg or set secagg.enabled = false",
-        )
-    return None
+    return refuse_if(
+        config.secagg.enabled and _traits(config).needs_individual_updates,
+        "aggregation",
+        f"aggregation = {rule} needs each client's update, but secure "
+        "aggregation (secagg.enabled = true) reveals only their sum; use "
+        "aggregation = fedavg or set secagg.enabled = false",
+    )
 
 
 def masks_cannot_sum_topk(config: RunConfig) -> Refusal | None:
     """Top-k coordinates differ per client, so masked vectors cannot be summed."""
-    if config.secagg.enabled and config.codec.name == "topk":
-        return Refusal(
-            "codec",
-            "codec = topk sends each client's own choice of coordinates, which masks "
-            "cannot sum; with secagg.enabled = true use fp32 (32-bit ring) or "
-            "fp16, bf16, int8, int4 (16-bit ring: half the upload)",
-        )
-    return None
+    return refuse_if(
+        config.secagg.enabled and config.codec.name == "topk",
+        "codec",
+        "codec = topk sends each client's own choice of coordinates, which masks "
+        "cannot sum; with secagg.enabled = true use fp32 (32-bit ring) or "
+        "fp16, bf16, int8, int4 (16-bit ring: half the upload)",
+    )
 
 
 def client_dp_behind_secagg_needs_fp32(config: RunConfig) -> Refusal | None:
     """A 16-bit ring's rounding can break the DP clip bound."""
     codec = config.codec.name
-    if config.secagg.enabled and codec != "fp32" and config.dp.client_level:
-        return Refusal(
-            "codec",
-            f"codec = {codec} sums in a 16-bit ring, whose coarse stochastic "
-            "rounding can push a clipped delta past dp.clip-norm (the noise is "
-            "calibrated to it) and has no headroom for distributed noise; use "
-            "codec = fp32 with client-level DP behind secure aggregation",
-        )
-    return None
+    return refuse_if(
+        config.secagg.enabled and codec != "fp32" and config.dp.client_level,
+        "codec",
+        f"codec = {codec} sums in a 16-bit ring, whose coarse stochastic "
+        "rounding can push a clipped delta past dp.clip-norm (the noise is "
+        "calibrated to it) and has no headroom for distributed noise; use "
+        "codec = fp32 with client-level DP behind secure aggregation",
+    )
 
 
 def factors_keep_their_shapes(config: RunConfig) -> Refusal | None:
     """A rule reading ranks from factor shapes needs a codec that keeps them."""
     rule, codec = config.aggregation.rule, config.codec.name
-    if _traits(config).sends_factors and codec in ("topk", "int4"):
-        return Refusal(
-            "codec",
-            f"aggregation = {rule} reads each site's rank from the shape of its "
-            f"LoRA factors, which codec = {codec} flattens; use a codec that keeps "
-            "shapes (fp32, fp16, bf16, int8)",
-        )
-    return None
+    return refuse_if(
+        _traits(config).sends_factors and codec in ("topk", "int4"),
+        "codec",
+        f"aggregation = {rule} reads each site's rank from the shape of its "
+        f"LoRA factors, which codec = {codec} flattens; use a codec that keeps "
+        "shapes (fp32, fp16, bf16, int8)",
+    )
 
 
 def client_dp_hides_individual_updates(config: RunConfig) -> Refusal | None:
     """Client-level DP bounds and noises only the sum."""
-    rule = config.aggregation.rule
-    if config.dp.client_level and _traits(config).needs_individual_updates:
-        summable = ", ".join(
-            name
-            for name, traits in AGGREGATION_RULES.items()
-            if not traits.needs_individual_updates
-        )
-        return Refusal(
-            "aggregation",
-            f"aggregation = {rule} reads each client's update, but dp.enabled = true "
-            f"bounds and noises only their sum; use a mean-based rule ({summable}) "
-            "or set dp.enabled = false",
-        )
-    return None
+    summable = ", ".join(
+        name
+        for name, traits in AGGREGATION_RULES.items()
+        if not traits.needs_individual_updates
+    )
+    return refuse_if(
+        config.dp.client_level and _traits(config).needs_individual_updates,
+        "aggregation",
+        f"aggregation = {config.aggregation.rule} reads each client's update, but "
+        "dp.enabled = true bounds and noises only their sum; use a mean-based rule "
+        f"({summable}) or set dp.enabled = false",
+    )
 
 
 def distributed_noise_needs_secagg(config: RunConfig) -> Refusal | None:
     """A client's share of distributed noise is too small to show it alone."""
     dp = config.dp
-    if dp.client_level and dp.mode == "distributed" and not config.secagg.enabled:
-        return Refusal(
-            "dp.mode",
-            "dp.mode = distributed splits the noise among the clients, so each "
-            "client's own share is too small to hide its update from a coordinator "
-            "that sees it alone; set secagg.enabled = true, or use dp.mode = central",
-        )
-    return None
+    return refuse_if(
+        dp.client_level and dp.mode == "distributed" and not config.secagg.enabled,
+        "dp.mode",
+        "dp.mode = distributed splits the noise among the clients, so each "
+        "client's own share is too small to hide its update from a coordinator "
+        "that sees it alone; set secagg.enabled = true, or use dp.mode = central",
+    )
 
 
 def secagg_clip_covers_dp_clip(config: RunConfig) -> Refusal | None:
     """Secure aggregation must not clip DP updates a second time."""
     dp, secagg = config.dp, config.secagg
-    if dp.client_level and secagg.enabled and secagg.clip_norm < dp.clip_norm:
-        return Refusal(
-            "secagg.clip-norm",
-            f"must be at least dp.clip-norm = {dp.clip_norm:g} (got "
-            f"{secagg.clip_norm:g}), or secure aggregation would clip the DP "
-            "updates again; set secagg.clip-norm to dp.clip-norm",
-        )
-    return None
+    return refuse_if(
+        dp.client_level and secagg.enabled and secagg.clip_norm < dp.clip_norm,
+        "secagg.clip-norm",
+        f"must be at least dp.clip-norm = {dp.clip_norm:g} (got "
+        f"{secagg.clip_norm:g}), or secure aggregation would clip the DP "
+        "updates again; set secagg.clip-norm to dp.clip-norm",
+    )
 
 
 def dp_sgd_trains_end_to_end(config: RunConfig) -> Refusal | None:
     """DP-SGD needs gradients through the model, not cached features."""
     mode = config.train.mode
-    if config.dp.sample_level and mode != "lora":
-        return Refusal(
-            "train.mode",
-            f"dp.level = sample runs DP-SGD end to end, but train.mode = {mode} "
-            "trains the head on cached features; use train.mode = lora",
-        )
-    return None
+    return refuse_if(
+        config.dp.sample_level and mode != "lora",
+        "train.mode",
+        f"dp.level = sample runs DP-SGD end to end, but train.mode = {mode} "
+        "trains the head on cached features; use train.mode = lora",
+    )
 
 
 def dp_sgd_rule_has_private_parts(config: RunConfig) -> Refusal | None:
     """Under DP-SGD, nothing the rule adds may escape per-example noise."""
     rule, traits = config.aggregation.rule, _traits(config)
-    if config.dp.sample_level and (traits.proximal_term or traits.sends_label_counts):
-        reason = (
-            "its proximal term has no per-example gradient"
-            if traits.proximal_term
-            else "its label counts leave the site without noise"
-        )
-        return Refusal(
-            "aggregation",
-            f"aggregation = {rule} does not fit dp.level = sample ({reason}); use "
-            "another rule or dp.level = client",
-        )
-    return None
+    reason = (
+        "its proximal term has no per-example gradient"
+        if traits.proximal_term
+        else "its label counts leave the site without noise"
+    )
+    return refuse_if(
+        config.dp.sample_level and (traits.proximal_term or traits.sends_label_counts),
+        "aggregation",
+        f"aggregation = {rule} does not fit dp.level = sample ({reason}); use "
+        "another rule or dp.level = client",
+    )
 
 
 def dp_sgd_keeps_site_budgets(config: RunConfig) -> Refusal | None:
     """Under DP-SGD each site keeps its own account; no coordinator budget."""
-    if config.dp.sample_level and config.dp.target_epsilon != 0:
-        return Refusal(
-            "dp.target-epsilon",
-            "with dp.level = sample each site keeps its own account (reported as "
-            "sample_epsilon_max); the coordinator's budget stop needs dp.level = "
-            "client, so set dp.target-epsilon = 0",
-        )
-    return None
+    return refuse_if(
+        config.dp.sample_level and config.dp.target_epsilon != 0,
+        "dp.target-epsilon",
+        "with dp.level = sample each site keeps its own account (reported as "
+        "sample_epsilon_max); the coordinator's budget stop needs dp.level = "
+        "client, so set dp.target-epsilon = 0",
+    )
 
 
 def prompt_column_needs_causal_lm(config: RunConfig) -> Refusal | None:
     """Only a causal LM reads instruction data."""
     task = config.model.task
-    if task != "causal-lm" and config.data.prompt_column:
-        return Refusal(
-            "data.prompt-column",
-            f"is read only with model.task = causal-lm (instruction data); "
-            f"model.task = {task} reads data.text-column or data.image-column",
-        )
-    return None
+    return refuse_if(
+        task != "causal-lm" and bool(config.data.prompt_column),
+        "data.prompt-column",
+        f"is read only with model.task = causal-lm (instruction data); "
+        f"model.task = {task} reads data.text-column or data.image-column",
+    )
 
 
 def image_head_starts_random(config: RunConfig) -> Refusal | None:
     """An image backbone has no text encoder to embed label names with."""
-    if config.model.task == "image-cls" and config.head.init != "random":
-        return Refusal(
-            "head.init",
-            "head.init = label-names embeds the label names with a text encoder, "
-            "which an image backbone does not have; set head.init = random for "
-            "model.task = image-cls",
-        )
-    return None
+    return refuse_if(
+        config.model.task == "image-cls" and config.head.init != "random",
+        "head.init",
+        "head.init = label-names embeds the label names with a text encoder, "
+        "which an image backbone does not have; set head.init = random for "
+        "model.task = image-cls",
+    )
 
 
 def images_need_a_path(config: RunConfig) -> Refusal | None:
     """There is no built-in image corpus."""
-    if config.model.task == "image-cls" and not config.data.path:
-        return Refusal(
-            "data.path",
-            "model.task = image-cls needs images: an image folder (one sub-folder "
-            "per class) or a .csv/.jsonl file listing image paths and labels",
-        )
-    return None
+    return refuse_if(
+        config.model.task == "image-cls" and not config.data.path,
+        "data.path",
+        "model.task = image-cls needs images: an image folder (one sub-folder "
+        "per class) or a .csv/.jsonl file listing image paths and labels",
+    )
 
 
 def image_factors_may_be_convolutions(config: RunConfig) -> Refusal | None:
     """Refactorising needs 2-D factors; an image backbone's may be 4-D."""
     rule = config.aggregation.rule
-    if config.model.task == "image-cls" and _traits(config).sends_factors:
-        return Refusal(
-            "aggregation",
-            f"aggregation = {rule} refactorises 2-D LoRA factors, but an image "
-            "backbone's adapters may sit on convolutions (4-D factors); use "
-            "another rule with model.task = image-cls",
-        )
-    return None
+    return refuse_if(
+        config.model.task == "image-cls" and _traits(config).sends_factors,
+        "aggregation",
+        f"aggregation = {rule} refactorises 2-D LoRA factors, but an image "
+        "backbone's adapters may sit on convolutions (4-D factors); use "
+        "another rule with model.task = image-cls",
+    )
 
 
 def _causal_lm_refusals(config: RunConfig) -> tuple[tuple[bool, str, str], ...]:

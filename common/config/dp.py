@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config.errors import Refusal
+from common.config.errors import Refusal, refuse_if
 from common.config.keys import above, at_least, one_of, satisfies, setting
 
 #: Where DP noise is added: by the coordinator, or split among the clients.
@@ -111,25 +111,23 @@ class DpConfig:
 
 def adaptive_clip_needs_dp(dp: DpConfig) -> Refusal | None:
     """Adaptive clipping adapts the clip norm of client-level DP, which must be on."""
-    if dp.adaptive_clip and not dp.enabled:
-        return Refusal(
-            "dp.adaptive-clip",
-            "adapts the clip norm of client-level DP, which is off; set "
-            "dp.enabled = true or dp.adaptive-clip = false",
-        )
-    return None
+    return refuse_if(
+        dp.adaptive_clip and not dp.enabled,
+        "dp.adaptive-clip",
+        "adapts the clip norm of client-level DP, which is off; set "
+        "dp.enabled = true or dp.adaptive-clip = false",
+    )
 
 
 def no_adaptive_clip_per_sample(dp: DpConfig) -> Refusal | None:
     """DP-SGD keeps its per-example clip norm fixed."""
-    if dp.sample_level and dp.adaptive_clip:
-        return Refusal(
-            "dp.adaptive-clip",
-            "adapts the clip norm of client-level DP; with dp.level = sample "
-            "the per-example clip norm stays dp.clip-norm, so set "
-            "dp.adaptive-clip = false",
-        )
-    return None
+    return refuse_if(
+        dp.sample_level and dp.adaptive_clip,
+        "dp.adaptive-clip",
+        "adapts the clip norm of client-level DP; with dp.level = sample "
+        "the per-example clip norm stays dp.clip-norm, so set "
+        "dp.adaptive-clip = false",
+    )
 
 
 def count_noise_leaves_budget(dp: DpConfig) -> Refusal | None:
@@ -140,15 +138,14 @@ def count_noise_leaves_budget(dp: DpConfig) -> Refusal | None:
     sigma_b = m / 20 depends on the round's sample: checked at the first round.
     """
     stddev, z = dp.clipped_count_stddev, dp.noise_multiplier
-    if dp.client_level and dp.adaptive_clip and stddev and 2 * stddev <= z:
-        return Refusal(
-            "dp.clipped-count-stddev",
-            f"must be above dp.noise-multiplier / 2 = {z / 2:g} "
-            f"(got {stddev:g}) with dp.adaptive-clip = true, or "
-            "the count of unclipped clients alone would spend the whole "
-            "dp.noise-multiplier budget; raise it or lower dp.noise-multiplier",
-        )
-    return None
+    return refuse_if(
+        dp.client_level and dp.adaptive_clip and stddev > 0 and 2 * stddev <= z,
+        "dp.clipped-count-stddev",
+        f"must be above dp.noise-multiplier / 2 = {z / 2:g} "
+        f"(got {stddev:g}) with dp.adaptive-clip = true, or "
+        "the count of unclipped clients alone would spend the whole "
+        "dp.noise-multiplier budget; raise it or lower dp.noise-multiplier",
+    )
 
 
 RULES = (adaptive_clip_needs_dp, no_adaptive_clip_per_sample, count_noise_leaves_budget)

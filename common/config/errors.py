@@ -27,3 +27,8 @@ class Refusal:
     def error(self) -> ConfigError:
         """The :class:`ConfigError` that reports this refusal."""
         return ConfigError(f"config key '{self.key}': {self.message}")
+
+
+def refuse_if(condition: bool, key: str, message: str) -> Refusal | None:
+    """A :class:`Refusal` of ``key`` with ``message`` when ``condition`` holds."""
+    return Refusal(key, message) if condition else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config.errors import Refusal
+from common.config.errors import Refusal, refuse_if
 from common.config.keys import one_of, setting
 
 HEAD_INITS = ("label-names", "random")
@@ -33,11 +33,11 @@ class HeadConfig:
 
 def descriptions_need_label_names(head: HeadConfig) -> Refusal | None:
     """``head.label-descriptions`` is read only by ``head.init = label-names``."""
-    if head.label_descriptions and head.init != "label-names":
-        return Refusal(
-            "head.label-descriptions", "is only read when head.init = label-names"
-        )
-    return None
+    return refuse_if(
+        bool(head.label_descriptions) and head.init != "label-names",
+        "head.label-descriptions",
+        "is only read when head.init = label-names",
+    )
 
 
 RULES = (descriptions_need_label_names,)

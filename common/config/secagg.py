@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config.errors import Refusal
+from common.config.errors import Refusal, refuse_if
 from common.config.keys import above, at_least, setting
 
 
@@ -54,12 +54,11 @@ class SecAggConfig:
 def threshold_within_neighbourhood(secagg: SecAggConfig) -> Refusal | None:
     """An explicit threshold is a majority of an explicit neighbourhood."""
     k, t = secagg.neighbours, secagg.threshold
-    if k and t and not k / 2 < t <= k:
-        return Refusal(
-            "secagg.threshold",
-            f"must be above secagg.neighbours / 2 and at most secagg.neighbours ({k})",
-        )
-    return None
+    return refuse_if(
+        k > 0 and t > 0 and not k / 2 < t <= k,
+        "secagg.threshold",
+        f"must be above secagg.neighbours / 2 and at most secagg.neighbours ({k})",
+    )
 
 
 RULES = (threshold_within_neighbourhood,)
