@@ -3,7 +3,8 @@
 
 Every file is written so that a crash never leaves a half-written one behind: metrics
 lines are flushed and synced one by one, and everything else is written to a temporary
-name and renamed into place.
+name and renamed into place. What is written also goes to the run's trackers
+(:mod:`common.tracking`: MLflow, TensorBoard), after it is safe on disk.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.backbone import write_pooling_mode
+from common.tracking.base import Tracker, Trackers
 
 if TYPE_CHECKING:  # torch and transformers load only when a model is written
     from transformers import PreTrainedTokenizerBase
@@ -29,6 +31,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
+#: Folders a tracker keeps a copy of (``merged/`` holds a whole backbone).
+TRACKED_FOLDERS = (ADAPTER_DIR,)
 # sentence-transformers files that make ``merged/`` loadable by that library too.
 _SENTENCE_TRANSFORMERS_FILES = (
     "config_sentence_transformers.json",
@@ -83,17 +87,28 @@ class RunOutputs:
     directory : Path
         Created if missing. An existing ``metrics.jsonl`` is replaced.
     rows : Sequence[Mapping], optional
-        Metrics lines to start from (a resumed run's completed rounds).
+        Metrics lines to start from (a resumed run's completed rounds); they are
+        passed to ``tracker`` too, so its record of the run is whole.
+    tracker : Tracker, optional
+        Receives every metrics line, the summary and the final ``adapter/``.
     """
 
-    def __init__(self, directory: Path, rows: Sequence[Mapping[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        rows: Sequence[Mapping[str, Any]] = (),
+        tracker: Tracker | None = None,
+    ) -> None:
         self.directory = directory
+        self.tracker: Tracker = tracker if tracker is not None else Trackers()
         directory.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(dict(row), sort_keys=True) + "\n" for row in rows)
         handle, staging = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", dir=directory)
         with os.fdopen(handle, "w") as stream:
             stream.write(lines)
         os.replace(staging, directory / METRICS_FILE)
+        for row in rows:
+            self.tracker.log_round(row)
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         """Append one round's metrics as one JSON line, synced to disk."""
@@ -101,19 +116,28 @@ class RunOutputs:
             stream.write(json.dumps(dict(row), sort_keys=True) + "\n")
             stream.flush()
             os.fsync(stream.fileno())
+        self.tracker.log_round(row)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json`` atomically."""
         _write_json_atomically(self.directory / SUMMARY_FILE, summary)
+        self.tracker.log_summary(summary)
+
+    def _publish(self, staging: Path, name: str) -> Path:
+        """Rename the filled ``staging`` folder to ``name``; hand it to the tracker
+        when it is one it keeps."""
+        target = self.directory / name
+        _replace_dir(staging, target)
+        if name in TRACKED_FOLDERS:
+            self.tracker.log_folder(target)
+        return target
 
     def write_folder(self, name: str, write: Callable[[Path], None]) -> Path:
         """Have ``write`` fill a staging folder, then rename it to ``name`` (any
         task's ``adapter/`` or ``merged/``), replacing an older one."""
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.directory))
         write(staging)
-        target = self.directory / name
-        _replace_dir(staging, target)
-        return target
+        return self._publish(staging, name)
 
     def save_adapter(self, model: TextClassifier, labels: tuple[str, ...]) -> Path:
         """PEFT-format adapter (``PeftModel.from_pretrained(backbone, dir)`` loads it)
@@ -123,9 +147,7 @@ class RunOutputs:
         staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=self.directory))
         model.encoder.save_pretrained(str(staging))
         save_head(model, staging, labels)
-        target = self.directory / ADAPTER_DIR
-        _replace_dir(staging, target)
-        return target
+        return self._publish(staging, ADAPTER_DIR)
 
     def save_merged(
         self,
@@ -149,6 +171,4 @@ class RunOutputs:
         if (backbone_dir / "modules.json").exists():
             write_sentence_modules(backbone_dir, staging)
         write_pooling_mode(staging, model.pooling)
-        target = self.directory / MERGED_DIR
-        _replace_dir(staging, target)
-        return target
+        return self._publish(staging, MERGED_DIR)

@@ -1,5 +1,5 @@
-"""Splitting rows into clients: IID, Dirichlet label skew, or one client per column
-value.
+"""Splitting rows into clients: IID, Dirichlet label skew, one client per column
+value, or one of Flower Datasets' partitioners (:mod:`common.flower_partitions`).
 
 Every function is pure and seeded: the coordinator and each simulated client compute
 the same split independently, so no row ever travels between them.
@@ -7,11 +7,12 @@ the same split independently, so no row ever travels between them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from common.data import DataError, Example
+from common.flower_partitions import OptionValue, column_values, flower_partition
 
 
 def holdout_split(
@@ -89,11 +90,14 @@ def partition_indices(
     num_clients: int,
     seed: int,
     dirichlet_alpha: float = 0.5,
+    options: Mapping[str, OptionValue] | None = None,
 ) -> list[list[int]]:
     """Row indices of every client for ``data.partition = kind``.
 
     For ``column:<name>`` each distinct value is one client; with fewer clients than
     values, each client holds several whole values (never more clients than values).
+    ``flwr:<name>`` is Flower Datasets' partitioner of that name, called with
+    ``options`` (``data.partition-args``).
 
     Raises
     ------
@@ -123,10 +127,14 @@ def partition_indices(
             sorted(i for group in groups[client::num_clients] for i in group)
             for client in range(num_clients)
         ]
+    elif kind.startswith("flwr:"):
+        parts = flower_partition(
+            examples, kind, num_clients, seed, options or {}, dirichlet_alpha
+        )
     else:
         raise DataError(
             f"data.partition: unknown kind {kind!r}; "
-            "use iid, dirichlet or column:<name>"
+            "use iid, dirichlet, column:<name> or flwr:<name>"
         )
     for client, part in enumerate(parts):
         if not part:
@@ -139,5 +147,6 @@ def partition_indices(
 
 
 def count_column_values(examples: Sequence[Example], column: str) -> int:
-    """Number of distinct values of ``column`` (the client count of a column split)."""
-    return len(column_partition(examples, column)[0])
+    """Number of distinct values of ``column`` (the client count of a column split);
+    ``label`` counts the labels."""
+    return len(set(column_values(examples, column)))

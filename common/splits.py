@@ -196,11 +196,7 @@ def client_examples(
             f"partition-id {partition_id} is outside 0..{num_partitions - 1}; "
             "check the node config"
         )
-    train = pools(data, seed).train
-    parts = partition_indices(
-        train, partition_kind(data, train), num_partitions, seed, data.dirichlet_alpha
-    )
-    return [train[i] for i in parts[partition_id]]
+    return all_client_examples(data, seed, num_partitions)[partition_id]
 
 
 def all_client_examples(
@@ -209,18 +205,24 @@ def all_client_examples(
     """Every simulated client's rows, in partition order (for baselines and checks)."""
     train = pools(data, seed).train
     parts = partition_indices(
-        train, partition_kind(data, train), num_clients, seed, data.dirichlet_alpha
+        train,
+        partition_kind(data, train),
+        num_clients,
+        seed,
+        data.dirichlet_alpha,
+        data.partition_options,
     )
     return [[train[i] for i in part] for part in parts]
 
 
 def default_num_clients(data: DataConfig, seed: int, configured: int) -> int:
-    """Clients a simulation needs: the column's value count for ``column:<name>``."""
+    """Clients a simulation needs: the column's value count for ``column:<name>``
+    and ``flwr:natural-id``."""
     train = pools(data, seed).train
-    kind = partition_kind(data, train)
-    if not kind.startswith("column:"):
+    column = data.partition_column
+    if column is None or partition_kind(data, train) != data.partition:
         return configured
-    return count_column_values(train, kind.removeprefix("column:"))
+    return count_column_values(train, column)
 
 
 def describe_sizes(parts: Sequence[Sequence[Example]]) -> str:

@@ -26,6 +26,8 @@ from common.outputs import RunOutputs, default_output_dir
 from common.reporting import RoundRecorder
 from common.splits import evaluation_examples, run_labels
 from common.tasks import open_bench
+from common.tracking.base import Tracker
+from common.tracking.setup import open_tracker
 from server.aggregation import build_rule
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.privacy import ClientLevelDP, privacy_summary
@@ -38,19 +40,30 @@ log = logging.getLogger(__name__)
 
 
 def coordinate(grid: Grid, config: RunConfig) -> Path:
-    """Run every round of ``config`` over ``grid`` and write the outputs.
+    """Run every round of ``config`` over ``grid`` and write the outputs, also to
+    the trackers ``tracking.*`` asks for.
 
     Returns
     -------
     Path
         The output folder.
     """
-    started = time.perf_counter()
     output_dir = (
         Path(config.output_dir)
         if config.output_dir
         else default_output_dir("federated")
     )
+    with open_tracker(
+        config.tracking, output_dir, "federated", config.as_dict()
+    ) as tracker:
+        _coordinate(grid, config, output_dir, tracker)
+    return output_dir
+
+
+def _coordinate(
+    grid: Grid, config: RunConfig, output_dir: Path, tracker: Tracker
+) -> None:
+    started = time.perf_counter()
     resumed = load_checkpoint(output_dir) if config.resume else None
     if resumed is not None:
         config.check_resumable_from(resumed.config)
@@ -59,7 +72,7 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
     # The task's workbench (common.tasks): text classifier, causal LM or images.
     bench = open_bench(config, labels, evaluation_examples(config.data, config.seed))
     completed = resumed.rows if resumed else ()
-    outputs = RunOutputs(output_dir, completed)
+    outputs = RunOutputs(output_dir, completed, tracker)
     recorder = RoundRecorder(outputs, config.num_server_rounds, completed)
 
     rule = build_rule(config)
@@ -134,7 +147,6 @@ def coordinate(grid: Grid, config: RunConfig) -> Path:
     bench.finish_run("federated", outputs, recorder, final, started, extra)
     if strategy.stop_reason is not None:
         print(strategy.stop_reason)
-    return output_dir
 
 
 def _secret_sampler(config: RunConfig, output_dir: Path) -> CohortSampler | None:

@@ -4,6 +4,7 @@ small data."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -34,13 +35,74 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
-_WORDS = (
-    "send money to transfer a payment wire funds how much is in show the balance of "
-    "book flight reserve hotel room lost luggage recipe cook bake calories protein "
-    "lights on lamps thermostat heating lock doors please can you i need could my "
-    "savings account trip kitchen home today now thanks good bad great awful movie "
-    "film food service phone battery love hate it was very not"
-).split()
+_WORDS = [
+    "send",
+    "money",
+    "to",
+    "transfer",
+    "a",
+    "payment",
+    "wire",
+    "funds",
+    "how",
+    "much",
+    "is",
+    "in",
+    "show",
+    "the",
+    "balance",
+    "of",
+    "book",
+    "flight",
+    "reserve",
+    "hotel",
+    "room",
+    "lost",
+    "luggage",
+    "recipe",
+    "cook",
+    "bake",
+    "calories",
+    "protein",
+    "lights",
+    "on",
+    "lamps",
+    "thermostat",
+    "heating",
+    "lock",
+    "doors",
+    "please",
+    "can",
+    "you",
+    "i",
+    "need",
+    "could",
+    "my",
+    "savings",
+    "account",
+    "trip",
+    "kitchen",
+    "home",
+    "today",
+    "now",
+    "thanks",
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "movie",
+    "film",
+    "food",
+    "service",
+    "phone",
+    "battery",
+    "love",
+    "hate",
+    "it",
+    "was",
+    "very",
+    "not",
+]
 
 
 def build_tiny_backbone(
@@ -136,6 +198,16 @@ def flower_env(home: Path, connections: str) -> dict[str, str]:
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(REPO_ROOT),
     }
+
+
+def hide_package(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    """Make ``importlib.util.find_spec`` report ``package`` as not installed."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == package else real_find_spec(name, *a),
+    )
 
 
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:

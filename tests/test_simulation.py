@@ -9,10 +9,19 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import REPO_ROOT, flower_env
+from tests.tracking_records import (
+    expected_series,
+    mismatches,
+    mlflow_run,
+    mlflow_series,
+    tensorboard_events,
+    tensorboard_series,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -70,6 +79,11 @@ def test_fedgraft_simulate_runs_secure_rounds_and_compares_with_clients_alone(
         "secagg.enabled=true",
         "--set",
         "secagg.max-weight=10",
+        # the run is also tracked (a SQLite MLflow store and TensorBoard events)
+        "--set",
+        f"tracking.mlflow-uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set",
+        f"tracking.tensorboard-dir={tmp_path / 'tb'}",
     ]
 
     # Execute
@@ -92,6 +106,23 @@ def test_fedgraft_simulate_runs_secure_rounds_and_compares_with_clients_alone(
     summary = json.loads((output / "summary.json").read_text())
     assert len(summary["local_baseline"]["clients"]) == 2
     assert "federated eval_accuracy" in finished.stdout
+    assert_tracked(rows, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "tb" / "out")
+
+
+def assert_tracked(rows: list[dict[str, Any]], uri: str, log_dir: Path) -> None:
+    """The MLflow run and the TensorBoard events hold every number of ``rows`` at
+    its round, and MLflow the final adapter."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    expected = expected_series(rows)
+    client, run = mlflow_run(uri, "fedgraft")
+    assert run.info.status == "FINISHED"
+    assert mismatches(expected, mlflow_series(client, run.info.run_id, expected)) == []
+    assert client.list_artifacts(run.info.run_id, "adapter")
+    # a SQLite store keeps its artifacts beside the database, not in the cwd
+    assert (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").is_dir()
+    events = tensorboard_series(tensorboard_events(log_dir))
+    assert mismatches(expected, events) == []
 
 
 def test_flwr_run_dot_runs_the_app_on_the_local_simulation_engine(

@@ -35,6 +35,7 @@ from common.config.run import DEFAULTS, KEYS, RESUMABLE_CHANGES, RunConfig
 from common.config.secagg import SecAggConfig
 from common.config.sim import SimConfig
 from common.config.sources import load_config, parse_assignment
+from common.config.tracking import TrackingConfig
 from common.config.train import TRAIN_MODES, TrainConfig
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "RunConfig",
     "SecAggConfig",
     "SimConfig",
+    "TrackingConfig",
     "TrainConfig",
     "load_config",
     "parse_assignment",

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.config.errors import Refusal
 from common.config.keys import above, comma_list, mirror, satisfies, setting
+from common.flower_partitions import PARTITIONERS as FLOWER_PARTITIONERS
+from common.flower_partitions import PREFIX as FLOWER_PREFIX
+from common.flower_partitions import (
+    OptionValue,
+    check_options,
+    parse_options,
+    partitioner_of,
+)
+from common.flower_partitions import partition_column as flower_partition_column
 
-PARTITION_KINDS = ("iid", "dirichlet", "column:<name>")
+PARTITION_KINDS = ("iid", "dirichlet", "column:<name>", "flwr:<name>")
 
 
 def _is_partition(kind: str) -> bool:
@@ -16,9 +26,28 @@ def _is_partition(kind: str) -> bool:
 
 
 def _check_partition(kind: str) -> str | None:
+    if kind.startswith(FLOWER_PREFIX):
+        try:
+            partitioner_of(kind)
+        except ValueError as error:
+            return str(error)
+        return None
     if _is_partition(kind):
         return None
-    return f"got {kind!r}; use one of {', '.join(PARTITION_KINDS)}"
+    hint = (
+        f" (Flower Datasets' {kind} is flwr:{kind})"
+        if kind in FLOWER_PARTITIONERS
+        else ""
+    )
+    return f"got {kind!r}; use one of {', '.join(PARTITION_KINDS)}{hint}"
+
+
+def _check_partition_args(text: str) -> str | None:
+    try:
+        parse_options(text)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,13 +88,26 @@ class DataConfig:
     partition: str = setting(
         "data.partition",
         "column:domain",
-        "`iid`, `dirichlet`, or `column:<name>` (one client per value)",
+        "`iid`, `dirichlet`, `column:<name>` (one client per value), or "
+        "`flwr:<name>`: Flower Datasets' partitioner `iid`, `dirichlet`, "
+        "`pathological`, `shard`, `linear`, `square`, `exponential` or `natural-id` "
+        '(README, "Experiment tracking and Flower Datasets partitioners")',
         check=_check_partition,
+    )
+    partition_args: str = setting(
+        "data.partition-args",
+        "",
+        "a `flwr:<name>` partitioner's keyword arguments, `key=value` pairs "
+        "separated by commas (`num_classes_per_partition=2`); `partition_by` names "
+        "the column (default: the label); `num_partitions` and `seed` come from the "
+        "run",
+        check=_check_partition_args,
     )
     dirichlet_alpha: float = setting(
         "data.dirichlet-alpha",
         0.5,
-        "label skew of `dirichlet` (smaller = more skewed)",
+        "label skew of `dirichlet`, and of `flwr:dirichlet` without an `alpha` "
+        "(smaller = more skewed)",
         check=above(0, "must be > 0"),
     )
     holdout_fraction: float = setting(
@@ -94,8 +136,30 @@ class DataConfig:
     )
 
     @property
+    def partition_options(self) -> dict[str, OptionValue]:
+        """``data.partition-args`` as keyword arguments of a ``flwr:<name>``
+        partitioner."""
+        return parse_options(self.partition_args)
+
+    @property
     def partition_column(self) -> str | None:
-        """The column named by ``column:<name>``, or ``None`` for other partitions."""
+        """The column whose values are the clients: named by ``column:<name>``, or
+        ``partition_by`` of ``flwr:natural-id``; ``None`` for other partitions."""
         if self.partition.startswith("column:"):
             return self.partition.removeprefix("column:")
-        return None
+        return flower_partition_column(self.partition, self.partition_options)
+
+
+def partition_args_fit_the_partitioner(data: DataConfig) -> Refusal | None:
+    """``data.partition-args`` holds what the ``flwr:<name>`` partitioner takes.
+
+    Only its options, every required one, and nothing for fedgraft's own kinds.
+    """
+    try:
+        check_options(data.partition, data.partition_options)
+    except ValueError as error:
+        return Refusal("data.partition-args", str(error))
+    return None
+
+
+RULES = (partition_args_fit_the_partitioner,)

@@ -11,6 +11,7 @@ from common.config import constraints
 from common.config.aggregation import AggregationConfig
 from common.config.aggregation_rules import AGGREGATION_RULES
 from common.config.codec import CodecConfig
+from common.config.data import RULES as DATA_RULES
 from common.config.data import DataConfig
 from common.config.dp import RULES as DP_RULES
 from common.config.dp import DpConfig
@@ -31,6 +32,7 @@ from common.config.model import ModelConfig
 from common.config.secagg import RULES as SECAGG_RULES
 from common.config.secagg import SecAggConfig
 from common.config.sim import SimConfig
+from common.config.tracking import TrackingConfig
 from common.config.train import TrainConfig
 
 
@@ -66,6 +68,7 @@ class RunConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     dp: DpConfig = field(default_factory=DpConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval_every: int = setting(
         "eval.every",
         1,
@@ -197,6 +200,7 @@ def _check_known(flat: Mapping[str, Any]) -> None:
 #: Each section's rules across its own keys, by the attribute of the section.
 SECTION_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("head", HEAD_RULES),
+    ("data", DATA_RULES),
     ("secagg", SECAGG_RULES),
     ("dp", DP_RULES),
 )
