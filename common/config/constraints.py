@@ -227,72 +227,101 @@ def image_factors_may_be_convolutions(config: RunConfig) -> Refusal | None:
     )
 
 
-def _causal_lm_refusals(config: RunConfig) -> tuple[tuple[bool, str, str], ...]:
-    data, rule, mode = config.data, config.aggregation.rule, config.train.mode
-    return (
-        (
-            config.model.pooling == "native",
-            "model.pooling",
-            "a causal language model pools nothing; leave model.pooling = native",
-        ),
-        (
-            not config.head.label_descriptions,
-            "head.label-descriptions",
-            "a causal language model has no classification head",
-        ),
-        (
-            mode == "lora",
-            "train.mode",
-            (
-                f"train.mode = {mode} trains a classification head, which a causal "
-                "language model does not have; use train.mode = lora"
-            ),
-        ),
-        (
-            not _traits(config).sends_label_counts,
-            "aggregation",
-            (
-                f"{rule} averages head rows per label, but a causal language model has "
-                "neither; use fedavg or another rule"
-            ),
-        ),
-        (
-            data.partition != "dirichlet",
-            "data.partition",
-            (
-                "dirichlet skews labels, but causal language model rows have none; use "
-                "iid or column:<name>"
-            ),
-        ),
-        (
-            not data.labels,
-            "data.labels",
-            "a causal language model has no label map; leave data.labels empty",
-        ),
-        (
-            not data.prompt_column or bool(data.path),
-            "data.prompt-column",
-            (
-                "instruction data needs data.path (the built-in demo corpus is plain "
-                "text); set data.path or leave data.prompt-column empty"
-            ),
-        ),
-        (
-            not data.prompt_column or bool(data.response_column),
-            "data.response-column",
-            "name the response column of the instruction data",
-        ),
+def _for_causal_lm(
+    config: RunConfig, refused: bool, key: str, message: str
+) -> Refusal | None:
+    return refuse_if(
+        config.model.task == "causal-lm" and refused,
+        key,
+        f"{message} (model.task = causal-lm)",
     )
 
 
-def causal_lm_has_no_head_or_labels(config: RunConfig) -> Refusal | None:
-    """A causal LM has no classification head, no pooling and no labels."""
-    if config.model.task != "causal-lm":
-        return None
-    for holds, key, message in _causal_lm_refusals(config):
-        if not holds:
-            return Refusal(key, f"{message} (model.task = causal-lm)")
-    return None
+def causal_lm_pools_nothing(config: RunConfig) -> Refusal | None:
+    """A causal LM has no pooling to choose."""
+    return _for_causal_lm(
+        config,
+        config.model.pooling != "native",
+        "model.pooling",
+        "a causal language model pools nothing; leave model.pooling = native",
+    )
+
+
+def causal_lm_has_no_head(config: RunConfig) -> Refusal | None:
+    """A causal LM has no classification head to describe labels to."""
+    return _for_causal_lm(
+        config,
+        bool(config.head.label_descriptions),
+        "head.label-descriptions",
+        "a causal language model has no classification head",
+    )
+
+
+def causal_lm_trains_adapters_only(config: RunConfig) -> Refusal | None:
+    """A causal LM has no head for ``head`` or ``lp-ft`` rounds to train."""
+    mode = config.train.mode
+    return _for_causal_lm(
+        config,
+        mode != "lora",
+        "train.mode",
+        f"train.mode = {mode} trains a classification head, which a causal "
+        "language model does not have; use train.mode = lora",
+    )
+
+
+def causal_lm_sends_no_label_counts(config: RunConfig) -> Refusal | None:
+    """A causal LM has neither head rows nor labels to average per label."""
+    return _for_causal_lm(
+        config,
+        _traits(config).sends_label_counts,
+        "aggregation",
+        f"{config.aggregation.rule} averages head rows per label, but a causal "
+        "language model has neither; use fedavg or another rule",
+    )
+
+
+def causal_lm_rows_have_no_labels(config: RunConfig) -> Refusal | None:
+    """A label-skewed partition needs labels."""
+    return _for_causal_lm(
+        config,
+        config.data.partition == "dirichlet",
+        "data.partition",
+        "dirichlet skews labels, but causal language model rows have none; use "
+        "iid or column:<name>",
+    )
+
+
+def causal_lm_has_no_label_map(config: RunConfig) -> Refusal | None:
+    """A causal LM has no labels to map."""
+    return _for_causal_lm(
+        config,
+        bool(config.data.labels),
+        "data.labels",
+        "a causal language model has no label map; leave data.labels empty",
+    )
+
+
+def instruction_data_needs_a_path(config: RunConfig) -> Refusal | None:
+    """The built-in demo corpus is plain text, not instructions."""
+    data = config.data
+    return _for_causal_lm(
+        config,
+        bool(data.prompt_column) and not data.path,
+        "data.prompt-column",
+        "instruction data needs data.path (the built-in demo corpus is plain "
+        "text); set data.path or leave data.prompt-column empty",
+    )
+
+
+def instruction_data_names_its_response(config: RunConfig) -> Refusal | None:
+    """Instruction data's loss covers the response column, which must be named."""
+    data = config.data
+    return _for_causal_lm(
+        config,
+        bool(data.prompt_column) and not data.response_column,
+        "data.response-column",
+        "name the response column of the instruction data",
+    )
 
 
 RULES: tuple[Rule, ...] = (
@@ -313,5 +342,12 @@ RULES: tuple[Rule, ...] = (
     image_head_starts_random,
     images_need_a_path,
     image_factors_may_be_convolutions,
-    causal_lm_has_no_head_or_labels,
+    causal_lm_pools_nothing,
+    causal_lm_has_no_head,
+    causal_lm_trains_adapters_only,
+    causal_lm_sends_no_label_counts,
+    causal_lm_rows_have_no_labels,
+    causal_lm_has_no_label_map,
+    instruction_data_needs_a_path,
+    instruction_data_names_its_response,
 )
