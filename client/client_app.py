@@ -14,7 +14,8 @@ Node config keys (``--node-config``): ``data-path`` (the site's own file),
 ``partition-id`` / ``num-partitions`` (simulation), ``backbone-path`` (the site's own
 copy of the backbone), ``cache-dir`` (received backbones and tokenised data),
 ``eval-path`` (the site's own evaluation rows, for FedSA's personalised accuracy or
-perplexity) and ``lora.r`` (a FlexLoRA site's rank).
+perplexity), ``lora.r`` (a FlexLoRA site's rank) and ``state-dir`` (what the site
+keeps between rounds, so that a resumed run has it: client.site_state).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import adapters, secagg
+from client.site_state import SiteState, site_folder
 from common import dp, keys
 from common.backbone import (
     BackboneError,
@@ -59,6 +61,9 @@ class Instructions:
     labels: tuple[str, ...]
     server_round: int
     expected_clients: int
+    # The coordinator's run identity (empty from a coordinator that sends none):
+    # the site's kept state (client.site_state) is filed under it.
+    run_identity: str = ""
     # Client-level DP of the round: C (adaptive clipping moves it), the delta's
     # noise multiplier and sigma_b; the config's values when the coordinator sent none.
     dp_clip_norm: float = 0.0
@@ -77,6 +82,7 @@ class Instructions:
             labels=tuple(json_field(record, keys.CFG_LABELS)),
             server_round=int(record[keys.CFG_ROUND]),  # type: ignore[arg-type]
             expected_clients=int(record.get(keys.CFG_EXPECTED_CLIENTS, 0)),  # type: ignore[arg-type]
+            run_identity=str(record.get(keys.CFG_RUN_IDENTITY, "")),
             dp_clip_norm=float(
                 record.get(keys.CFG_DP_CLIP_NORM, config.dp.clip_norm)  # type: ignore[arg-type]
             ),
@@ -183,6 +189,9 @@ def train(message: Message, context: Context) -> Message:
     )
     received = from_array_record(message.content.array_records[keys.ADAPTER_RECORD])
     global_state = downlink_codec(codec).decode(received, dense_reference(received))
+    site_state = _site_state(task, context, cache_dir)
+    if site_state is not None:
+        site_state.restore(context, task.server_round)
     start = adapters.starting_state(global_state, config, lora, context)
     site.load_state(start)
     phase = config.train.phase(task.server_round)
@@ -250,6 +259,8 @@ def train(message: Message, context: Context) -> Message:
                 keys.SECAGG_RECORD: notes,
             }
         )
+        if site_state is not None:
+            site_state.save(context, task.server_round)
         return Message(content, reply_to=message)
     # The coordinator rejects a weight above train.max-weight: a larger site weighs
     # as much as the cap allows.
@@ -272,7 +283,19 @@ def train(message: Message, context: Context) -> Message:
         content[keys.LABEL_COUNTS_RECORD] = to_array_record(
             {"counts": counts.astype(np.float32)}
         )
+    if site_state is not None:
+        site_state.save(context, task.server_round)
     return Message(content, reply_to=message)
+
+
+def _site_state(
+    task: Instructions, context: Context, cache_dir: Path
+) -> SiteState | None:
+    """The site's kept state of this run on its disk (none without a run
+    identity)."""
+    if not task.run_identity:
+        return None
+    return SiteState(site_folder(context.node_config, cache_dir), task.run_identity)
 
 
 def _distributed_noise(task: Instructions, size: int) -> np.ndarray | None:

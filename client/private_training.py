@@ -14,8 +14,10 @@ over each sequence's tokens that carry loss (one example = one sequence).
 The result protects every single row of the site, whoever sees the update: the
 coordinator, the other sites or the released model. The accountant (Opacus's RDP
 accountant) is the site's own: its history (noise multiplier, sample rate, steps) is
-kept in the site's Flower context state, so epsilon grows over the rounds the site
-trains, and the site reports it with its metrics as ``sample-epsilon``.
+kept in the site's Flower context state, mirrored in its state folder
+(client.site_state) so that a resumed run continues it; epsilon grows over the
+rounds the site trains, and the site reports it with its metrics as
+``sample-epsilon``.
 """
 
 from __future__ import annotations
@@ -32,13 +34,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from client.finetune import FinetuneResult, LocalTraining
+from client.site_state import DP_SGD_RECORD
 from common.batching import Encoded, collate
 from common.config import DpConfig
 from common.model import TextClassifier
 from common.sharing import is_head
-
-#: The Flower context-state record holding the site's DP-SGD accountant history.
-DP_SGD_RECORD = "fedgraft-dp-sgd"
 
 History = list[tuple[float, float, int]]
 

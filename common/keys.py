@@ -26,6 +26,8 @@ CFG_LABELS = "labels-json"
 CFG_POOLING = "pooling"
 CFG_ROUND = "server-round"
 CFG_EXPECTED_CLIENTS = "expected-clients"  # m, the clients sampled (distributed DP)
+# The run's identity (hex), the same after a resume: sites key their kept state by it.
+CFG_RUN_IDENTITY = "run-identity"
 # Client-level DP of the round: C (adaptive clipping moves it), the delta's noise
 # multiplier and sigma_b of the unclipped count (each client adds its share of both).
 CFG_DP_CLIP_NORM = "dp-clip-norm"

@@ -46,6 +46,9 @@ class Checkpoint:
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     rule_state: AdapterState = field(default_factory=dict)
+    #: The run's identity (hex), sent to the sites, which key their state by it;
+    #: empty in a checkpoint written before it existed.
+    run_identity: str = ""
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
@@ -63,6 +66,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "config": json.dumps(checkpoint.config),
         "rows": json.dumps(checkpoint.rows),
         "sha256": tensor_digest(tensors),
+        "run_identity": checkpoint.run_identity,
     }
     save_file(tensors, staging, metadata=metadata)
     with open(staging, "rb") as stream:
@@ -134,6 +138,7 @@ def load_checkpoint(directory: Path) -> Checkpoint:
             },
             config=json.loads(metadata["config"]),
             rows=json.loads(metadata["rows"]),
+            run_identity=str(metadata.get("run_identity", "")),
             rule_state={
                 k.removeprefix(RULE_STATE_PREFIX): v
                 for k, v in tensors.items()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,19 @@ def _coordinate(
         else None
     )
 
+    # The sites key the state they keep between rounds by this: a resumed run sends
+    # the same identity (a checkpoint from before it existed gets a new one).
+    run_identity = (resumed.run_identity if resumed else "") or secrets.token_hex(16)
+
     def after_round(metrics: dict[str, Any], state: AdapterState) -> None:
         recorder.record(metrics)
         checkpoint = Checkpoint(
-            metrics["round"], state, config.as_dict(), recorder.rows, rule_state(rule)
+            metrics["round"],
+            state,
+            config.as_dict(),
+            recorder.rows,
+            rule_state(rule),
+            run_identity,
         )
         save_checkpoint(output_dir, checkpoint)
 
@@ -130,6 +140,7 @@ def _coordinate(
         ),
         privacy=privacy,
         sampler=_secret_sampler(config, output_dir),
+        run_identity=run_identity,
     )
     initial = bench.state() if resumed is None else resumed.state
     try:

@@ -214,6 +214,9 @@ class FederatedLoRA:
     sampler : CohortSampler, optional
         Picks each round's cohort; by default :class:`server.sampling.SeededSampler`
         from the run's seed and ``train.fraction``.
+    run_identity : str, optional
+        The run's identity, the same after a resume (the sites key the state they
+        keep by it).
 
     Attributes
     ----------
@@ -233,6 +236,7 @@ class FederatedLoRA:
         downlink: Callable[[int], Codec] | None = None,
         privacy: ClientLevelDP | None = None,
         sampler: CohortSampler | None = None,
+        run_identity: str = "",
     ) -> None:
         self.config = config
         self.backbone = backbone
@@ -246,6 +250,7 @@ class FederatedLoRA:
         self.sampler = sampler or SeededSampler(
             config.seed, config.train.fraction, config.train.min_clients
         )
+        self.run_identity = run_identity
         self.stop_reason: str | None = None
         self._bundle: ArrayRecord | None = None
 
@@ -381,6 +386,7 @@ class FederatedLoRA:
                 keys.CFG_RUN_CONFIG: json.dumps(dict(self.config.flat)),
                 keys.CFG_ROUND: server_round,
                 keys.CFG_EXPECTED_CLIENTS: expected_clients,
+                keys.CFG_RUN_IDENTITY: self.run_identity,
                 **(self.privacy.instructions() if self.privacy is not None else {}),
             }
         )
