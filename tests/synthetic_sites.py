@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client import secagg
 from common import keys
-from common.codec import AdapterState
+from common.codec import AdapterState, Codec, Float32Codec, build_codec
 from common.config import RunConfig
 from common.evaluation import EvalResult
 from common.secagg.encoding import flatten
@@ -51,10 +51,14 @@ def mean_delta(nodes: tuple[int, ...]) -> AdapterState:
 
 
 def site_app(
-    delta: Callable[[int], AdapterState] = site_delta, examples: float = EXAMPLES
+    delta: Callable[[int], AdapterState] = site_delta,
+    examples: float = EXAMPLES,
+    codec: Codec | None = None,
 ) -> ClientApp:
     """Sites that reply to every training message with ``delta(node)`` and
-    ``examples`` examples, in the clear or masked (``client.secagg``)."""
+    ``examples`` examples, masked (``client.secagg``) or in the clear, encoded by
+    ``codec`` (default fp32)."""
+    encoder = codec or Float32Codec()
     app = ClientApp()
 
     @app.train()
@@ -80,7 +84,7 @@ def site_app(
         else:
             content = RecordDict(
                 {
-                    keys.ADAPTER_RECORD: to_array_record(change),
+                    keys.ADAPTER_RECORD: to_array_record(encoder.encode(change)),
                     keys.METRICS_RECORD: metrics,
                 }
             )
@@ -133,10 +137,8 @@ def default_summer(config: RunConfig) -> Summer:
     """The summer ``server.server_app`` would build for ``config`` (fp32 codec)."""
     if config.secagg.enabled:
         return SecureSum(config.secagg, config.seed)
-    from common.codec import Float32Codec
-
     return PlainSum(
-        Float32Codec(),
+        build_codec(config.codec.name, config.codec.topk_fraction, config.seed),
         config.update_norm_bound,
         max_weight=config.train.max_weight,
     )
@@ -158,9 +160,11 @@ def run_synthetic(
     grid: InProcessGrid | None = None,
     rule: AggregationRule | None = None,
     summer: Summer | None = None,
+    initial: AdapterState | None = None,
 ) -> SyntheticRun:
     """Every round of ``config`` over ``grid`` (default: synthetic sites
-    ``NODES``), with ``tamper`` rewriting the replies the coordinator receives."""
+    ``NODES``), with ``tamper`` rewriting the replies the coordinator receives,
+    from ``initial`` (default ``REFERENCE``)."""
     outcome = SyntheticRun()
     grid = grid or synthetic_grid(tamper=tamper)
     outcome.grid = grid
@@ -173,7 +177,7 @@ def run_synthetic(
         evaluate=lambda state: EvalResult(0.0, 0.0, 0),
         on_round=outcome.record,
     )
-    strategy.start(grid, dict(REFERENCE))  # type: ignore[arg-type]
+    strategy.start(grid, dict(initial or REFERENCE))  # type: ignore[arg-type]
     return outcome
 
 
