@@ -48,8 +48,9 @@ costs. ``--max-flower-seconds`` skips a flower cell whose round, predicted from 
 earlier flower cell, would take longer; its object then carries ``skipped``.
 
 ``upload_bytes`` is what one client's upload weighs on the wire: the serialised
-float32 array (``plain``), the masked ``uint32`` array (``fedgraft``) and the masked
-``int64`` arrays Flower puts in its reply (``flower``), each including the small
+float32 array (``plain``), the masked ``uint32`` array (``fedgraft``; ``uint64`` for a
+cohort too large for 1e-6 steps in 32 bits, e.g. above 214 clients at clip 10) and the
+masked ``int64`` arrays Flower puts in its reply (``flower``), each including the small
 ``.npy`` header. ``max_abs_error`` compares each method's sum with the float64 sum of
 the vectors; ``tolerance`` is the quantisation bound (``N`` half steps for fedgraft's
 rounding, ``N`` steps for Flower's stochastic rounding).
@@ -99,7 +100,7 @@ from client import secagg as client_secagg
 from common import keys
 from common.codec import Float32Codec
 from common.config import SecAggConfig
-from common.secagg.encoding import FixedPoint, flatten
+from common.secagg.encoding import flatten, round_encoding
 from common.secagg.protocol import (
     default_neighbours,
     default_threshold,
@@ -383,7 +384,7 @@ def run_fedgraft(
     ]
     upload = array_bytes(uploads[0].content.array_records[keys.MASKED_RECORD])
     k, t = neighbourhood(count, settings.neighbours, settings.threshold)
-    scale = FixedPoint.for_clients(count, settings.clip_norm, settings.max_weight).scale
+    scale = round_encoding(count, settings.clip_norm, settings.max_weight).scale
     stages = ("keys", "masked_input", "unmask")
     return Measurement(
         method="fedgraft",

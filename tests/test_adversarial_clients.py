@@ -19,6 +19,7 @@ from common import keys
 from common.secagg import crypto
 from common.secagg.encoding import FixedPoint
 from common.wire import from_array_record, to_array_record
+from server.aggregation import build_rule
 from simulations.inprocess_grid import InProcessGrid
 from tests.synthetic_sites import (
     NODES,
@@ -131,6 +132,38 @@ def test_a_non_finite_aggregate_skips_the_round_and_keeps_the_last_good_global(
     for state in run.states:
         assert_states_equal(state, REFERENCE)
     assert "aggregate holds NaN or Inf" in caplog.text
+
+
+HEAD = {"head.weight": (2, 3), "head.bias": (2,)}
+
+
+def head_delta(node: int) -> dict[str, np.ndarray]:
+    return {k: np.full(shape, node / 100, np.float32) for k, shape in HEAD.items()}
+
+
+def test_claimed_label_counts_pull_a_head_row_no_more_than_the_sites_weight() -> None:
+    # Prepare: fedavg-per-label; honest sites hold two rows of each label, the
+    # attacker claims 1e12 rows of label 0 (and its honest num-examples, 4)
+    def with_counts(sender: int, reply: Message) -> Message:
+        if replying_to("train")(reply):
+            counts = [1e12, 0.0] if sender == ATTACKER else [2.0, 2.0]
+            reply.content.array_records[keys.LABEL_COUNTS_RECORD] = to_array_record(
+                {"counts": np.array(counts, np.float32)}
+            )
+        return reply
+
+    config = synthetic_config(aggregation="fedavg-per-label")
+    grid = synthetic_grid(tamper=with_counts, app=site_app(head_delta))
+    initial = {k: np.zeros(shape, np.float32) for k, shape in HEAD.items()}
+
+    # Execute
+    run = run_synthetic(config, grid=grid, rule=build_rule(config), initial=initial)
+
+    # Assert: its counts are rescaled to its weight, 4 rows all of label 0
+    honest = sum(node / 100 for node in HONEST)
+    row0 = (2 * honest + 4 * ATTACKER / 100) / (2 * len(HONEST) + 4)
+    row1 = honest / len(HONEST)
+    np.testing.assert_allclose(run.states[1]["head.bias"], [row0, row1], rtol=1e-6)
 
 
 # -- E: the secure path's weight slot and delta coordinates ----------------------------
