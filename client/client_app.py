@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -44,6 +45,9 @@ from common.data import Example
 from common.secagg.encoding import flatten
 from common.splits import client_examples, evaluation_examples, read_rows
 from common.wire import from_array_record, json_field, to_array_record
+
+if TYPE_CHECKING:  # torch loads only when a site trains
+    from client.finetune import FinetuneResult
 
 log = logging.getLogger(__name__)
 
@@ -222,33 +226,24 @@ def train(message: Message, context: Context) -> Message:
         result.seconds,
         result.train_loss,
     )
-    metrics: dict[str, float] = {keys.ON_CUDA: int(result.device == "cuda")}
-    # Training time and a DP-SGD epsilon both follow the site's row count, which
-    # secure aggregation keeps inside the mask: they go up only in plain rounds.
-    if not secure:
-        metrics[keys.TRAIN_SECONDS] = result.seconds
-        if sample_epsilon is not None:
-            metrics[keys.SAMPLE_EPSILON] = sample_epsilon
-    # The train loss and FedSA's personal accuracy or perplexity are computed from
-    # the site's rows: secure aggregation promises the coordinator the sum alone,
-    # and DP accounts for the update, not for figures sent beside it. They go up
-    # only in plain rounds without DP.
-    if not (secure or config.dp.enabled):
-        metrics[keys.TRAIN_LOSS] = result.train_loss
-        if config.aggregation.rule == "fedsa":
-            own = _site_evaluation_rows(config, context, examples, task.labels)
-            if own:
-                metrics.update(site.personal_metrics(own))
+    metrics = _site_metrics(config, secure, result, sample_epsilon)
+    # FedSA's personal accuracy or perplexity is computed from the site's rows: it
+    # goes up only where the train loss does (plain rounds without DP).
+    if keys.TRAIN_LOSS in metrics and config.aggregation.rule == "fedsa":
+        own = _site_evaluation_rows(config, context, examples, task.labels)
+        if own:
+            metrics.update(site.personal_metrics(own))
     if secure:
         # The example count travels only inside the masked vector; under DP every
-        # client weighs the same (max-weight encodes as weight 1).
+        # client weighs the same (max-weight encodes as weight 1), so not even the
+        # sum of the row counts comes out.
         flat = flatten(change)
         masked, notes = secagg.masked_update(
             context,
             message.content.config_records[keys.SECAGG_RECORD],
             task.server_round,
             flat,
-            config.secagg.max_weight if config.dp.client_level else result.num_examples,
+            config.secagg.max_weight if config.dp.enabled else result.num_examples,
             noise=_distributed_noise(task, flat.size),
             tail=_unclipped_bit(task, unclipped),
         )
@@ -262,14 +257,6 @@ def train(message: Message, context: Context) -> Message:
         if site_state is not None:
             site_state.save(context, task.server_round)
         return Message(content, reply_to=message)
-    # The coordinator rejects a weight above train.max-weight: a larger site weighs
-    # as much as the cap allows.
-    metrics.update(
-        {
-            keys.NUM_EXAMPLES: min(result.num_examples, config.train.max_weight),
-            keys.TRAIN_SAMPLES: result.samples,
-        }
-    )
     content = RecordDict(
         {
             keys.ADAPTER_RECORD: to_array_record(
@@ -286,6 +273,37 @@ def train(message: Message, context: Context) -> Message:
     if site_state is not None:
         site_state.save(context, task.server_round)
     return Message(content, reply_to=message)
+
+
+def _site_metrics(
+    config: RunConfig,
+    secure: bool,
+    result: FinetuneResult,
+    sample_epsilon: float | None,
+) -> dict[str, float]:
+    """The figures that go up beside the update, per mode.
+
+    Behind secure aggregation the coordinator is promised the sum alone: only
+    ``on-cuda``. Under DP (plain sum) the figures DP does not account for stay too
+    (train time, loss and samples all follow the site's rows): ``num-examples`` is 1,
+    as every site weighs the same, and at sample level the site's own epsilon goes
+    with it. A plain round without DP sends them all, ``num-examples`` capped at
+    ``train.max-weight`` (the coordinator rejects a larger weight).
+    """
+    metrics: dict[str, float] = {keys.ON_CUDA: int(result.device == "cuda")}
+    if secure:
+        return metrics
+    if config.dp.enabled:
+        metrics[keys.NUM_EXAMPLES] = 1
+        if sample_epsilon is not None:
+            metrics[keys.SAMPLE_EPSILON] = sample_epsilon
+        return metrics
+    return metrics | {
+        keys.TRAIN_SECONDS: result.seconds,
+        keys.TRAIN_LOSS: result.train_loss,
+        keys.NUM_EXAMPLES: min(result.num_examples, config.train.max_weight),
+        keys.TRAIN_SAMPLES: result.samples,
+    }
 
 
 def _site_state(

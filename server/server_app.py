@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +92,9 @@ def _coordinate(
     )
 
     # The sites key the state they keep between rounds by this: a resumed run sends
-    # the same identity (a checkpoint from before it existed gets a new one).
-    run_identity = (resumed.run_identity if resumed else "") or secrets.token_hex(16)
+    # the same identity (a checkpoint from before it existed gets a new one). A
+    # nonce, not a secret: uuid4, leaving the secrets module's draws to the noise.
+    run_identity = (resumed.run_identity if resumed else "") or uuid.uuid4().hex
 
     def after_round(metrics: dict[str, Any], state: AdapterState) -> None:
         recorder.record(metrics)
