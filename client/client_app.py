@@ -14,8 +14,10 @@ Node config keys (``--node-config``): ``data-path`` (the site's own file),
 ``partition-id`` / ``num-partitions`` (simulation), ``backbone-path`` (the site's own
 copy of the backbone), ``cache-dir`` (received backbones and tokenised data),
 ``eval-path`` (the site's own evaluation rows, for FedSA's personalised accuracy or
-perplexity), ``lora.r`` (a FlexLoRA site's rank) and ``state-dir`` (what the site
-keeps between rounds, so that a resumed run has it: client.site_state).
+perplexity), ``lora.r`` (a FlexLoRA site's rank), ``state-dir`` (what the site
+keeps between rounds, so that a resumed run has it: client.site_state) and the
+site's own DP limits ``dp-min-noise-multiplier``, ``dp-max-clip-norm``,
+``dp-max-epsilon`` and ``dp-delta`` (client.site_privacy).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import adapters, secagg
+from client.site_privacy import admit_round, round_noise_multiplier
 from client.site_state import SiteState, site_folder
 from common import dp, keys
 from common.backbone import (
@@ -159,6 +162,17 @@ def train(message: Message, context: Context) -> Message:
             )
         return _status_reply(message, keys.STATUS_NEEDS_BACKBONE)
 
+    # The site's own DP limits and ledger (client.site_privacy): refused here, before
+    # anything is trained, when the coordinator's round breaks them.
+    admitted = admit_round(
+        config,
+        context.node_config,
+        site_folder(context.node_config, cache_dir),
+        round_noise_multiplier(
+            task.dp_noise_multiplier, task.dp_count_stddev, config.dp.adaptive_clip
+        ),
+        task.dp_clip_norm,
+    )
     # torch and transformers load only here: a SuperNode starts a fresh process for
     # every message, and the secure-aggregation stages need neither.
     from client.finetune import LocalTraining
@@ -217,6 +231,9 @@ def train(message: Message, context: Context) -> Message:
         if not (config.dp.adaptive_clip and not secure):
             change = dp.clip_to_norm(change, task.dp_clip_norm)
     adapters.keep_local(trained, config.aggregation.rule, context)
+    if admitted is not None:
+        ledger, charge = admitted
+        ledger.record(charge)
     log.info(
         "round %d (%s): trained %d samples on %s in %.1fs, loss %.4f",
         task.server_round,
