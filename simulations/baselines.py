@@ -40,6 +40,8 @@ from common.splits import (
     run_labels,
 )
 from common.tasks import RunBench, open_bench
+from common.tracking.base import Tracker
+from common.tracking.setup import open_tracker
 from common.vision_bench import VisionWorkbench
 from common.workbench import Workbench
 
@@ -180,21 +182,30 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
     Returns
     -------
     Path
-        The output folder, holding the same files as a federated run.
+        The output folder, holding the same files as a federated run (and, with
+        ``tracking.*`` keys, the same tracked records, tagged ``centralized``).
     """
-    started = time.perf_counter()
     target = output_dir or (
         Path(config.output_dir)
         if config.output_dir
         else default_output_dir("centralized")
     )
+    with open_tracker(
+        config.tracking, target, "centralized", config.as_dict()
+    ) as tracker:
+        _train_centralized(config, target, tracker)
+    return target
+
+
+def _train_centralized(config: RunConfig, target: Path, tracker: Tracker) -> None:
+    started = time.perf_counter()
     bench, clients = open_run_bench(config)
     model = trainable(bench)
     union = [example for rows in clients for example in rows]
     encoded = model.encode(union)
     per_round = federated_samples_per_round(config, [len(rows) for rows in clients])
     context = baseline_context(0)
-    outputs = RunOutputs(target)
+    outputs = RunOutputs(target, tracker=tracker)
     recorder = RoundRecorder(outputs, config.num_server_rounds)
     recorder.record(
         {
@@ -229,7 +240,6 @@ def train_centralized(config: RunConfig, output_dir: Path | None = None) -> Path
             }
         )
     bench.finish_run("centralized", outputs, recorder, bench.state(), started)
-    return target
 
 
 def local_only(config: RunConfig) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from common.tracking.base import Trackers, numeric_items
 from common.tracking.mlflow_run import metric_name
 from common.tracking.setup import open_tracker
 from tests.conftest import hide_package, write_jsonl
-from tests.task_runs import federate
+from tests.task_runs import federate, read_metrics
 from tests.test_federation import make_config
 from tests.tracking_records import (
     expected_series,
@@ -311,3 +311,28 @@ def test_untracked_runs_open_no_tracker(tmp_path: Path) -> None:
 
     # Assert
     assert trackers == []
+
+
+def test_a_centralised_run_is_tracked_as_its_own_kind(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    from simulations.baselines import train_centralized
+
+    uri = (tmp_path / "mlruns").as_uri()
+    config = make_config(
+        tiny_backbone,
+        small_jsonl,
+        tmp_path / "central",
+        **{"num-server-rounds": 1, "tracking.mlflow-uri": uri},
+    )
+
+    # Execute
+    output = train_centralized(config)
+
+    # Assert
+    rows = read_metrics(output)
+    client, run = mlflow_run(uri, "fedgraft")
+    assert run.data.tags["fedgraft.kind"] == "centralized"
+    logged = mlflow_series(client, run.info.run_id, expected_series(rows))
+    assert mismatches(expected_series(rows), logged) == []
