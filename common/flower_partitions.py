@@ -206,12 +206,21 @@ def column_values(examples: Sequence[Example], column: str) -> list[str]:
     return values
 
 
+def missing_package() -> str | None:
+    """Why ``flwr:<name>`` cannot run here (Flower Datasets is not installed), or
+    ``None``."""
+    if importlib.util.find_spec(PACKAGE) is not None:
+        return None
+    return (
+        "flwr:<name> needs Flower Datasets, which is not installed; install the "
+        f"extra: pip install 'fedgraft[{EXTRA}]'"
+    )
+
+
 def _partitioner_module() -> Any:
-    if importlib.util.find_spec(PACKAGE) is None:
-        raise DataError(
-            "data.partition = flwr:<name> needs Flower Datasets, which is not "
-            f"installed; install the extra: pip install 'fedgraft[{EXTRA}]'"
-        )
+    problem = missing_package()
+    if problem is not None:
+        raise DataError(f"data.partition = {problem}")
     return importlib.import_module(f"{PACKAGE}.partitioner")
 
 

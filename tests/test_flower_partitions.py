@@ -203,9 +203,11 @@ def test_missing_flower_datasets_names_the_extra(
     # Prepare
     hide_package(monkeypatch, "flwr_datasets")
 
-    # Execute / Assert
+    # Execute / Assert: at the split, and before anything starts
     with pytest.raises(DataError, match=r"pip install 'fedgraft\[partitioners\]'"):
         _split("flwr:iid")
+    with pytest.raises(ConfigError, match=r"'data.partition'.*fedgraft\[partitioners"):
+        RunConfig.from_flat({"data.partition": "flwr:iid"})
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from common.flower_partitions import (
     parse_options,
     partitioner_of,
 )
+from common.flower_partitions import missing_package as missing_flower_datasets
 from common.flower_partitions import partition_column as flower_partition_column
 
 PARTITION_KINDS = ("iid", "dirichlet", "column:<name>", "flwr:<name>")
@@ -31,7 +32,7 @@ def _check_partition(kind: str) -> str | None:
             partitioner_of(kind)
         except ValueError as error:
             return str(error)
-        return None
+        return missing_flower_datasets()
     if _is_partition(kind):
         return None
     hint = (
