@@ -111,6 +111,32 @@ def test_resuming_without_a_checkpoint_names_the_file(tmp_path: Path) -> None:
         load_checkpoint(tmp_path)
 
 
+def test_the_folder_is_synced_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: record renames and syncs, and what each sync was of
+    events: list[str] = []
+    real_replace, real_fsync = os.replace, os.fsync
+
+    def replace(source: str, target: str) -> None:
+        events.append("rename")
+        real_replace(source, target)
+
+    def fsync(descriptor: int) -> None:
+        kind = "folder" if os.path.isdir(f"/proc/self/fd/{descriptor}") else "file"
+        events.append(f"sync {kind}")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    # Execute
+    save_checkpoint(tmp_path, Checkpoint(1, {"a": np.zeros(2, np.float32)}, {}, []))
+
+    # Assert
+    assert events == ["sync file", "rename", "sync folder"]
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

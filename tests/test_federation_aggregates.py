@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.app import Message
 
+from common import keys
 from common.codec import AdapterState, build_codec
+from common.wire import from_array_record, to_array_record
 from server.aggregation import build_rule
 from tests.synthetic_sites import (
     NODES,
+    replying_to,
     run_synthetic,
     site_app,
     synthetic_config,
@@ -148,3 +152,38 @@ def test_a_server_optimiser_moves_the_global_adapter_by_the_hand_computed_steps(
         np.testing.assert_allclose(
             run.states[2][name], want, rtol=1e-5, atol=1e-7, err_msg=name
         )
+
+
+def test_a_skipped_non_finite_round_leaves_the_optimisers_moments_untouched() -> None:
+    # Prepare: in round 1 every site's delta is finite but their mean overflows
+    # float32; round 2 is honest. No norm bound, so only the aggregate check acts.
+    def overflow_once(sender: int, reply: Message) -> Message:
+        if replying_to("train")(reply) and sender not in overflowed:
+            overflowed.add(sender)
+            record = reply.content.array_records[keys.ADAPTER_RECORD]
+            huge = {
+                k: np.full_like(v, 3e38) for k, v in from_array_record(record).items()
+            }
+            reply.content.array_records[keys.ADAPTER_RECORD] = to_array_record(huge)
+        return reply
+
+    overflowed: set[int] = set()
+    config = synthetic_config(
+        **{"aggregation": "fedadam", "train.max-update-norm": 0.0}
+    )
+    app = site_app(varied_delta)
+    reference = {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()}
+
+    # Execute
+    run = run_synthetic(
+        config,
+        grid=synthetic_grid(tamper=overflow_once, app=app),
+        rule=build_rule(config),
+        initial=reference,
+    )
+
+    # Assert: round 1 changed nothing; round 2 is FedAdam's first step
+    for name, mean in exact_mean().items():
+        np.testing.assert_array_equal(run.states[1][name], reference[name])
+        want = hand_steps("fedadam", [mean])
+        np.testing.assert_allclose(run.states[2][name], want, rtol=1e-5, atol=1e-7)
