@@ -27,6 +27,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ConfigRecord, Context
@@ -35,10 +36,14 @@ from torch.nn import functional as F
 
 from client.finetune import FinetuneResult, LocalTraining
 from client.site_state import DP_SGD_RECORD
+from common import dp
 from common.batching import Encoded, collate
 from common.config import DpConfig
 from common.model import TextClassifier
 from common.sharing import is_head
+
+if TYPE_CHECKING:  # opacus loads only when a site trains with DP-SGD
+    from opacus.optimizers import DPOptimizer
 
 History = list[tuple[float, float, int]]
 
@@ -185,16 +190,14 @@ def dp_sgd_steps(
                 module.eval()
         engine = PrivacyEngine(accountant="rdp")
         engine.accountant.history = list(history)
-        noise = torch.Generator(device=device)
-        noise.manual_seed(secrets.randbits(63))
         private, optimiser, loader = engine.make_private(
             module=model,
             optimizer=optimiser,
             data_loader=loader,
             noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.clip_norm,
-            noise_generator=noise,
         )
+        draw_noise_from_the_csprng(optimiser)
         steps_wanted = math.ceil(plan.epochs * len(loader))
         if plan.max_steps:
             steps_wanted = min(steps_wanted, plan.max_steps)
@@ -239,6 +242,33 @@ def dp_sgd_steps(
     return result, history, epsilon
 
 
+def draw_noise_from_the_csprng(optimiser: DPOptimizer) -> None:
+    """Make ``optimiser`` draw its Gaussian noise from the OS's CSPRNG
+    (:class:`common.dp.SecureNormal`) instead of a torch generator.
+
+    Opacus's ``secure_mode`` needs ``torchcsprng``, which no longer builds against
+    current torch; this replaces, on this one optimiser, the step that adds
+    ``N(0, (sigma C)^2)`` to each summed clipped gradient, with the same std.
+    """
+    from opacus.optimizers.optimizer import (
+        _check_processed_flag,
+        _mark_as_processed,
+    )
+
+    source = dp.secure_generator()
+
+    def add_noise() -> None:
+        std = optimiser.noise_multiplier * optimiser.max_grad_norm
+        for parameter in optimiser.params:
+            summed = parameter.summed_grad
+            _check_processed_flag(summed)
+            noise = torch.from_numpy(source.normal(0.0, std, size=tuple(summed.shape)))
+            parameter.grad = (summed + noise.to(summed)).view_as(parameter)
+            _mark_as_processed(summed)
+
+    optimiser.add_noise = add_noise  # type: ignore[method-assign]
+
+
 def dp_sgd_at_site(
     model: nn.Module,
     rows: Sequence[torch.Tensor],
@@ -267,6 +297,7 @@ __all__ = [
     "dp_sgd",
     "dp_sgd_at_site",
     "dp_sgd_steps",
+    "draw_noise_from_the_csprng",
     "load_history",
     "sample_rate",
     "save_history",

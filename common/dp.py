@@ -13,9 +13,9 @@ follows a quantile of the clients' update norms: each client reports the bit
 quantile. The count costs privacy too, so the delta's noise multiplier is raised to
 keep the round's total at the configured one (:func:`delta_noise_multiplier`).
 
-Noise comes from numpy's PCG64 seeded with 256 bits from the operating system's
-CSPRNG (:func:`secure_generator`): the seed cannot be guessed or replayed, so neither
-can the noise. The accountant is dp-accounting's RDP accountant; nothing here
+Noise takes every one of its random bits from the operating system's CSPRNG
+(:class:`SecureNormal`, through :mod:`secrets`): no generator state exists that
+earlier draws could reveal, so the noise can be neither predicted nor replayed. The accountant is dp-accounting's RDP accountant; nothing here
 computes a privacy loss by itself.
 """
 
@@ -26,7 +26,7 @@ import secrets
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -69,20 +69,54 @@ def clip_to_norm(delta: Mapping[str, np.ndarray], clip_norm: float) -> AdapterSt
     }
 
 
-def secure_generator() -> np.random.Generator:
-    """A fresh generator seeded with 256 bits from the OS's CSPRNG (``secrets``)."""
-    return np.random.Generator(np.random.PCG64(secrets.randbits(256)))
+class NormalSource(Protocol):
+    """Where Gaussian noise comes from: :class:`SecureNormal`, or in tests a
+    seeded ``numpy.random.Generator``."""
+
+    def normal(self, loc: float = 0.0, scale: float = 1.0, size: Any = None) -> Any:
+        """``N(loc, scale^2)`` draws of shape ``size`` (a float when ``None``)."""
+        ...
+
+
+class SecureNormal:
+    """Gaussian draws from the OS's CSPRNG.
+
+    Each pair of draws takes two 64-bit words from ``secrets.token_bytes``, turns
+    their top 53 bits into uniforms in (0, 1) and those into two independent
+    standard normals (the Box-Muller transform). Nothing is kept between calls.
+    """
+
+    def normal(self, loc: float = 0.0, scale: float = 1.0, size: Any = None) -> Any:
+        """``N(loc, scale^2)`` draws of shape ``size`` (a float when ``None``)."""
+        if size is None or isinstance(size, int | np.integer):
+            shape: tuple[int, ...] = () if size is None else (int(size),)
+        else:
+            shape = tuple(int(n) for n in size)
+        count = math.prod(shape)
+        pairs = (count + 1) // 2
+        words = np.frombuffer(secrets.token_bytes(16 * pairs), "<u8").reshape(2, -1)
+        uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+        radius = np.sqrt(-2.0 * np.log(uniform[0]))  # (pairs,) float64
+        angle = 2.0 * np.pi * uniform[1]
+        draws = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])
+        values = loc + scale * draws[:count].reshape(shape)
+        return float(values) if size is None else values
+
+
+def secure_generator() -> SecureNormal:
+    """The noise source of every DP mechanism in a run: :class:`SecureNormal`."""
+    return SecureNormal()
 
 
 def gaussian_noise(
-    shape: int | tuple[int, ...], std: float, rng: np.random.Generator
+    shape: int | tuple[int, ...], std: float, rng: NormalSource
 ) -> np.ndarray:
     """``N(0, std^2)`` per coordinate, float64."""
     return rng.normal(0.0, std, size=shape)
 
 
 def add_noise(
-    state: Mapping[str, np.ndarray], std: float, rng: np.random.Generator
+    state: Mapping[str, np.ndarray], std: float, rng: NormalSource
 ) -> AdapterState:
     """``state`` plus independent ``N(0, std^2)`` on every coordinate (float32).
 
@@ -167,7 +201,7 @@ def delta_noise_multiplier(noise_multiplier: float, count_stddev: float) -> floa
 
 
 def noisy_unclipped_fraction(
-    centred_count: float, expected_clients: float, std: float, rng: np.random.Generator
+    centred_count: float, expected_clients: float, std: float, rng: NormalSource
 ) -> float:
     """``(sum(b_i - 1/2) + N(0, std^2)) / m + 1/2``: the released estimate of the
     unclipped share, from the sum of centred bits (``std = 0`` adds nothing;
@@ -338,8 +372,10 @@ __all__ = [
     "NOISE_SHORTFALL",
     "SAMPLING_RATE",
     "UNCLIPPED_FRACTION",
+    "NormalSource",
     "PrivacyAccountant",
     "RoundCharge",
+    "SecureNormal",
     "add_noise",
     "charges_from_rows",
     "clip_norm_from_rows",

@@ -89,8 +89,8 @@ class ClientLevelDP:
         Mode, clip norm, noise multiplier, delta and budget.
     rows : Sequence[Mapping], optional
         The metrics lines of the rounds already run (a resumed run).
-    rng : numpy.random.Generator, optional
-        Source of the central noise; a CSPRNG-seeded one by default.
+    rng : common.dp.NormalSource, optional
+        Source of the central noise; the OS's CSPRNG by default.
     clip_ceiling : float, optional
         The largest clip norm adaptive clipping may reach (``secagg.clip-norm``
         behind secure aggregation).
@@ -108,7 +108,7 @@ class ClientLevelDP:
         self,
         settings: DpConfig,
         rows: Sequence[Mapping[str, Any]] = (),
-        rng: np.random.Generator | None = None,
+        rng: dp.NormalSource | None = None,
         clip_ceiling: float = math.inf,
     ) -> None:
         self.settings = settings

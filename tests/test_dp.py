@@ -997,3 +997,71 @@ def test_the_secagg_dp_config_runs_until_its_budget_stops_it(
     assert "before round 6" in summary["stop_reason"]
     assert all(row[dp.NOISE_SHORTFALL] == 0.0 for row in rows[1:])
     assert all(row["clients"] == clients for row in rows[1:])
+
+
+# -- noise from the OS's CSPRNG --------------------------------------------------------
+
+
+def test_secure_noise_is_gaussian_and_every_bit_comes_from_the_os_csprng(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: count the bytes drawn from secrets
+    drawn: list[int] = []
+    original = dp.secrets.token_bytes
+
+    def counting(n: int) -> bytes:
+        drawn.append(n)
+        return original(n)
+
+    monkeypatch.setattr(dp.secrets, "token_bytes", counting)
+
+    # Execute
+    noise = dp.secure_generator().normal(0.0, 1.5, size=(400, 501))
+
+    # Assert: 8 bytes per draw; the std, and the share within one std, of N(0, 1.5^2)
+    assert noise.shape == (400, 501) and sum(drawn) == 8 * noise.size
+    assert noise.std() == pytest.approx(1.5, rel=0.01)
+    assert abs(noise.mean()) < 0.01
+    assert np.mean(np.abs(noise) < 1.5) == pytest.approx(0.6827, abs=0.005)
+
+
+def test_dp_sgd_draws_its_noise_from_the_sites_noise_source(
+    tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opacus's torch generator is bypassed: with the batches fixed, the trained
+    adapter follows the noise source alone."""
+    # Prepare
+    from transformers import AutoTokenizer
+
+    from client import private_training
+    from client.finetune import LocalTraining
+    from common.batching import encode
+    from common.model import adapter_state
+
+    texts = [f"row number {i}" for i in range(12)]
+    encoded = encode(
+        AutoTokenizer.from_pretrained(str(tiny_backbone)), texts, [0, 1] * 6, 16
+    )
+    plan = LocalTraining(
+        epochs=1, max_steps=2, batch_size=4, lr=0.05, head_lr=0.05,
+        weight_decay=0.0, seed=1,
+    )  # fmt: skip
+    private = settings(level="sample", clip_norm=0.5, noise_multiplier=1.0)
+    monkeypatch.setattr(private_training.secrets, "randbits", lambda _: 7)
+
+    def trained(noise_seed: int) -> dict[str, np.ndarray]:
+        monkeypatch.setattr(
+            private_training.dp,
+            "secure_generator",
+            lambda: np.random.default_rng(noise_seed),
+        )
+        model = tiny_lora_classifier(tiny_backbone)
+        private_training.dp_sgd(model, encoded, 0, plan, private, [])
+        return adapter_state(model)
+
+    # Execute
+    first, again, other = trained(1), trained(1), trained(2)
+
+    # Assert
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert any(not np.array_equal(first[k], other[k]) for k in first)
