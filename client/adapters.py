@@ -6,7 +6,8 @@ One round at a site, for the adapter::
     FedSA: the site's own B factors put back) -> train -> upload (the delta of what the
     phase and rule share; FlexLoRA: the trained factors themselves) -> encode (top-k:
     with error feedback) -> keep what stays (FedSA: the B factors; top-k: what it has
-    not sent yet; both in the Flower context state)
+    not sent yet; both in the Flower context state, which client.site_state mirrors
+    on the site's disk)
 
 Everything here is numpy on named tensors (see :mod:`common.sharing`).
 """

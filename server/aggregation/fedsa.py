@@ -1,7 +1,8 @@
 """FedSA-LoRA (Guo et al., ICLR 2025): share A, keep B at home.
 
 The A factors learn what is common to every site and are averaged; each site keeps its
-own B factors between rounds (in its Flower context state), so its model is
+own B factors between rounds (in its Flower context state, mirrored on its disk by
+client.site_state so that a resumed run has them), so its model is
 personalised (see :mod:`common.sharing`). The head is shared. The global adapter's B
 factors keep their initial values, so the coordinator's accuracy is that of the shared
 part alone; each client reports the accuracy of its personalised model on its own
