@@ -95,6 +95,9 @@ class SecureSum:
         32, or 16 (the quantising codecs: half the upload): clients then rotate their
         delta with a public seed of the round before encoding it
         (``common.secagg.rotation``) and the coordinator rotates the sum back.
+    unit_weights : bool
+        Every client encodes weight 1 (client-level DP): a decoded total weight
+        other than the cohort's size then means a forged weight slot.
     """
 
     def __init__(
@@ -103,12 +106,14 @@ class SecureSum:
         seed: int,
         extras: Callable[[], RingExtras] | None = None,
         ring_bits: int = RING_BITS,
+        unit_weights: bool = False,
     ) -> None:
         self.settings = settings
         self.ring_bits = ring_bits
         self._rotation_seed = b""
         self.seed = seed
         self.extras = extras
+        self.unit_weights = unit_weights
         self._tail = 0
         self._round: CoordinatorRound | None = None
         self._shared: list[int] = []
@@ -494,7 +499,8 @@ class SecureSum:
     ) -> str:
         """What the decoded sum breaks, or ``""``.
 
-        Every honest client sends a weight ``w`` in ``[1 / max-weight, 1]`` and a
+        Every honest client sends a weight ``w`` in ``[1 / max-weight, 1]`` (1
+        exactly with ``unit_weights``) and a
         weighted delta of norm at most ``w * clip``; so the total weight lies in
         ``[n / max-weight, n]`` and the sum's norm is at most ``total weight *
         clip``, up to one rounding step per client and coordinate and the summed
@@ -505,7 +511,8 @@ class SecureSum:
         assert encoding is not None
         extras = self._extras
         step = count / encoding.scale  # one rounding step per client
-        low, high = count / encoding.max_weight - step, count + step
+        lowest = count if self.unit_weights else count / encoding.max_weight
+        low, high = lowest - step, count + step
         if not low <= weight <= high:
             return f"has total weight {weight:.6g} outside [{low:.6g}, {high:.6g}]"
         norm = float(np.linalg.norm(weighted))

@@ -121,6 +121,8 @@ def _coordinate(
             config.seed,
             extras=privacy.ring_extras if privacy is not None else None,
             ring_bits=config.codec.secure_ring_bits,
+            # Under client-level DP every site weighs 1: a slot off 1 is forged.
+            unit_weights=config.dp.client_level,
         )
         if config.secagg.enabled
         else PlainSum(

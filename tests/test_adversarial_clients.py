@@ -20,6 +20,7 @@ from common.secagg import crypto
 from common.secagg.encoding import FixedPoint
 from common.wire import from_array_record, to_array_record
 from server.aggregation import build_rule
+from server.secagg import SecureSum
 from simulations.inprocess_grid import InProcessGrid
 from tests.synthetic_sites import (
     NODES,
@@ -212,6 +213,30 @@ def test_a_forged_masked_vector_skips_the_round_and_the_run_goes_on(
     assert_states_equal(run.states[1], REFERENCE)
     assert_states_equal(run.states[2], mean_delta(NODES))
     assert "no honest upload can cause" in caplog.text
+
+
+def test_under_client_level_dp_any_forged_weight_slot_skips_the_round(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: every site weighs 1 under DP; the attacker takes off a tenth of a weight,
+    # within [n / max-weight, n], which the general bound would let through
+    summer = SecureSum(synthetic_config(**SECURE).secagg, 42, unit_weights=True)
+    tamper = once(ATTACKER, "train", add_to_upload(-1, -round(0.1 * SCALE)))
+    app = site_app(examples=10.0)  # = secagg.max-weight: weight 1, as under DP
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        run = run_synthetic(
+            synthetic_config(**SECURE),
+            grid=synthetic_grid(tamper=tamper, app=app),
+            summer=summer,
+        )
+
+    # Assert
+    assert run.rows[1]["clients"] == 0
+    assert_states_equal(run.states[1], REFERENCE)
+    assert_states_equal(run.states[2], mean_delta(NODES))
+    assert "has total weight" in caplog.text
 
 
 def test_oversized_honest_deltas_and_counts_are_clipped_and_capped_not_wrapped() -> (
