@@ -27,6 +27,9 @@ QUIET_LOGGERS: dict[str, str] = {
     # an untrusted publisher) and falls back to its own kernel, which is what runs
     # anyway. Nothing to act on, in every process of every run.
     "bitsandbytes.backends.cpu.ops": "hub kernel fallback on a CPU",
+    # MLflow announces (at INFO, through its own handler) that it creates and
+    # migrates the tables of a new SQLite store (tracking.mlflow-uri).
+    "mlflow.store.db.utils": "SQLite store set-up notices",
 }
 
 #: (category, message prefix) -> why the warning is kept off the console.
@@ -40,6 +43,10 @@ QUIET_WARNINGS: dict[tuple[type[Warning], str], str] = {
     (FutureWarning, "Tip: In future versions of Ray"): "Ray's future default",
     # peft reads transformers' old attribute name when it wraps a model.
     (FutureWarning, "`is_gradient_checkpointing` is deprecated"): "peft internal",
+    # MLflow's SQL store maps its tables with a loader option SQLAlchemy deprecates.
+    (DeprecationWarning, "The ``noload`` loader strategy is deprecated"): (
+        "MLflow internal"
+    ),
 }
 
 #: Flower's deprecation of ``run_simulation``: fedgraft calls it on purpose (it runs
