@@ -32,7 +32,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import adapters, secagg
-from client.site_privacy import admit_round, round_noise_multiplier
+from client.site_privacy import (
+    admit_round,
+    admit_sample_round,
+    round_noise_multiplier,
+)
 from client.site_state import SiteState, site_folder
 from common import dp, keys
 from common.backbone import (
@@ -218,8 +222,22 @@ def train(message: Message, context: Context) -> Message:
         phase,
         seed=round_seed,
     )
-    # With dp.level = sample every task's site trains with DP-SGD and reports epsilon.
+    # With dp.level = sample every task's site trains with DP-SGD and reports epsilon;
+    # its own budget over every run may refuse the round first.
+    sample_admitted = admit_sample_round(
+        config,
+        context.node_config,
+        site_folder(context.node_config, cache_dir),
+        len(encoded),
+        plan.batch_size,
+        dp.dp_sgd_round_steps(
+            len(encoded), plan.batch_size, plan.epochs, plan.max_steps
+        ),
+    )
     result, sample_epsilon = site.train(encoded, plan, phase, start, context)
+    if sample_admitted is not None:
+        sample_ledger, step_charge = sample_admitted
+        sample_ledger.record(step_charge, result.steps)
     trained = site.state()
     change = adapters.upload(trained, start, phase, config.aggregation.rule)
     secure = keys.SECAGG_RECORD in message.content.config_records

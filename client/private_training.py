@@ -39,6 +39,7 @@ from client.site_state import DP_SGD_RECORD
 from common import dp
 from common.batching import Encoded, collate
 from common.config import DpConfig
+from common.dp import dp_sgd_sample_rate as sample_rate
 from common.model import TextClassifier
 from common.sharing import is_head
 
@@ -284,11 +285,6 @@ def dp_sgd_at_site(
     )
     save_history(context, history)
     return result, epsilon
-
-
-def sample_rate(num_rows: int, batch_size: int) -> float:
-    """The Poisson sampling rate DP-SGD uses for a site of ``num_rows`` rows."""
-    return 1 / math.ceil(num_rows / min(batch_size, num_rows))
 
 
 __all__ = [

@@ -17,6 +17,11 @@ is charged at ``q = 1``: the coordinator knows whom it sampled, so against it no
 amplification by sampling holds. Epsilon is dp-accounting's (common.dp's
 accountant) at the node config ``dp-delta``, not at the run's.
 
+With ``dp.level = sample`` the site keeps a second ledger,
+``privacy-ledger-sample.json`` (per-row epsilon, another guarantee): every DP-SGD
+step it takes at its Poisson rate, checked against the same ``dp-max-epsilon``
+with the round's planned steps before it trains.
+
 In distributed mode the noise is the sum of the ``m`` sampled sites' shares; the
 account assumes they are added (as the secure sum's floors and consistency checks
 make the cohort real), not that the coordinator is honest about sigma or C.
@@ -43,6 +48,8 @@ MAX_CLIP_KEY = "dp-max-clip-norm"
 MAX_EPSILON_KEY = "dp-max-epsilon"
 DELTA_KEY = "dp-delta"
 LEDGER_FILE = "privacy-ledger.json"
+#: DP-SGD's ledger: per-row epsilon, a different guarantee, so a separate account.
+SAMPLE_LEDGER_FILE = "privacy-ledger-sample.json"
 
 
 class SiteRefusal(RuntimeError):
@@ -167,8 +174,8 @@ class SiteLedger:
         Where epsilon is read.
     """
 
-    def __init__(self, folder: Path, delta: float) -> None:
-        self.path = folder / LEDGER_FILE
+    def __init__(self, folder: Path, delta: float, name: str = LEDGER_FILE) -> None:
+        self.path = folder / name
         self.delta = delta
 
     def charges(self) -> list[dp.RoundCharge]:
@@ -180,6 +187,7 @@ class SiteLedger:
             return [
                 dp.RoundCharge(float(row["sampling_rate"]), float(row["noise"]))
                 for row in rows
+                for _ in range(int(row.get("count", 1)))
             ]
         except (ValueError, KeyError, TypeError) as error:
             raise SiteRefusal(
@@ -191,8 +199,9 @@ class SiteLedger:
         """The site's epsilon at :attr:`delta` (with ``extra`` rounds)."""
         return dp.PrivacyAccountant(self.delta, self.charges()).epsilon(extra)
 
-    def admit(self, charge: dp.RoundCharge, max_epsilon: float) -> None:
-        """Refuse the round when it would take the site above ``max_epsilon``.
+    def admit(self, charge: dp.RoundCharge, max_epsilon: float, count: int = 1) -> None:
+        """Refuse the round (``count`` times ``charge``) when it would take the
+        site above ``max_epsilon``.
 
         Raises
         ------
@@ -201,7 +210,7 @@ class SiteLedger:
         """
         if max_epsilon <= 0:
             return
-        after = self.epsilon((charge,))
+        after = self.epsilon((charge,) * count)
         if after > max_epsilon:
             raise SiteRefusal(
                 f"this round would take the site's epsilon from "
@@ -209,12 +218,18 @@ class SiteLedger:
                 f"above node config {MAX_EPSILON_KEY} = {max_epsilon:g}"
             )
 
-    def record(self, charge: dp.RoundCharge) -> None:
-        """Add one round (written to a temporary name, synced, renamed)."""
-        rows = [
-            {"sampling_rate": c.sampling_rate, "noise": c.noise_multiplier}
-            for c in (*self.charges(), charge)
-        ]
+    def record(self, charge: dp.RoundCharge, count: int = 1) -> None:
+        """Add one round of ``count`` times ``charge`` (written to a temporary
+        name, synced, renamed)."""
+        rows = json.loads(self.path.read_text()) if self.path.exists() else []
+        self.charges()  # refuses a damaged ledger rather than overwrite it
+        rows.append(
+            {
+                "sampling_rate": charge.sampling_rate,
+                "noise": charge.noise_multiplier,
+                "count": count,
+            }
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle, staging = tempfile.mkstemp(prefix=".ledger.", dir=self.path.parent)
         with os.fdopen(handle, "w") as stream:
@@ -254,15 +269,52 @@ def admit_round(
     return ledger, charge
 
 
+def admit_sample_round(
+    config: RunConfig,
+    node_config: Mapping[str, object],
+    folder: Path,
+    num_rows: int,
+    batch_size: int,
+    steps: int,
+) -> tuple[SiteLedger, dp.RoundCharge] | None:
+    """Check a DP-SGD round of ``steps`` steps at the Poisson rate of
+    ``batch_size`` over ``num_rows`` rows against the
+    site's ``dp-max-epsilon`` (its sample-level ledger, every run); returns the
+    ledger and the per-step charge to record once it has trained (none without
+    ``dp.level = sample``).
+
+    Raises
+    ------
+    SiteRefusal
+        When the round would take the site's sample-level epsilon above its budget.
+    """
+    if not config.dp.sample_level or num_rows < 1:
+        return None
+    limits = SiteLimits.from_node_config(node_config)
+    ledger = SiteLedger(folder, limits.delta, SAMPLE_LEDGER_FILE)
+    charge = dp.RoundCharge(
+        dp.dp_sgd_sample_rate(num_rows, batch_size),
+        config.dp.noise_multiplier,
+    )
+    try:
+        ledger.admit(charge, limits.max_epsilon, steps)
+    except SiteRefusal as refusal:
+        log.warning("refusing the round: %s", refusal)
+        raise
+    return ledger, charge
+
+
 __all__ = [
     "DELTA_KEY",
     "LEDGER_FILE",
     "MAX_CLIP_KEY",
     "MAX_EPSILON_KEY",
     "MIN_NOISE_KEY",
+    "SAMPLE_LEDGER_FILE",
     "SiteLedger",
     "SiteLimits",
     "SiteRefusal",
     "admit_round",
+    "admit_sample_round",
     "round_noise_multiplier",
 ]

@@ -78,6 +78,9 @@ class TextRows:
     examples: list[Example]
     encoded: Encoded
 
+    def __len__(self) -> int:
+        return len(self.encoded)
+
 
 @dataclass
 class TextSite:

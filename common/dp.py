@@ -277,6 +277,21 @@ class PrivacyAccountant:
         return target_epsilon > 0 and self.epsilon([charge]) > target_epsilon
 
 
+def dp_sgd_sample_rate(num_rows: int, batch_size: int) -> float:
+    """The Poisson sampling rate DP-SGD (Opacus) uses for a site of ``num_rows``
+    rows: one over the number of batches of ``batch_size``."""
+    return 1 / math.ceil(num_rows / min(batch_size, num_rows))
+
+
+def dp_sgd_round_steps(
+    num_rows: int, batch_size: int, epochs: float, max_steps: int
+) -> int:
+    """The DP-SGD steps a site takes in a round: ``epochs`` passes of
+    ``1 / q`` batches, at most ``max_steps`` (0 = no cap)."""
+    steps = math.ceil(epochs * math.ceil(num_rows / min(batch_size, num_rows)))
+    return min(steps, max_steps) if max_steps else steps
+
+
 def noise_multiplier_for(
     target_epsilon: float, delta: float, rounds: int, sampling_rate: float
 ) -> float:
@@ -384,6 +399,8 @@ __all__ = [
     "default_count_stddev",
     "delta_noise_multiplier",
     "distributed_noise_std",
+    "dp_sgd_sample_rate",
+    "dp_sgd_round_steps",
     "gaussian_noise",
     "is_unclipped",
     "next_clip_norm",

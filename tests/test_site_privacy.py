@@ -10,6 +10,7 @@ from flwr.app import MessageType
 
 from client.site_privacy import (
     LEDGER_FILE,
+    SAMPLE_LEDGER_FILE,
     SiteLedger,
     SiteLimits,
     SiteRefusal,
@@ -150,3 +151,40 @@ def test_sites_stop_at_their_own_budget_across_runs(
     assert len(refusals(again)) == 2
     folder = site_folder(grid.contexts[100].node_config, tmp_path / "cache")
     assert SiteLedger(folder, 1e-5).epsilon() == pytest.approx(two, rel=1e-12)
+
+
+def test_a_dp_sgd_site_charges_its_steps_and_stops_at_its_own_budget(
+    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    # Prepare: one sample-level round with no budget fills the sites' ledgers
+    import tests.test_dp as helpers
+
+    settings = {"dp.level": "sample", "aggregation": "median"}
+    grid, _ = federate(tiny_backbone, small_jsonl, tmp_path / "first", 2, **settings)
+    folder = site_folder(grid.contexts[100].node_config, tmp_path / "cache")
+    ledger = SiteLedger(folder, 1e-5, SAMPLE_LEDGER_FILE)
+    charges = ledger.charges()
+    one, two = ledger.epsilon(), ledger.epsilon(tuple(charges))
+    original = helpers.InProcessGrid
+
+    def with_budget(app: Any, nodes: dict[int, dict[str, Any]]) -> Any:
+        budget = {"dp-max-epsilon": (one + two) / 2}
+        return original(
+            app, {n: c | (budget if n == 100 else {}) for n, c in nodes.items()}
+        )
+
+    monkeypatch.setattr(helpers, "InProcessGrid", with_budget)
+
+    # Execute: a fresh run on the same sites, site 100 with a budget below 2 rounds
+    again, _ = federate(tiny_backbone, small_jsonl, tmp_path / "second", 2, **settings)
+
+    # Assert: every step was charged at the site's Poisson rate, as dp-accounting
+    # composes it; site 100 refuses the second round, site 101 trains
+    (charge,) = set(charges)
+    assert charge.noise_multiplier == 1.0 and 0 < charge.sampling_rate <= 1
+    assert one == pytest.approx(
+        reference_epsilon(len(charges), charge.sampling_rate, 1.0, 1e-5), rel=1e-12
+    )
+    assert len(refusals(again)) == 1
+    assert "dp-max-epsilon" in refusals(again)[0]
+    assert SiteLedger(folder, 1e-5, SAMPLE_LEDGER_FILE).epsilon() == one
