@@ -22,6 +22,14 @@ from common.outputs import RunOutputs
 log = logging.getLogger(__name__)
 
 
+def _cohort(row: Mapping[str, Any]) -> str:
+    """``clients k/m`` for the console; empty when the sample is not public (a
+    secret-sampled DP run leaves both out) or none was drawn."""
+    if not row.get("sampled"):
+        return ""
+    return f"clients {row['clients']}/{row['sampled']}"
+
+
 def _megabytes(value: Any) -> str:
     return f"{(value or 0) / 1e6:.2f}"
 
@@ -117,13 +125,10 @@ class RoundRecorder:
                 completed=row["round"],
                 description=(
                     f"round {row['round']}/{self.total_rounds} "
-                    f"clients {row.get('clients', 0)}/{row.get('sampled', 0)} "
-                    f"{name} {_number(value)}"
+                    f"{_cohort(row)} {name} {_number(value)}"
                 ),
             )
-        clients = (
-            f"clients {row['clients']}/{row['sampled']}" if row.get("sampled") else ""
-        )
+        clients = _cohort(row)
         log.info(
             "round %d/%d %s train_loss %s eval_loss %s eval_accuracy %s up %s MB %.1fs",
             row["round"],
@@ -175,7 +180,7 @@ def summary_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
     for row in rows:
         table.add_row(
             str(row["round"]),
-            str(row.get("clients", "-")),
+            "-" if row.get("clients") is None else str(row["clients"]),
             _number(row.get("train_loss")),
             _number(row.get("eval_loss")),
             *([_number(row.get("eval_perplexity"), 2)] if perplexity else []),
