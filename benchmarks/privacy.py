@@ -79,8 +79,10 @@ def base_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def sampled_per_round(clients: int, fraction: float) -> int:
-    """How many clients the coordinator samples (see ``configure_train``)."""
-    return min(clients, max(1, math.ceil(fraction * clients)))
+    """How many clients the coordinator samples per round: under client-level DP
+    each node independently at ``q = fraction`` (``server.sampling``), so about
+    ``q n`` (at least 1)."""
+    return min(clients, max(1, round(fraction * clients)))
 
 
 def count_stddev(sampled: int, noise_multiplier: float) -> float:
@@ -109,7 +111,11 @@ def run_one(
     sigma = None
     if math.isfinite(epsilon):
         sigma = dp.noise_multiplier_for(
-            epsilon, flat["dp.delta"], flat["num-server-rounds"], sampled / clients
+            # The rate the accountant charges: the Poisson sampler's q.
+            epsilon,
+            flat["dp.delta"],
+            flat["num-server-rounds"],
+            flat["train.fraction"],
         )
         settings |= {
             "dp.enabled": True,
