@@ -16,6 +16,18 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 #: Set to "1" by ``--verbose``; read again in every process that runs the apps.
 VERBOSE_ENV = "FEDGRAFT_VERBOSE"
@@ -119,3 +131,40 @@ def configure_console(verbose: bool) -> None:
     else:
         flower.addFilter(_DropRunSimulationDeprecation())
     quiet_library_noise(verbose)
+
+
+@contextmanager
+def step_progress(
+    description: str, total: int, console: Console | None = None
+) -> Iterator[Callable[[], None]]:
+    """A live bar for a long step, shown only when ``console`` is a terminal.
+
+    Yields a function to call once per finished item. Piped or in CI nothing is
+    drawn: the step's log lines are the record.
+
+    Parameters
+    ----------
+    description : str
+        What the step does (``"clients trained alone"``).
+    total : int
+        Items in the step.
+    console : Console, optional
+        Default: stdout.
+    """
+    console = console or Console()
+    if not console.is_terminal:
+        yield lambda: None
+        return
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)

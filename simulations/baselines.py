@@ -28,6 +28,7 @@ from common import keys
 from common.causal_lm_bench import CausalLMWorkbench
 from common.codec import AdapterState
 from common.config import RunConfig
+from common.console import step_progress
 from common.data import Example
 from common.evaluation import evaluate
 from common.model import load_adapter_state
@@ -256,34 +257,48 @@ def local_only(config: RunConfig) -> list[dict[str, Any]]:
     model = trainable(bench)
     initial = bench.state()
     results = []
-    for client, examples in enumerate(clients):
-        model.load_state(initial)
-        encoded = model.encode(examples)
-        context = baseline_context(client)
-        for server_round in range(1, config.num_server_rounds + 1):
-            phase = config.train.phase(server_round)
-            plan = LocalTraining.from_config(
-                config,
-                phase,
-                seed=config.seed * 100_003 + server_round * 1_009 + client,
+    with step_progress("clients trained alone", len(clients)) as advance:
+        for client, examples in enumerate(clients):
+            results.append(
+                _train_alone(config, bench, model, initial, client, examples)
             )
-            model.train(encoded, plan, phase, bench.state(), context)
-        row: dict[str, Any] = {
-            "client": client,
-            "rows": len(examples),
-            **bench.evaluate().as_metrics(),
-        }
-        if bench.labels:  # a causal language model has no labels, so no own domain
-            held = np.flatnonzero(model.label_counts(encoded, len(bench.labels)))
-            own = bench.evaluate(labels=held.tolist())
-            row["own_domain_accuracy"] = own.accuracy
-            row["own_domain_rows"] = own.num_examples
-        results.append(row)
-        name, value = main_metric(row)
-        log.info(
-            "client %d alone: %s %.4f on %d rows", client, name, value, len(examples)
-        )
+            advance()
     return results
+
+
+def _train_alone(
+    config: RunConfig,
+    bench: RunBench,
+    model: SiteModel,
+    initial: AdapterState,
+    client: int,
+    examples: list[Example],
+) -> dict[str, Any]:
+    """One client of :func:`local_only`: trained alone, then evaluated."""
+    model.load_state(initial)
+    encoded = model.encode(examples)
+    context = baseline_context(client)
+    for server_round in range(1, config.num_server_rounds + 1):
+        phase = config.train.phase(server_round)
+        plan = LocalTraining.from_config(
+            config,
+            phase,
+            seed=config.seed * 100_003 + server_round * 1_009 + client,
+        )
+        model.train(encoded, plan, phase, bench.state(), context)
+    row: dict[str, Any] = {
+        "client": client,
+        "rows": len(examples),
+        **bench.evaluate().as_metrics(),
+    }
+    if bench.labels:  # a causal language model has no labels, so no own domain
+        held = np.flatnonzero(model.label_counts(encoded, len(bench.labels)))
+        own = bench.evaluate(labels=held.tolist())
+        row["own_domain_accuracy"] = own.accuracy
+        row["own_domain_rows"] = own.num_examples
+    name, value = main_metric(row)
+    log.info("client %d alone: %s %.4f on %d rows", client, name, value, len(examples))
+    return row
 
 
 def local_only_summary(results: list[dict[str, Any]]) -> dict[str, float]:

@@ -1,0 +1,115 @@
+"""The console shows what a user acts on: library noise is kept off by name, Flower's
+records are printed once, and ``--verbose`` lets everything through."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+
+import pytest
+from rich.console import Console
+
+from common.console import (
+    QUIET_LOGGERS,
+    VERBOSE_ENV,
+    configure_console,
+    quiet_library_noise,
+    step_progress,
+)
+
+DEPRECATION = "DEPRECATED FEATURE: The `run_simulation` function is deprecated and"
+
+
+@pytest.fixture()
+def console_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Undo what :func:`configure_console` changes in this process."""
+    flower = logging.getLogger("flwr")
+    propagate, filters = flower.propagate, list(flower.filters)
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    for name in (VERBOSE_ENV, "FLWR_LOG_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)
+    with warnings.catch_warnings():
+        yield
+    flower.propagate, flower.filters = propagate, filters
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def _flower_records(verbose: bool) -> list[str]:
+    """Messages Flower's logger hands to its handlers after set-up."""
+    configure_console(verbose)
+    flower, seen = logging.getLogger("flwr"), []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep(level=logging.DEBUG)
+    flower.addHandler(keep)
+    try:
+        flower.warning(DEPRECATION)
+        flower.warning("a warning the user acts on")
+    finally:
+        flower.removeHandler(keep)
+    return seen
+
+
+@pytest.mark.usefixtures("console_state")
+@pytest.mark.parametrize(
+    ("verbose", "expected"),
+    [
+        (False, ["a warning the user acts on"]),
+        (True, [DEPRECATION, "a warning the user acts on"]),
+    ],
+)
+def test_flower_deprecation_of_run_simulation_shows_only_when_verbose(
+    verbose: bool, expected: list[str]
+) -> None:
+    assert _flower_records(verbose) == expected
+
+
+@pytest.mark.usefixtures("console_state")
+def test_flower_records_do_not_also_reach_the_root_handler() -> None:
+    # Execute
+    configure_console(False)
+
+    # Assert: Flower's own handler prints them; the root one would print them again
+    assert logging.getLogger("flwr").propagate is False
+
+
+@pytest.mark.usefixtures("console_state")
+@pytest.mark.parametrize(("verbose", "shown"), [(False, False), (True, True)])
+def test_named_library_noise_is_quiet_unless_verbose(
+    verbose: bool, shown: bool
+) -> None:
+    # Prepare
+    quiet_library_noise(verbose)
+    kernel_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    # Execute
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("`torch.jit.script_method` is deprecated.", DeprecationWarning)
+        warnings.warn("another deprecation", DeprecationWarning)
+
+    # Assert: the named warning follows verbose, any other one is untouched
+    messages = [str(w.message) for w in caught]
+    assert ("`torch.jit.script_method` is deprecated." in messages) is shown
+    assert kernel_logger.isEnabledFor(logging.WARNING) is shown
+    assert kernel_logger.isEnabledFor(logging.ERROR)
+
+
+@pytest.mark.parametrize(("terminal", "drawn"), [(False, False), (True, True)])
+def test_step_progress_draws_only_on_a_terminal(terminal: bool, drawn: bool) -> None:
+    # Prepare
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=terminal, width=80)
+
+    # Execute
+    with step_progress("clients trained alone", 2, console) as advance:
+        advance()
+        advance()
+
+    # Assert
+    assert ("clients trained alone" in out.getvalue()) is drawn
