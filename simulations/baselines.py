@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,6 +245,22 @@ def _train_centralized(config: RunConfig, target: Path, tracker: Tracker) -> Non
     bench.finish_run("centralized", outputs, recorder, bench.state(), started)
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads, as a virtual client of
+    ``sim.cpus-per-client`` CPUs trains (Ray gives it that many): on a busy machine a
+    second thread waiting at every barrier made the baseline six times slower per
+    step (docs/BENCHMARKS.md, first run)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def local_only(config: RunConfig) -> list[dict[str, Any]]:
     """Each client trained alone, evaluated on the coordinator's evaluation rows
     (``eval_loss``, ``eval_accuracy``, and ``eval_perplexity`` for a causal language
@@ -257,7 +275,10 @@ def local_only(config: RunConfig) -> list[dict[str, Any]]:
     model = trainable(bench)
     initial = bench.state()
     results = []
-    with step_progress("clients trained alone", len(clients)) as advance:
+    with (
+        torch_threads(max(1, int(config.sim.cpus_per_client))),
+        step_progress("clients trained alone", len(clients)) as advance,
+    ):
         for client, examples in enumerate(clients):
             results.append(
                 _train_alone(config, bench, model, initial, client, examples)

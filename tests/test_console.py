@@ -113,3 +113,19 @@ def test_step_progress_draws_only_on_a_terminal(terminal: bool, drawn: bool) -> 
 
     # Assert
     assert ("clients trained alone" in out.getvalue()) is drawn
+
+
+def test_torch_threads_applies_inside_the_block_and_restores_after() -> None:
+    # Prepare
+    import torch
+
+    from simulations.baselines import torch_threads
+
+    before = torch.get_num_threads()
+
+    # Execute
+    with torch_threads(1):
+        inside = torch.get_num_threads()
+
+    # Assert
+    assert inside == 1 and torch.get_num_threads() == before

@@ -92,7 +92,9 @@ class DataConfig:
         "`iid`, `dirichlet`, `column:<name>` (one client per value), or "
         "`flwr:<name>`: Flower Datasets' partitioner `iid`, `dirichlet`, "
         "`pathological`, `shard`, `linear`, `square`, `exponential` or `natural-id` "
-        '(README, "Experiment tracking and Flower Datasets partitioners")',
+        '(README, "Experiment tracking and Flower Datasets partitioners"); the '
+        "default on rows without a `domain` column splits them `iid` over "
+        "`sim.num-clients` and says so",
         check=_check_partition,
     )
     partition_args: str = setting(
