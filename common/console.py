@@ -126,6 +126,10 @@ def configure_console(verbose: bool) -> None:
         logging.getLogger(name).setLevel(ours)
     flower = logging.getLogger("flwr")
     flower.propagate = False  # Flower prints through its own handler
+    for old in [
+        f for f in flower.filters if isinstance(f, _DropRunSimulationDeprecation)
+    ]:
+        flower.removeFilter(old)  # a second call (tests, a library user) starts clean
     if verbose:
         os.environ.setdefault("FLWR_LOG_LEVEL", "DEBUG")  # read when flwr loads
     else:
