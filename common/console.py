@@ -137,6 +137,20 @@ def configure_console(verbose: bool) -> None:
     quiet_library_noise(verbose)
 
 
+def progress_bar(console: Console, transient: bool = False) -> Progress:
+    """fedgraft's live bar: description, bar, done/total, elapsed time, ETA."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
 @contextmanager
 def step_progress(
     description: str, total: int, console: Console | None = None
@@ -159,16 +173,7 @@ def step_progress(
     if not console.is_terminal:
         yield lambda: None
         return
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
+    progress = progress_bar(console, transient=True)
     with progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)

@@ -8,15 +8,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 
+from common.console import progress_bar
 from common.outputs import RunOutputs
 
 log = logging.getLogger(__name__)
@@ -92,15 +88,7 @@ class RoundRecorder:
         console = console or Console()
         self._progress: Progress | None = None
         if console.is_terminal:
-            self._progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=console,
-            )
+            self._progress = progress_bar(console)
             done = self.rows[-1]["round"] if self.rows else 0
             self._task = self._progress.add_task(
                 "waiting for round 1", total=total_rounds, completed=done
