@@ -61,10 +61,14 @@ QUIET_WARNINGS: dict[tuple[type[Warning], str], str] = {
     ),
 }
 
-#: Flower's deprecation of ``run_simulation``: fedgraft calls it on purpose (it runs
-#: app objects built from the validated config; ``flwr run .`` is documented too),
-#: so the user of ``fedgraft simulate`` has nothing to change.
-_RUN_SIMULATION_DEPRECATION = "The `run_simulation` function is deprecated"
+#: Flower's records kept off the console -> why.
+QUIET_FLOWER_NOTICES: dict[str, str] = {
+    # fedgraft calls run_simulation on purpose (it runs app objects built from the
+    # validated config; `flwr run .` is documented too): nothing for the user to do.
+    "The `run_simulation` function is deprecated": "fedgraft's choice",
+    # Each Ray worker says so when Flower stops it at the end of every run.
+    "Manually terminating ClientAppActor": "normal shutdown",
+}
 
 
 def is_verbose() -> bool:
@@ -91,13 +95,19 @@ def quiet_library_noise(verbose: bool | None = None) -> None:
     for category, prefix in QUIET_WARNINGS:
         action = "default" if verbose else "ignore"
         warnings.filterwarnings(action, message=prefix, category=category)
+    flower = logging.getLogger("flwr")
+    for old in [f for f in flower.filters if isinstance(f, _DropFlowerNotices)]:
+        flower.removeFilter(old)  # a second call (tests, a library user) starts clean
+    if not verbose:
+        flower.addFilter(_DropFlowerNotices())
 
 
-class _DropRunSimulationDeprecation(logging.Filter):
-    """Drops Flower's deprecation record for ``run_simulation`` alone."""
+class _DropFlowerNotices(logging.Filter):
+    """Drops the Flower records named in :data:`QUIET_FLOWER_NOTICES` alone."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return _RUN_SIMULATION_DEPRECATION not in record.getMessage()
+        message = record.getMessage()
+        return not any(notice in message for notice in QUIET_FLOWER_NOTICES)
 
 
 def configure_console(verbose: bool) -> None:
@@ -124,16 +134,9 @@ def configure_console(verbose: bool) -> None:
     ours = logging.DEBUG if verbose else logging.INFO
     for name in ("fedgraft", "common", "client", "server", "simulations"):
         logging.getLogger(name).setLevel(ours)
-    flower = logging.getLogger("flwr")
-    flower.propagate = False  # Flower prints through its own handler
-    for old in [
-        f for f in flower.filters if isinstance(f, _DropRunSimulationDeprecation)
-    ]:
-        flower.removeFilter(old)  # a second call (tests, a library user) starts clean
+    logging.getLogger("flwr").propagate = False  # Flower prints via its own handler
     if verbose:
         os.environ.setdefault("FLWR_LOG_LEVEL", "DEBUG")  # read when flwr loads
-    else:
-        flower.addFilter(_DropRunSimulationDeprecation())
     quiet_library_noise(verbose)
 
 

@@ -20,6 +20,7 @@ from common.console import (
 )
 
 DEPRECATION = "DEPRECATED FEATURE: The `run_simulation` function is deprecated and"
+TERMINATING = "Manually terminating ClientAppActor"
 
 
 @pytest.fixture()
@@ -50,6 +51,7 @@ def _flower_records(verbose: bool) -> list[str]:
     flower.addHandler(keep)
     try:
         flower.warning(DEPRECATION)
+        flower.warning(TERMINATING)
         flower.warning("a warning the user acts on")
     finally:
         flower.removeHandler(keep)
@@ -61,10 +63,10 @@ def _flower_records(verbose: bool) -> list[str]:
     ("verbose", "expected"),
     [
         (False, ["a warning the user acts on"]),
-        (True, [DEPRECATION, "a warning the user acts on"]),
+        (True, [DEPRECATION, TERMINATING, "a warning the user acts on"]),
     ],
 )
-def test_flower_deprecation_of_run_simulation_shows_only_when_verbose(
+def test_flower_notices_without_action_show_only_when_verbose(
     verbose: bool, expected: list[str]
 ) -> None:
     assert _flower_records(verbose) == expected
