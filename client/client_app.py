@@ -17,7 +17,9 @@ copy of the backbone), ``cache-dir`` (received backbones and tokenised data),
 perplexity), ``lora.r`` (a FlexLoRA site's rank), ``state-dir`` (what the site
 keeps between rounds, so that a resumed run has it: client.site_state) and the
 site's own DP limits ``dp-min-noise-multiplier``, ``dp-max-clip-norm``,
-``dp-max-epsilon`` and ``dp-delta`` (client.site_privacy).
+``dp-max-epsilon`` and ``dp-delta`` (client.site_privacy),
+and the secure-aggregation policy (floors, roster and signing key:
+``client.site_policy``).
 """
 
 from __future__ import annotations
@@ -281,6 +283,7 @@ def train(message: Message, context: Context) -> Message:
             config.secagg.max_weight if config.dp.enabled else result.num_examples,
             noise=_distributed_noise(task, flat.size),
             tail=_unclipped_bit(task, unclipped),
+            model_hash=secagg.received_model_hash(message),
         )
         content = RecordDict(
             {
@@ -391,4 +394,5 @@ def receive_backbone(message: Message, context: Context) -> Message:
 
 app.query(keys.ACTION_SECAGG_ADVERTISE)(secagg.advertise)
 app.query(keys.ACTION_SECAGG_SHARE)(secagg.share_keys)
+app.query(keys.ACTION_SECAGG_CONSISTENCY)(secagg.consistency)
 app.query(keys.ACTION_SECAGG_UNMASK)(secagg.unmask)

@@ -3,19 +3,55 @@
 The round's secrets (private keys, self-mask seed, shares held for neighbours) live in
 the node's ``context.state``, which Flower keeps at the site between the messages of a
 run; they never leave it except as the protocol's encrypted shares.
+
+Before each stage the site checks the coordinator's request against its own policy
+(``client.site_policy``: floors, roster, one masking per round) and refuses, with a
+log line saying why, a round that falls short. In ``secagg.mode = malicious`` it also
+signs its key advertisement, verifies its neighbours' against its roster, and signs
+and checks the survivor set and model hash before it helps unmask anyone.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from client.site_policy import SitePolicy, SiteRefusal
 from common import keys
-from common.secagg import crypto
+from common.secagg import crypto, identity
 from common.secagg.encoding import RING_BITS, FixedPoint
-from common.secagg.protocol import ClientRound, ProtocolViolation
+from common.secagg.protocol import (
+    HONEST_BUT_CURIOUS,
+    MALICIOUS,
+    ClientRound,
+    ProtocolViolation,
+)
 from common.secagg.rotation import rotate
 from common.wire import to_array_record, wire_bytes
+
+log = logging.getLogger(__name__)
+
+Step = TypeVar("Step", bound=Callable[..., Any])
+
+
+def refusals_logged(step: Step) -> Step:
+    """Log a site's refusal before Flower turns it into an error reply, so the
+    site's own log says why it did not take part."""
+
+    @functools.wraps(step)
+    def logged(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return step(*args, **kwargs)
+        except ProtocolViolation as refusal:
+            log.error("secure aggregation refused by this site: %s", refusal)
+            raise
+
+    return cast(Step, logged)
 
 
 def _ids(values: object) -> list[int]:
@@ -30,6 +66,11 @@ def _save(context: Context, state: ClientRound, server_round: int) -> None:
             "node": str(state.node),
             "salt": state.salt,
             "threshold": state.threshold,
+            "mode": state.mode,
+            "identity-of": [str(p) for p in state.identities],
+            "identities": list(state.identities.values()),
+            "model-hash": state.model_hash,
+            "signed-survivors": [str(n) for n in state.signed_survivors],
             "cipher-key": state.cipher_key,
             "mask-key": state.mask_key,
             "self-seed": state.self_seed,
@@ -55,8 +96,17 @@ def _load(context: Context, server_round: int) -> ClientRound:
             f"not {server_round}"
         )
     state = ClientRound(
-        int(record["node"]), bytes(record["salt"]), int(record["threshold"])
-    )  # type: ignore[arg-type]
+        int(record["node"]),  # type: ignore[arg-type]
+        bytes(record["salt"]),  # type: ignore[arg-type]
+        int(record["threshold"]),  # type: ignore[arg-type]
+        str(record["mode"]),
+    )
+    state.identities = {
+        int(p): bytes(i)
+        for p, i in zip(record["identity-of"], record["identities"], strict=True)  # type: ignore[arg-type]
+    }
+    state.model_hash = bytes(record["model-hash"])  # type: ignore[arg-type]
+    state.signed_survivors = _ids(record["signed-survivors"])
     state.cipher_key, state.mask_key = (
         bytes(record["cipher-key"]),
         bytes(record["mask-key"]),
@@ -81,23 +131,36 @@ def _reply(message: Message, record: ConfigRecord) -> Message:
     return Message(RecordDict({keys.SECAGG_RECORD: record}), reply_to=message)
 
 
+@refusals_logged
 def advertise(message: Message, context: Context) -> Message:
-    """Stage 1: fresh key pairs for this round; reply with the public halves."""
+    """Stage 1: fresh key pairs for this round; reply with the public halves (signed
+    with the site's long-term key in malicious mode)."""
     request = message.content.config_records[keys.SECAGG_RECORD]
     server_round = int(request[keys.CFG_ROUND])  # type: ignore[arg-type]
+    mode = str(request.get(keys.SECAGG_MODE, HONEST_BUT_CURIOUS))
+    threshold = int(request[keys.SECAGG_THRESHOLD])  # type: ignore[arg-type]
+    policy = SitePolicy.from_node_config(context.node_config)
+    policy.check_mode(mode)
+    policy.check_threshold(threshold)
     salt = crypto.round_salt(message.metadata.run_id, server_round)
-    state = ClientRound(context.node_id, salt, int(request[keys.SECAGG_THRESHOLD]))  # type: ignore[arg-type]
+    state = ClientRound(context.node_id, salt, threshold, mode)
     cipher_pk, mask_pk = state.advertise()
     _save(context, state, server_round)
-    return _reply(
-        message,
-        ConfigRecord({keys.SECAGG_CIPHER_PK: cipher_pk, keys.SECAGG_MASK_PK: mask_pk}),
-    )
+    reply = {keys.SECAGG_CIPHER_PK: cipher_pk, keys.SECAGG_MASK_PK: mask_pk}
+    if policy.signing_key is not None:
+        statement = identity.advertisement_statement(
+            salt, context.node_id, cipher_pk, mask_pk
+        )
+        reply[keys.SECAGG_IDENTITY] = identity.public_raw(policy.signing_key)
+        reply[keys.SECAGG_SIGNATURE] = policy.signing_key.sign(statement)
+    return _reply(message, ConfigRecord(reply))
 
 
+@refusals_logged
 def share_keys(message: Message, context: Context) -> Message:
-    """Stage 2: secret-share the self-mask seed and the mask key among live
-    neighbours."""
+    """Stage 2: check the round against the site's floors (and, in malicious mode,
+    every neighbour's signed advertisement against the roster), then secret-share
+    the self-mask seed and the mask key among the live neighbours."""
     request = message.content.config_records[keys.SECAGG_RECORD]
     server_round = int(request[keys.CFG_ROUND])  # type: ignore[arg-type]
     state = _load(context, server_round)
@@ -110,6 +173,12 @@ def share_keys(message: Message, context: Context) -> Message:
             strict=True,
         )
     }
+    policy = SitePolicy.from_node_config(context.node_config)
+    policy.check_threshold(state.threshold)
+    policy.check_neighbours(state.threshold, len(peers))
+    policy.check_cohort(int(request.get(keys.SECAGG_COHORT, 0)))  # type: ignore[arg-type]
+    if state.mode == MALICIOUS:
+        state.identities = _verified_advertisements(policy, state, request, peers)
     sealed = state.share_keys(peers)
     _save(context, state, server_round)
     return _reply(
@@ -140,6 +209,54 @@ def _sender_commitments(
     return dict(zip(senders, pairs, strict=True))
 
 
+def _verified_advertisements(
+    policy: SitePolicy,
+    state: ClientRound,
+    request: ConfigRecord,
+    peers: dict[int, tuple[bytes, bytes]],
+) -> dict[int, bytes]:
+    """Each neighbour's identity, after checking that a distinct site of the roster
+    (not this one) signed exactly the keys the coordinator relayed for it.
+
+    Raises
+    ------
+    SiteRefusal
+        Naming the neighbour whose advertisement fails: the coordinator (or the
+        network) altered its keys, or it is not a site of the roster.
+    """
+    assert policy.roster is not None and policy.signing_key is not None
+    own = identity.public_raw(policy.signing_key)
+    identities = [bytes(i) for i in request.get(keys.SECAGG_PEER_IDENTITIES, [])]  # type: ignore[union-attr]
+    signatures = [bytes(s) for s in request.get(keys.SECAGG_PEER_SIGNATURES, [])]  # type: ignore[union-attr]
+    if len(identities) != len(peers) or len(signatures) != len(peers):
+        raise SiteRefusal(
+            "the coordinator relayed neighbours' keys without their signatures "
+            "(secagg.mode = malicious needs one per neighbour)"
+        )
+    verified: dict[int, bytes] = {}
+    for (peer, (cipher_pk, mask_pk)), who, signature in zip(
+        peers.items(), identities, signatures, strict=True
+    ):
+        statement = identity.advertisement_statement(
+            state.salt, peer, cipher_pk, mask_pk
+        )
+        if who not in policy.roster or who == own or who in verified.values():
+            raise SiteRefusal(
+                f"node {peer}'s key advertisement is signed by a key that is not "
+                "another site of this site's roster (secagg-roster); refusing the "
+                "round"
+            )
+        if not identity.verify(who, signature, statement):
+            raise SiteRefusal(
+                f"node {peer}'s public keys do not carry a valid signature of site "
+                f"{policy.roster.name(who)!r}: the keys were substituted on the way; "
+                "refusing the round"
+            )
+        verified[peer] = who
+    return verified
+
+
+@refusals_logged
 def masked_update(
     context: Context,
     request: ConfigRecord,
@@ -148,19 +265,34 @@ def masked_update(
     num_examples: float,
     noise: np.ndarray | None = None,
     tail: np.ndarray | None = None,
+    model_hash: bytes = b"",
 ) -> tuple[ArrayRecord, ConfigRecord]:
-    """Stage 3: encode the delta with its weight, add the noise and the masks.
+    """Stage 3: encode the delta with its weight, add the noise and the masks, once
+    per round (the site records the masking in its state folder first).
 
     ``noise`` (``(P,) float64``, distributed DP) is added in the ring after the
     encoding has clipped the delta, so the clip cannot shrink it. ``tail`` (``(T,)
     float64``: adaptive clipping's unclipped bit, with its noise share) goes after
     the weight, neither clipped nor weighted.
 
+    ``model_hash`` (:func:`received_model_hash`) is what the site signs in the
+    consistency check of malicious mode.
+
     Returns the masked ``(P + 1 + T,) uint32`` upload and the senders whose shares
     failed authentication or their commitments (the coordinator drops them from the
     round; this site adds no pairwise mask with them).
+
+    Raises
+    ------
+    SiteRefusal
+        When the round falls below the site's floors or the site already masked an
+        update for this round.
     """
     state = _load(context, server_round)
+    live = _ids(request[keys.SECAGG_PEERS])
+    policy = SitePolicy.from_node_config(context.node_config)
+    policy.check_neighbours(state.threshold, len(live))
+    policy.check_cohort(int(request.get(keys.SECAGG_COHORT, 0)))  # type: ignore[arg-type]
     senders = _ids(request[keys.SECAGG_SENDERS])
     failed = state.receive_shares(
         dict(
@@ -191,11 +323,11 @@ def masked_update(
         encoded[:-1] += steps
     if tail is not None:
         encoded = np.concatenate([encoded, encoding.to_ring(tail)])
+    policy.claim_masking(context.run_id, context.node_id, server_round)
     # No pairwise mask with a sender whose shares failed: the coordinator drops it,
     # and could not rebuild its half of that mask from shares nobody holds.
-    masked = state.mask(
-        encoded, [p for p in _ids(request[keys.SECAGG_PEERS]) if p not in failed]
-    )
+    masked = state.mask(encoded, [p for p in live if p not in failed])
+    state.model_hash = model_hash
     _save(context, state, server_round)
     return (
         to_array_record({"update": masked}),
@@ -203,15 +335,115 @@ def masked_update(
     )
 
 
-def unmask(message: Message, context: Context) -> Message:
-    """Stage 4: shares of survivors' seeds and dropped nodes' mask keys, never both."""
-    request = message.content.config_records[keys.SECAGG_RECORD]
-    state = _load(
-        context, int(context.state.config_records[keys.SECAGG_STATE]["round"])
-    )  # type: ignore[arg-type]
-    seeds, mask_keys = state.unmask(
-        _ids(request[keys.SECAGG_SURVIVORS]), _ids(request[keys.SECAGG_DROPPED])
+def received_model_hash(message: Message) -> bytes:
+    """The digest of a training message's model and instructions (what every site
+    of a round must have received alike)."""
+    adapter = message.content.array_records[keys.ADAPTER_RECORD]
+    instructions = message.content.config_records[keys.CONFIG_RECORD]
+    return identity.model_digest(
+        {name: array.data for name, array in adapter.items()}, dict(instructions)
     )
+
+
+@refusals_logged
+def consistency(message: Message, context: Context) -> Message:
+    """Malicious mode, after the masked uploads: sign the survivor set the
+    coordinator announces together with the hash of the model this site trained on.
+    A site signs one survivor set per round."""
+    request = message.content.config_records[keys.SECAGG_RECORD]
+    state = _current_round(context)
+    survivors = sorted(_ids(request[keys.SECAGG_SURVIVORS]))
+    policy = SitePolicy.from_node_config(context.node_config)
+    if state.mode != MALICIOUS or policy.signing_key is None:
+        raise SiteRefusal("a consistency check outside secagg.mode = malicious")
+    if state.signed_survivors:
+        raise SiteRefusal(
+            "the coordinator asks this site to sign a second survivor set in one "
+            "round; refusing"
+        )
+    if not state.model_hash:
+        raise SiteRefusal("a consistency check before this site masked its update")
+    if state.node not in survivors:
+        raise SiteRefusal("the survivor set to sign leaves this site out")
+    policy.check_cohort(len(survivors))
+    state.signed_survivors = survivors
+    _save(context, state, _state_round(context))
+    statement = identity.consistency_statement(
+        state.salt, state.node, survivors, state.model_hash
+    )
+    return _reply(
+        message,
+        ConfigRecord(
+            {
+                keys.SECAGG_IDENTITY: identity.public_raw(policy.signing_key),
+                keys.SECAGG_SIGNATURE: policy.signing_key.sign(statement),
+            }
+        ),
+    )
+
+
+def _verify_consistency(
+    policy: SitePolicy, state: ClientRound, request: ConfigRecord, survivors: list[int]
+) -> None:
+    """Every survivor, as a distinct site of the roster, signed the survivor set this
+    site signed and the model hash this site trained on.
+
+    Raises
+    ------
+    SiteRefusal
+        Naming the first survivor whose signature is missing or fails: the
+        coordinator told sites different survivor sets or sent them different
+        models.
+    """
+    assert policy.roster is not None
+    if survivors != state.signed_survivors:
+        raise SiteRefusal(
+            f"the coordinator now lists survivors {survivors}, not the set "
+            f"{state.signed_survivors} this site signed; refusing to unmask"
+        )
+    signed = {
+        signer: (bytes(who), bytes(signature))
+        for signer, who, signature in zip(
+            _ids(request.get(keys.SECAGG_SIGNERS, [])),
+            request.get(keys.SECAGG_SIGNER_IDENTITIES, []),  # type: ignore[arg-type]
+            request.get(keys.SECAGG_SIGNATURES, []),  # type: ignore[arg-type]
+            strict=True,
+        )
+    }
+    seen: set[bytes] = set()
+    for node in survivors:
+        who, signature = signed.get(node, (b"", b""))
+        statement = identity.consistency_statement(
+            state.salt, node, survivors, state.model_hash
+        )
+        known = state.identities.get(node, who)
+        if who not in policy.roster or who in seen or who != known:
+            raise SiteRefusal(
+                f"survivor {node} has no signature from a distinct site of the "
+                "roster; refusing to unmask"
+            )
+        if not identity.verify(who, signature, statement):
+            raise SiteRefusal(
+                f"survivor {node} ({policy.roster.name(who)!r}) signed another "
+                "survivor set or another model hash than this site: the coordinator "
+                "sent an inconsistent round; refusing to unmask"
+            )
+        seen.add(who)
+
+
+@refusals_logged
+def unmask(message: Message, context: Context) -> Message:
+    """Stage 4: shares of survivors' seeds and dropped nodes' mask keys, never both,
+    and only for a cohort of at least ``secagg-min-cohort`` (in malicious mode, one
+    every survivor signed)."""
+    request = message.content.config_records[keys.SECAGG_RECORD]
+    state = _current_round(context)
+    survivors = sorted(_ids(request[keys.SECAGG_SURVIVORS]))
+    policy = SitePolicy.from_node_config(context.node_config)
+    policy.check_cohort(len(survivors))
+    if state.mode == MALICIOUS:
+        _verify_consistency(policy, state, request, survivors)
+    seeds, mask_keys = state.unmask(survivors, _ids(request[keys.SECAGG_DROPPED]))
     del context.state[keys.SECAGG_STATE]  # this round's secrets are spent
     return _reply(
         message,
@@ -228,3 +460,15 @@ def unmask(message: Message, context: Context) -> Message:
             }
         ),
     )
+
+
+def _state_round(context: Context) -> int:
+    if keys.SECAGG_STATE not in context.state.config_records:
+        raise ProtocolViolation(
+            "no secure-aggregation state for this round: the key stages were skipped"
+        )
+    return int(context.state.config_records[keys.SECAGG_STATE]["round"])  # type: ignore[arg-type]
+
+
+def _current_round(context: Context) -> ClientRound:
+    return _load(context, _state_round(context))

@@ -55,6 +55,16 @@ SAMPLE_EPSILON = "sample-epsilon"  # dp.level = sample: the site's DP-SGD epsilo
 ACTION_SECAGG_ADVERTISE = "secagg_advertise"
 ACTION_SECAGG_SHARE = "secagg_share"
 ACTION_SECAGG_UNMASK = "secagg_unmask"
+ACTION_SECAGG_CONSISTENCY = "secagg_consistency"  # malicious mode: sign survivors
+SECAGG_MODE = "mode"  # "honest-but-curious" or "malicious"
+SECAGG_COHORT = "cohort"  # clients in the round (the sites' secagg-min-cohort)
+SECAGG_IDENTITY = "identity"  # a site's long-term Ed25519 public key (raw)
+SECAGG_SIGNATURE = "signature"
+SECAGG_PEER_IDENTITIES = "peer-identities"
+SECAGG_PEER_SIGNATURES = "peer-signatures"
+SECAGG_SIGNERS = "signers"  # consistency check: node ids, identities, signatures
+SECAGG_SIGNER_IDENTITIES = "signer-identities"
+SECAGG_SIGNATURES = "signatures"
 SECAGG_THRESHOLD = "threshold"
 SECAGG_CIPHER_PK = "cipher-pk"
 SECAGG_MASK_PK = "mask-pk"

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.config import SecAggConfig
-from common.secagg import crypto
+from common.secagg import crypto, identity
 from common.secagg.encoding import (
     RING_BITS,
     FixedPoint,
@@ -33,6 +33,7 @@ from common.secagg.encoding import (
 )
 from common.secagg.protocol import (
     KEY_SHARE,
+    MALICIOUS,
     SEED_SHARE,
     CoordinatorRound,
     ProtocolViolation,
@@ -54,6 +55,7 @@ NOISE_HEADROOM_STDS = 8.0
 ADVERTISE = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_ADVERTISE}"
 SHARE = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_SHARE}"
 UNMASK = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_UNMASK}"
+CONSISTENCY = f"{MessageType.QUERY}.{keys.ACTION_SECAGG_CONSISTENCY}"
 #: The two kinds of share a holder returns, in the order of ``_returned_shares``.
 SHARE_KINDS = (SEED_SHARE, KEY_SHARE)
 
@@ -124,6 +126,8 @@ class SecureSum:
         self._omitted: set[tuple[int, int]] = set()
         self._extras = RingExtras()
         self._encoding: FixedPoint | None = None
+        # Malicious mode: each node's long-term identity and advertisement signature.
+        self._signed: dict[int, tuple[bytes, bytes]] = {}
 
     # -- key stages --------------------------------------------------------------------
 
@@ -157,21 +161,31 @@ class SecureSum:
             neighbour_graph(list(nodes), k, self.seed * 7_919 + server_round), t, salt
         )
 
-        setup = {keys.CFG_ROUND: server_round, keys.SECAGG_THRESHOLD: t}
+        setup = {
+            keys.CFG_ROUND: server_round,
+            keys.SECAGG_THRESHOLD: t,
+            keys.SECAGG_MODE: self.settings.mode,
+        }
         advertised = {}
+        self._signed = {}
         for reply in self._stage(
             grid, nodes, ADVERTISE, lambda node: ConfigRecord(setup), stats
         ):
+            node = reply.metadata.src_node_id
             try:
                 record = reply.content.config_records[keys.SECAGG_RECORD]
-                advertised[reply.metadata.src_node_id] = (
+                advertised[node] = (
                     wire_bytes(record[keys.SECAGG_CIPHER_PK], "cipher public key"),
                     wire_bytes(record[keys.SECAGG_MASK_PK], "mask public key"),
                 )
+                if self.settings.mode == MALICIOUS:
+                    self._signed[node] = self._signed_advertisement(
+                        record, salt, node, advertised[node]
+                    )
             except Exception as error:  # noqa: BLE001 - one bad reply, one node out
+                advertised.pop(node, None)
                 log_rejection(
-                    reply.metadata.src_node_id,
-                    RejectedUpdate(f"malformed key advertisement: {error}"),
+                    node, RejectedUpdate(f"malformed key advertisement: {error}")
                 )
                 stats.rejected += 1
         for node in protocol.accept_keys(advertised):
@@ -181,9 +195,10 @@ class SecureSum:
 
         def share_request(node: int) -> ConfigRecord:
             peers = protocol.live_neighbours(node, live)
-            return ConfigRecord(
+            record = ConfigRecord(
                 {
                     **setup,
+                    keys.SECAGG_COHORT: len(live),
                     keys.SECAGG_PEERS: [str(p) for p in peers],
                     keys.SECAGG_PEER_CIPHER_PKS: [
                         protocol.public_keys[p][0] for p in peers
@@ -193,6 +208,14 @@ class SecureSum:
                     ],
                 }
             )
+            if self.settings.mode == MALICIOUS:
+                record[keys.SECAGG_PEER_IDENTITIES] = [
+                    self._signed[p][0] for p in peers
+                ]
+                record[keys.SECAGG_PEER_SIGNATURES] = [
+                    self._signed[p][1] for p in peers
+                ]
+            return record
 
         sealed: dict[int, dict[int, bytes]] = {}
         self._commitments = {}
@@ -277,6 +300,7 @@ class SecureSum:
             return ConfigRecord(
                 {
                     **setup,
+                    keys.SECAGG_COHORT: len(participants),
                     keys.SECAGG_PEERS: [
                         str(p) for p in protocol.live_neighbours(node, self._shared)
                     ],
@@ -321,7 +345,14 @@ class SecureSum:
         if not masked:
             return None
         survivors = sorted(masked)
-        seed_shares, key_shares = self._unmask_shares(grid, survivors, stats)
+        signed = (
+            self._consistency(grid, survivors, stats)
+            if self.settings.mode == MALICIOUS
+            else {}
+        )
+        if signed is None:
+            return None
+        seed_shares, key_shares = self._unmask_shares(grid, survivors, signed, stats)
         try:
             ring_sum = protocol.unmask(
                 masked, self._shared, seed_shares, key_shares, self._omitted
@@ -444,12 +475,17 @@ class SecureSum:
         return sorted(removed & uploaded)
 
     def _unmask_shares(
-        self, grid: Grid, survivors: list[int], stats: RoundStats
+        self,
+        grid: Grid,
+        survivors: list[int],
+        signed: Mapping[int, bytes],
+        stats: RoundStats,
     ) -> tuple[dict[int, dict[int, int]], dict[int, dict[int, int]]]:
-        """Run the unmask stage: owner -> {holder: share} of the survivors'
-        self-mask seeds and of the dropped clients' mask keys, each checked against
-        the commitment its owner made in the key stage (a share that fails is
-        dropped, naming the holder that returned it)."""
+        """Run the unmask stage (with the survivors' consistency signatures in
+        malicious mode): owner -> {holder: share} of the survivors' self-mask seeds
+        and of the dropped clients' mask keys, each checked against the commitment
+        its owner made in the key stage (a share that fails is dropped, naming the
+        holder that returned it)."""
         dropped = sorted(set(self._shared) - set(survivors))
         request = ConfigRecord(
             {
@@ -457,6 +493,12 @@ class SecureSum:
                 keys.SECAGG_DROPPED: [str(n) for n in dropped],
             }
         )
+        if signed:
+            request[keys.SECAGG_SIGNERS] = [str(n) for n in signed]
+            request[keys.SECAGG_SIGNER_IDENTITIES] = [
+                self._signed[n][0] for n in signed
+            ]
+            request[keys.SECAGG_SIGNATURES] = list(signed.values())
         shares: tuple[dict[int, dict[int, int]], ...] = ({}, {})  # seeds, keys
         for reply in self._stage(
             grid, survivors, UNMASK, lambda node: request, stats, count_failures=False
@@ -531,6 +573,60 @@ class SecureSum:
         if appended.size and not (np.abs(appended) <= tail_limit).all():
             return f"has an appended count beyond +-{tail_limit:.6g}"
         return ""
+
+    # -- malicious mode ----------------------------------------------------------------
+
+    @staticmethod
+    def _signed_advertisement(
+        record: ConfigRecord, salt: bytes, node: int, public_keys: tuple[bytes, bytes]
+    ) -> tuple[bytes, bytes]:
+        """A node's identity and advertisement signature, checked against the
+        identity it names (the sites check that identity against their roster).
+
+        Raises
+        ------
+        RejectedUpdate
+            When the signature is missing or does not verify.
+        """
+        who = wire_bytes(record.get(keys.SECAGG_IDENTITY, b""), "identity")
+        signature = wire_bytes(record.get(keys.SECAGG_SIGNATURE, b""), "signature")
+        statement = identity.advertisement_statement(salt, node, *public_keys)
+        if not identity.verify(who, signature, statement):
+            raise RejectedUpdate("its key advertisement's signature does not verify")
+        return who, signature
+
+    def _consistency(
+        self, grid: Grid, survivors: list[int], stats: RoundStats
+    ) -> dict[int, bytes] | None:
+        """The consistency check: every survivor signs the survivor set and the hash
+        of the model it trained on. Returns node -> signature, or ``None`` (the round
+        is skipped) when a survivor does not sign or signs something else."""
+        request = ConfigRecord({keys.SECAGG_SURVIVORS: [str(n) for n in survivors]})
+        signatures: dict[int, bytes] = {}
+        for reply in self._stage(
+            grid, survivors, CONSISTENCY, lambda node: request, stats, False
+        ):
+            node = reply.metadata.src_node_id
+            try:
+                record = reply.content.config_records[keys.SECAGG_RECORD]
+                who = wire_bytes(record[keys.SECAGG_IDENTITY], "identity")
+                if who != self._signed[node][0]:
+                    raise RejectedUpdate("signed with another identity than its keys")
+                signatures[node] = wire_bytes(
+                    record[keys.SECAGG_SIGNATURE], "signature"
+                )
+            # A crafted reply may make any step raise: it leaves this signature out.
+            except Exception as error:  # noqa: BLE001
+                log_rejection(node, RejectedUpdate(f"bad consistency reply: {error}"))
+        missing = sorted(set(survivors) - set(signatures))
+        if missing:
+            log.warning(
+                "round skipped: survivor(s) %s did not sign the consistency check "
+                "(secagg.mode = malicious unmasks only a set every survivor signed)",
+                missing,
+            )
+            return None
+        return signatures
 
     # -- helpers -----------------------------------------------------------------------
 

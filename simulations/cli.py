@@ -1,4 +1,4 @@
-"""The ``fedgraft`` command line: simulate, centralized, predict, keys.
+"""The ``fedgraft`` command line: simulate, centralized, predict, keys, site-keys.
 
 Configuration comes from the embedded defaults, then a TOML file (``--config``), then
 ``--set key=value`` overrides, all with the flat kebab-case keys of
@@ -22,6 +22,7 @@ from common.console import configure_console
 from common.data import DataError, encode_labels
 from common.outputs import SUMMARY_FILE, default_output_dir
 from common.secagg.encoding import HeadroomError, round_encoding
+from common.secagg.identity import IdentityError, write_site_keys
 from common.splits import (
     all_client_examples,
     default_num_clients,
@@ -241,6 +242,18 @@ def _parser() -> argparse.ArgumentParser:
         default="toml",
         help="toml: lines of a --config file; set: --set options",
     )
+    site_keys = commands.add_parser(
+        "site-keys",
+        help="make a site's Ed25519 signing key for secagg.mode = malicious and "
+        "print its roster line and node config",
+    )
+    site_keys.add_argument("name", help="the site's name in the roster")
+    site_keys.add_argument("--out", required=True, help="folder for the key pair")
+    site_keys.add_argument(
+        "--roster",
+        help="roster file the site will read (default OUT/roster.txt); the line is "
+        "appended to it when given",
+    )
     return parser
 
 
@@ -269,6 +282,20 @@ def keys_listing(style: str) -> list[str]:
 
 def _keys(arguments: argparse.Namespace) -> None:
     print("\n".join(keys_listing(arguments.format)))
+
+
+def _site_keys(arguments: argparse.Namespace) -> None:
+    private, public = write_site_keys(arguments.name, Path(arguments.out).resolve())
+    line = public.read_text().strip()
+    roster = Path(arguments.roster or Path(arguments.out) / "roster.txt").resolve()
+    if arguments.roster:
+        with roster.open("a") as stream:
+            stream.write(line + "\n")
+    print(f"# {private}: the site's private key; it never leaves the site")
+    print("# roster line (every site's roster lists every site, this one included):")
+    print(line)
+    print("# node config of this site (flower-supernode --node-config):")
+    print(f'secagg-signing-key="{private}" secagg-roster="{roster}"')
 
 
 def _predict(arguments: argparse.Namespace) -> None:
@@ -356,6 +383,7 @@ def _train(arguments: argparse.Namespace) -> None:
 
 _COMMANDS = {
     "keys": _keys,
+    "site-keys": _site_keys,
     "predict": _predict,
     "generate": _generate,
     "make-task-demo": _make_task_demo,
@@ -380,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         HeadroomError,
         CheckpointError,
         ExportError,
+        IdentityError,
         FileNotFoundError,
     ) as error:
         print(f"fedgraft: error: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ nodes misbehave. Deployments and simulations use Flower's own engines.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from types import SimpleNamespace
@@ -26,7 +27,8 @@ class InProcessGrid:
     client_app : ClientApp
         The app every node runs.
     node_configs : Mapping[int, Mapping]
-        Node id -> node config.
+        Node id -> node config. A node without ``state-dir`` gets its own folder in
+        a temporary directory the grid owns (each site has its own disk).
     tamper : callable, optional
         ``tamper(node_id, reply)`` returns the reply to deliver, or ``None`` to lose it
         (as a timeout would).
@@ -51,11 +53,12 @@ class InProcessGrid:
         # sets it.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.client_app = client_app
+        self._state = tempfile.TemporaryDirectory(prefix="fedgraft-sites-")
         self.contexts = {
             node: Context(
                 run_id=1,
                 node_id=node,
-                node_config=dict(config),
+                node_config={"state-dir": f"{self._state.name}/{node}", **config},
                 state=RecordDict(),
                 run_config={},
             )

@@ -164,7 +164,12 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
     wait_until(lambda: healthy(port), 60, "the SuperLink")
     for index, site in enumerate(sites):
         node_port = free_port()
-        node_config = f'data-path="{site}" cache-dir="{tmp_path / f"cache{index}"}"'
+        # Two sites: each knowingly lowers its secure-aggregation floors (the
+        # defaults refuse a round of fewer than three clients).
+        node_config = (
+            f'data-path="{site}" cache-dir="{tmp_path / f"cache{index}"}" '
+            "secagg-min-threshold=1 secagg-min-neighbours=1 secagg-min-cohort=2"
+        )
         processes.start(
             f"supernode{index}",
             str(BIN / "flower-supernode"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, flower_env
+from tests.conftest import REPO_ROOT, flower_env, write_jsonl
 from tests.tracking_records import (
     expected_series,
     mismatches,
@@ -54,11 +54,31 @@ def stop_local_superlinks(home: str) -> None:
 
 
 def test_fedgraft_simulate_runs_secure_rounds_and_compares_with_clients_alone(
-    tiny_backbone: Path, small_jsonl: Path, tmp_path: Path
+    tiny_backbone: Path, tmp_path: Path
 ) -> None:
-    # Prepare: secure aggregation keeps the client's stage state in Flower's
-    # context.state across Ray actors (a plain run on the engine is the flwr-run test
-    # below; plain and secure sums are compared in process in test_secagg_federation)
+    # Prepare: three domains, one site each (sites refuse secure rounds of fewer
+    # than three clients by default, node config secagg-min-cohort, and simulated
+    # sites have no node config to lower it). Secure aggregation keeps the client's
+    # stage state in Flower's context.state across Ray actors (a plain run on the
+    # engine is the flwr-run test below; plain and secure sums are compared in
+    # process in test_secagg_federation)
+    three_domains = write_jsonl(
+        tmp_path / "three.jsonl",
+        [
+            {
+                "text": f"please {label} number {i} my account",
+                "label": label,
+                "domain": domain,
+            }
+            for domain, labels in (
+                ("bank", ("send", "balance")),
+                ("travel", ("flight", "hotel")),
+                ("home", ("lights", "heating")),
+            )
+            for label in labels
+            for i in range(4)
+        ],
+    )
     output = tmp_path / "out"
     command = [
         str(BIN / "fedgraft"),
@@ -66,7 +86,7 @@ def test_fedgraft_simulate_runs_secure_rounds_and_compares_with_clients_alone(
         "--set",
         f"model.name={tiny_backbone}",
         "--set",
-        f"data.path={small_jsonl}",
+        f"data.path={three_domains}",
         "--set",
         "num-server-rounds=2",
         "--set",
@@ -102,9 +122,9 @@ def test_fedgraft_simulate_runs_secure_rounds_and_compares_with_clients_alone(
         json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
     ]
     assert [row["round"] for row in rows] == [0, 1, 2]
-    assert all(row["clients"] == 2 for row in rows[1:])
+    assert all(row["clients"] == 3 for row in rows[1:])
     summary = json.loads((output / "summary.json").read_text())
-    assert len(summary["local_baseline"]["clients"]) == 2
+    assert len(summary["local_baseline"]["clients"]) == 3
     assert "federated eval_accuracy" in finished.stdout
     assert_tracked(rows, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "tb" / "out")
 

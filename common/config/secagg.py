@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.config.errors import Refusal, refuse_if
-from common.config.keys import above, at_least, setting
+from common.config.keys import above, at_least, one_of, setting
+from common.secagg.protocol import SECAGG_MODES
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,17 @@ class SecAggConfig:
         120.0,
         "seconds each key or unmask stage waits for replies",
         check=above(0, "must be > 0 seconds"),
+        resumable=True,
+    )
+    mode: str = setting(
+        "secagg.mode",
+        "honest-but-curious",
+        "`honest-but-curious`: keys relayed as sent, safe while the coordinator "
+        "follows the protocol; `malicious`: sites sign their keys, verify their "
+        "peers' against a roster (node config `secagg-roster`) and sign the survivor "
+        "set and model hash before unmasking (docs/SECURE_DEPLOYMENT.md, threat "
+        "model)",
+        check=one_of(SECAGG_MODES),
         resumable=True,
     )
 

@@ -34,6 +34,12 @@ SEED_SHARE = b"self-mask-seed"
 KEY_SHARE = b"mask-key"
 RING_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint64), np.dtype(np.uint16))
 _SHARE_PURPOSE = b"share-encryption"
+#: Secure-aggregation modes (run config ``secagg.mode``). ``honest-but-curious``:
+#: keys relayed as sent, no consistency check; ``malicious``: signed advertisements
+#: checked against each site's roster, and a consistency check before unmasking.
+HONEST_BUT_CURIOUS = "honest-but-curious"
+MALICIOUS = "malicious"
+SECAGG_MODES = (HONEST_BUT_CURIOUS, MALICIOUS)
 
 
 class ProtocolViolation(RuntimeError):
@@ -104,11 +110,14 @@ class ClientRound:
         :func:`common.secagg.crypto.round_salt` of the run and round.
     threshold : int
         Shares needed to rebuild a secret.
+    mode : str
+        One of :data:`SECAGG_MODES`.
     """
 
     node: int
     salt: bytes
     threshold: int
+    mode: str = HONEST_BUT_CURIOUS
     cipher_key: bytes = b""
     mask_key: bytes = b""
     self_seed: bytes = b""
@@ -121,6 +130,11 @@ class ClientRound:
     commitments: dict[int, tuple[bytes, bytes]] = field(
         default_factory=dict
     )  # holder -> commitments to the (b, s_sk) shares sent to it
+    # Malicious mode: peers' long-term identities (node -> Ed25519 public key), the
+    # hash of the model this client trained on, and the survivor set it signed.
+    identities: dict[int, bytes] = field(default_factory=dict)
+    model_hash: bytes = b""
+    signed_survivors: list[int] = field(default_factory=list)
 
     def advertise(self) -> tuple[bytes, bytes]:
         """Fresh key pairs for this round; returns the public keys (c, s)."""
