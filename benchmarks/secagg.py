@@ -14,6 +14,13 @@ in the same process:
     ``client/client_app.py`` does), and ``SecureSum.collect`` (unmask, decode). Every
     client has weight 1 and ``secagg.max-weight`` is 1, so the decoded total is the
     plain sum.
+``fedgraft-malicious``
+    The same with ``secagg.mode = malicious``: every site has an Ed25519 key and a
+    roster of the sites' public keys (written before the clock starts), signs its key
+    advertisement, verifies its neighbours', hashes the model it received (here the
+    vector, standing in for a global model of the same size) and signs the survivor
+    set in the consistency round; before unmasking it verifies every survivor's
+    signature. The coordinator checks each advertisement's signature.
 ``flower``
     Flower's legacy ``SecAggPlusWorkflow`` inside ``DefaultWorkflow`` with a
     ``LegacyContext`` and ``FedAvg``, against a ``client_fn`` ``ClientApp`` whose
@@ -31,6 +38,7 @@ client); ``server_seconds`` is the wall time of the coordinator-side calls minus
 ``client_stage_seconds`` and ``server_stage_seconds`` split both over the key stages,
 the masked input and the unmasking (fedgraft's ``prepare``, training round and
 ``collect``; Flower's setup and share-keys, collect-masked-vectors and unmask stages).
+``consistency`` is part of the unmasking step for ``fedgraft-malicious``.
 ``ratio_to_flower_client`` and ``ratio_to_flower_server`` divide each method's
 seconds by Flower's in the same cell. Neither
 training message carries a global model down (Flower's strategy starts from empty
@@ -70,6 +78,7 @@ import gc
 import json
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,8 +109,11 @@ from client import secagg as client_secagg
 from common import keys
 from common.codec import Float32Codec
 from common.config import SecAggConfig
+from common.secagg import identity
 from common.secagg.encoding import flatten, round_encoding
 from common.secagg.protocol import (
+    HONEST_BUT_CURIOUS,
+    MALICIOUS,
     default_neighbours,
     default_threshold,
 )
@@ -121,7 +133,7 @@ FULL_CELLS: tuple[tuple[int, int], ...] = (
     (100, 1_000_000),
 )
 QUICK_CELLS: tuple[tuple[int, int], ...] = ((10, 77_578), (10, 1_000_000), (50, 77_578))
-METHODS: tuple[str, ...] = ("plain", "fedgraft", "flower")
+METHODS: tuple[str, ...] = ("plain", "fedgraft", "fedgraft-malicious", "flower")
 VECTOR_SCALE = 1e-3
 TENSOR = "w"  # the one tensor every vector stands for
 
@@ -148,8 +160,14 @@ class WireGrid(InProcessGrid):
         Time spent copying, counted as neither client nor coordinator time.
     """
 
-    def __init__(self, client_app: ClientApp, nodes: Sequence[int]) -> None:
-        super().__init__(client_app, {node: {} for node in nodes})
+    def __init__(
+        self,
+        client_app: ClientApp,
+        nodes: Sequence[int],
+        node_configs: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> None:
+        configs = node_configs or {}
+        super().__init__(client_app, {node: configs.get(node, {}) for node in nodes})
         self.wire_seconds = 0.0
 
     def send_and_receive(
@@ -329,7 +347,10 @@ def fedgraft_app(vectors: Mapping[int, np.ndarray]) -> ClientApp:
     app = ClientApp()
     app.query(keys.ACTION_SECAGG_ADVERTISE)(client_secagg.advertise)
     app.query(keys.ACTION_SECAGG_SHARE)(client_secagg.share_keys)
+    app.query(keys.ACTION_SECAGG_CONSISTENCY)(client_secagg.consistency)
     app.query(keys.ACTION_SECAGG_UNMASK)(client_secagg.unmask)
+    # What every client hashes as the global model it received, as client_app does.
+    received = np.zeros_like(next(iter(vectors.values()))).tobytes()
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -341,6 +362,7 @@ def fedgraft_app(vectors: Mapping[int, np.ndarray]) -> ClientApp:
             server_round,
             flatten({TENSOR: vectors[context.node_id]}),
             1,
+            model_hash=identity.model_digest({TENSOR: received}, {}),
         )
         metrics = {keys.TRAIN_LOSS: 0.0, keys.TRAIN_SECONDS: 0.0, keys.ON_CUDA: 0}
         content = RecordDict(
@@ -361,9 +383,45 @@ def run_fedgraft(
     settings: SecAggConfig,
     seed: int,
 ) -> Measurement:
-    """One fedgraft SecAgg+ round: prepare, masked training replies, collect."""
+    """One fedgraft SecAgg+ round: prepare, masked training replies, collect (in
+    ``settings.mode``; a malicious-mode round first writes the sites' keys and
+    roster, untimed)."""
+    count = len(vectors)
+    with tempfile.TemporaryDirectory(prefix="secagg-bench-") as folder:
+        configs = (
+            site_configs(Path(folder), count) if settings.mode == MALICIOUS else None
+        )
+        app = fedgraft_app(node_vectors(vectors))
+        grid = WireGrid(app, range(1, count + 1), configs)
+        return fedgraft_round(grid, vectors, expected, settings, seed)
+
+
+def site_configs(folder: Path, count: int) -> dict[int, dict[str, Any]]:
+    """Node configs of ``count`` sites with Ed25519 keys and a shared roster."""
+    roster = folder / "roster.txt"
+    lines = []
+    for node in range(1, count + 1):
+        _, public = identity.write_site_keys(f"site{node}", folder)
+        lines.append(public.read_text())
+    roster.write_text("".join(lines))
+    return {
+        node: {
+            "secagg-roster": str(roster),
+            "secagg-signing-key": str(folder / f"site{node}.ed25519"),
+        }
+        for node in range(1, count + 1)
+    }
+
+
+def fedgraft_round(
+    grid: WireGrid,
+    vectors: np.ndarray,
+    expected: np.ndarray,
+    settings: SecAggConfig,
+    seed: int,
+) -> Measurement:
+    """Clock one fedgraft round on ``grid``."""
     count, params = vectors.shape
-    grid = WireGrid(fedgraft_app(node_vectors(vectors)), range(1, count + 1))
     summer, stats, clock = SecureSum(settings, seed), Stats(), Clock()
     reference = {TENSOR: np.zeros(params, np.float32)}
     nodes = grid.get_node_ids()
@@ -387,7 +445,7 @@ def run_fedgraft(
     scale = round_encoding(count, settings.clip_norm, settings.max_weight).scale
     stages = ("keys", "masked_input", "unmask")
     return Measurement(
-        method="fedgraft",
+        method="fedgraft" if settings.mode != MALICIOUS else "fedgraft-malicious",
         clients=count,
         params=params,
         client_seconds=sum(clock.client.values()) / count,
@@ -570,7 +628,7 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         record["ratio_to_flower_server"] = round(
             record["server_seconds"] / flower["server_seconds"], 4
         )
-        if record["method"] == "fedgraft":
+        if str(record["method"]).startswith("fedgraft"):
             record["ratio_to_flower_server_excl_strategy"] = round(
                 record["server_seconds"] / flower["server_seconds_excl_strategy"], 4
             )
@@ -581,7 +639,7 @@ def flower_cost(clients: int, params: int, neighbours: int) -> float:
     return clients * (neighbours + 1) * params
 
 
-def secagg_settings(args: argparse.Namespace) -> SecAggConfig:
+def secagg_settings(args: argparse.Namespace, mode: str) -> SecAggConfig:
     """fedgraft's settings: weight 1 for every client, so the sum is the plain one."""
     return SecAggConfig(
         enabled=True,
@@ -590,6 +648,7 @@ def secagg_settings(args: argparse.Namespace) -> SecAggConfig:
         clip_norm=args.clip_norm,
         max_weight=1.0,
         timeout=120.0,
+        mode=mode,
     )
 
 
@@ -604,9 +663,10 @@ def measure(
     gc.collect()
     if method == "plain":
         return run_plain(vectors, expected)
-    if method == "fedgraft":
+    if method.startswith("fedgraft"):
+        mode = MALICIOUS if method == "fedgraft-malicious" else HONEST_BUT_CURIOUS
         return run_fedgraft(
-            vectors, expected, secagg_settings(args), args.seed + repeat
+            vectors, expected, secagg_settings(args, mode), args.seed + repeat
         )
     k, t = neighbourhood(len(vectors), args.neighbours, args.threshold)
     return run_flower(

@@ -27,8 +27,9 @@ class InProcessGrid:
     client_app : ClientApp
         The app every node runs.
     node_configs : Mapping[int, Mapping]
-        Node id -> node config. A node without ``state-dir`` gets its own folder in
-        a temporary directory the grid owns (each site has its own disk).
+        Node id -> node config. A node with neither ``state-dir`` nor ``cache-dir``
+        gets its own state folder in a temporary directory the grid owns, so no
+        test leaves site state (its masking records) in the user's cache.
     tamper : callable, optional
         ``tamper(node_id, reply)`` returns the reply to deliver, or ``None`` to lose it
         (as a timeout would).
@@ -58,7 +59,11 @@ class InProcessGrid:
             node: Context(
                 run_id=1,
                 node_id=node,
-                node_config={"state-dir": f"{self._state.name}/{node}", **config},
+                node_config=(
+                    dict(config)
+                    if "state-dir" in config or "cache-dir" in config
+                    else {"state-dir": f"{self._state.name}/{node}", **config}
+                ),
                 state=RecordDict(),
                 run_config={},
             )
