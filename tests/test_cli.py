@@ -100,7 +100,7 @@ def test_predict_on_a_folder_without_a_head_says_what_to_point_at(
     assert "point at the merged/ folder" in capsys.readouterr().err
 
 
-def test_simulate_refuses_secure_aggregation_that_would_overflow(
+def test_simulate_refuses_secure_aggregation_that_would_overflow_even_the_64_bit_ring(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     code = main(
@@ -109,7 +109,7 @@ def test_simulate_refuses_secure_aggregation_that_would_overflow(
             "--set",
             "secagg.enabled=true",
             "--set",
-            "secagg.clip-norm=1000000",
+            "secagg.clip-norm=1e16",
         ]
     )
     assert (
