@@ -23,8 +23,9 @@ from server.checkpoint import (
 )
 from tests.conftest import REPO_ROOT
 
-# The coordinator with two in-process clients; the fifth training reply (round 3)
-# stalls when FEDGRAFT_TEST_STALL is set, so the process can be killed mid-round.
+# The coordinator with two in-process clients. When FEDGRAFT_TEST_STALL names a file,
+# the fifth training reply (the first of round 3, after round 2's checkpoint) writes
+# that file and stalls: the test kills the process once the file exists.
 DRIVER = """
 import json, os, sys, time
 from client.client_app import app
@@ -35,8 +36,11 @@ from simulations.inprocess_grid import InProcessGrid
 flat = json.loads(sys.argv[1])
 replies = []
 def stall(node, reply):
-    replies.append(node)
-    if os.environ.get("FEDGRAFT_TEST_STALL") and len(replies) == 5:
+    if reply.metadata.message_type == "train":
+        replies.append(node)
+    marker = os.environ.get("FEDGRAFT_TEST_STALL")
+    if marker and len(replies) == 5:
+        open(marker, "w").close()
         time.sleep(600)
     return reply
 nodes = {
@@ -65,15 +69,15 @@ def run_config(
 
 
 def drive(
-    flat: dict[str, object], tmp_path: Path, stall: bool = False
+    flat: dict[str, object], tmp_path: Path, stall: Path | None = None
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO_ROOT),
         "FEDGRAFT_CACHE_DIR": str(tmp_path / "cache"),
     }
-    if stall:
-        env["FEDGRAFT_TEST_STALL"] = "1"
+    if stall is not None:
+        env["FEDGRAFT_TEST_STALL"] = str(stall)
     return subprocess.Popen(
         [sys.executable, "-c", DRIVER, json.dumps(flat)],
         env=env,
@@ -192,19 +196,18 @@ def test_a_run_killed_mid_round_resumes_to_the_same_adapter_bit_for_bit(
         == 0
     )
 
-    # Execute: SIGKILL while round 3 trains, then resume from the checkpoint
-    interrupted = tmp_path / "interrupted"
+    # Execute: SIGKILL while round 3 trains (the driver says so through a file),
+    # then resume from the checkpoint
+    interrupted, stalled = tmp_path / "interrupted", tmp_path / "round-3-stalled"
     process = drive(
-        run_config(tiny_backbone, small_jsonl, interrupted), tmp_path, stall=True
+        run_config(tiny_backbone, small_jsonl, interrupted), tmp_path, stall=stalled
     )
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if (interrupted / "checkpoint.safetensors").exists() and load_checkpoint(
-            interrupted
-        ).server_round == 2:
-            break
-        time.sleep(0.2)
-    time.sleep(1.0)
+    while not stalled.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("the driver never reached round 3's first training reply")
+        time.sleep(0.1)
+    assert load_checkpoint(interrupted).server_round == 2
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (interrupted / "summary.json").exists()
