@@ -3,6 +3,7 @@ and ``flwr run`` submitting the app, as data-owning sites would run it."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from common.demo import demo_test_examples, demo_train_examples
+from simulations import cli
 from tests.conftest import REPO_ROOT, build_tiny_backbone, flower_env, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -118,8 +120,10 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]
 
 
 # Every message starts a fresh flwr-clientapp process on a SuperNode, so each round
-# costs seconds. One run covers two sites, secure aggregation across processes and a
-# second round that finds the backbone already handed over; plain aggregation across
+# costs seconds. One run covers two sites, malicious-secure aggregation (signed keys,
+# a roster and floors at each site, the consistency round) across processes and a
+# second round that finds the backbone already handed over; a short second run shows
+# a site refusing a key its roster does not vouch for. Plain aggregation across
 # processes runs in tests/test_secure_deployment.py (TLS and node authentication).
 def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
     deployment: tuple[Processes, dict[str, str], int],
@@ -148,7 +152,7 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
         if e.extra["domain"] in ("banking", "travel")
     ]
     test_file = write_jsonl(tmp_path / "test.jsonl", test_rows)
-    output = tmp_path / "run-output"
+    rosters = site_keys(tmp_path / "site-keys", len(sites))
     processes.start(
         "superlink",
         str(BIN / "flower-superlink"),
@@ -168,6 +172,8 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
         # defaults refuse a round of fewer than three clients).
         node_config = (
             f'data-path="{site}" cache-dir="{tmp_path / f"cache{index}"}" '
+            f'secagg-roster="{rosters[index]}" '
+            f'secagg-signing-key="{tmp_path / "site-keys" / f"site{index}.ed25519"}" '
             "secagg-min-threshold=1 secagg-min-neighbours=1 secagg-min-cohort=2"
         )
         processes.start(
@@ -197,15 +203,68 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
         return listing.stdout.count('"online"')
 
     wait_until(lambda: online_nodes() >= 2, 90, "two SuperNodes online", interval=2.0)
-    overrides = (
-        f'num-server-rounds={rounds} model.name="{backbone}" '
-        f'data.test-path="{test_file}" '
-        f'output.dir="{output}" train.min-clients=2 train.batch-size=8 '
-        "train.timeout=300.0 "
-        "secagg.enabled=true secagg.max-weight=24.0"
-    )
 
-    # Execute: submit the app as an operator would
+    def run(rounds: int, output: Path) -> list[dict[str, object]]:
+        """Submit the app as an operator would; the metrics lines of the finished
+        run."""
+        overrides = (
+            f'num-server-rounds={rounds} model.name="{backbone}" '
+            f'data.test-path="{test_file}" '
+            f'output.dir="{output}" train.min-clients=2 train.batch-size=8 '
+            "train.timeout=300.0 secagg.timeout=300.0 "
+            'secagg.enabled=true secagg.max-weight=24.0 secagg.mode="malicious"'
+        )
+        run_id = submit(env, overrides)
+        status = wait_for_run(env, run_id)
+        assert status == "finished:completed", status
+        lines = (output / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    # Execute: a malicious-secure run with every site's roster intact
+    output = tmp_path / "run-output"
+    metrics = run(rounds, output)
+
+    # Assert: the run completed, both sites trained in both rounds, outputs are written
+    assert [row["round"] for row in metrics] == list(range(rounds + 1))
+    assert [row["clients"] for row in metrics[1:]] == [2] * rounds
+    assert metrics[1]["bytes_backbone"] > 0, (
+        "sites without the backbone should have received it"
+    )
+    assert all(row["bytes_backbone"] == 0 for row in metrics[2:]), "handed over once"
+    assert (output / "merged" / "head.safetensors").exists()
+    assert any((tmp_path / "cache0" / "backbones").iterdir())
+
+    # Execute: site 1's roster entry for site 0 no longer matches the key site 0
+    # signs with, which is what site 1 sees when a coordinator substitutes a key
+    entry = rosters[1].read_text().splitlines()
+    name, key = entry[0].split()
+    flipped = bytearray(base64.b64decode(key))
+    flipped[0] ^= 1
+    entry[0] = f"{name} {base64.b64encode(bytes(flipped)).decode()}"
+    rosters[1].write_text("\n".join(entry) + "\n")
+    refused = run(1, tmp_path / "tampered-output")
+
+    # Assert: site 1 refused the round with a clear log line; nothing was summed
+    assert refused[1]["clients"] == 0
+    site1_log = (processes.logs / "supernode1.log").read_text(errors="replace")
+    assert "secure aggregation refused by this site" in site1_log, site1_log[-3000:]
+    assert "not another site of this site's roster" in site1_log
+
+
+def site_keys(directory: Path, count: int) -> list[Path]:
+    """``fedgraft site-keys`` for ``count`` sites; one roster copy per site."""
+    shared = directory / "roster.txt"
+    for index in range(count):
+        arguments = ["site-keys", f"site{index}", "--out", str(directory)]
+        assert cli.main([*arguments, "--roster", str(shared)]) == 0
+    copies = [directory / f"roster{index}.txt" for index in range(count)]
+    for copy in copies:
+        copy.write_text(shared.read_text())
+    return copies
+
+
+def submit(env: dict[str, str], overrides: str) -> int:
+    """``flwr run . deploy``; the run id."""
     submitted = subprocess.run(
         [str(BIN / "flwr"), "run", ".", "deploy", "--format", "json", "-c", overrides],
         env=env,
@@ -215,19 +274,17 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
         timeout=120,
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    run_id = json.loads(submitted.stdout)["run-id"]
+    return int(json.loads(submitted.stdout)["run-id"])
 
-    def run_status() -> str:
+
+def wait_for_run(env: dict[str, str], run_id: int) -> str:
+    """Wait for ``run_id`` to finish; its status (with the ServerApp log on
+    failure)."""
+
+    def status() -> str:
         listing = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "ls",
-                "deploy",
-                "--run-id",
-                str(run_id),
-                "--format",
-                "json",
-            ],
+            [str(BIN / "flwr"), "ls", "deploy", "--run-id", str(run_id)]
+            + ["--format", "json"],
             env=env,
             capture_output=True,
             text=True,
@@ -240,14 +297,13 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
             return ""
 
     wait_until(
-        lambda: run_status().startswith("finished"),
+        lambda: status().startswith("finished"),
         420,
         f"run {run_id} to finish",
         interval=3.0,
     )
-
-    # Assert: the run completed, both sites trained in both rounds, outputs are written
-    if run_status() != "finished:completed":
+    final = status()
+    if final != "finished:completed":
         logs = subprocess.run(
             [str(BIN / "flwr"), "log", str(run_id), "deploy", "--show"],
             env=env,
@@ -256,18 +312,5 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
             cwd=REPO_ROOT,
             timeout=60,
         )
-        pytest.fail(
-            f"run {run_id} ended {run_status()}:\n"
-            f"{logs.stdout[-4000:]}{logs.stderr[-2000:]}"
-        )
-    metrics = [
-        json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert [row["round"] for row in metrics] == list(range(rounds + 1))
-    assert [row["clients"] for row in metrics[1:]] == [2] * rounds
-    assert metrics[1]["bytes_backbone"] > 0, (
-        "sites without the backbone should have received it"
-    )
-    assert all(row["bytes_backbone"] == 0 for row in metrics[2:]), "handed over once"
-    assert (output / "merged" / "head.safetensors").exists()
-    assert any((tmp_path / "cache0" / "backbones").iterdir())
+        return f"{final}:\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}"
+    return final
