@@ -67,14 +67,28 @@ def site_lora(config: RunConfig, node_config: Mapping[str, object]) -> LoraSetti
 def starting_state(
     global_state: AdapterState, config: RunConfig, lora: LoraSettings, context: Context
 ) -> AdapterState:
-    """The adapter the site starts this round from."""
-    state = dict(global_state)
-    if lora.r != config.lora.r:
-        state = at_rank(state, lora.r, lora.alpha)
-    if LOCAL_FACTORS_RECORD in context.state.array_records:
+    """The adapter the site starts this round from: the global one at the site's
+    rank, with the factors it keeps (FedSA's B) in place: its personalised model."""
+    state = site_view(global_state, config, lora)
+    if has_personal_state(context):
         kept = from_array_record(context.state.array_records[LOCAL_FACTORS_RECORD])
         state.update({k: v for k, v in kept.items() if k in state})
     return state
+
+
+def site_view(
+    global_state: AdapterState, config: RunConfig, lora: LoraSettings
+) -> AdapterState:
+    """The global adapter as this site's model holds it (a FlexLoRA site's rank)."""
+    if lora.r != config.lora.r:
+        return at_rank(dict(global_state), lora.r, lora.alpha)
+    return dict(global_state)
+
+
+def has_personal_state(context: Context) -> bool:
+    """Whether the site keeps tensors of its own (FedSA's B): its personalised
+    model then differs from the global one."""
+    return LOCAL_FACTORS_RECORD in context.state.array_records
 
 
 def upload(
@@ -127,10 +141,12 @@ def keep_local(trained: AdapterState, rule: str, context: Context) -> None:
 __all__ = [
     "LOCAL_FACTORS_RECORD",
     "TOPK_RESIDUAL_RECORD",
-    "encode_upload",
     "SiteConfigError",
+    "encode_upload",
+    "has_personal_state",
     "keep_local",
     "site_lora",
+    "site_view",
     "starting_state",
     "upload",
 ]

@@ -19,7 +19,6 @@ from transformers import PreTrainedTokenizerBase
 from client import private_training
 from client.finetune import FinetuneResult, LocalTraining, train_steps
 from client.runtime import pick_device
-from common import keys
 from common.causal_lm import (
     CausalLanguageModel,
     collate_lm,
@@ -34,6 +33,7 @@ from common.causal_lm import (
 from common.codec import AdapterState
 from common.config import LoraSettings, RunConfig
 from common.data import Example
+from common.evaluation import EvalResult
 from common.lm_data import LmEncoded, encode_lm, load_lm_encoded, save_lm_encoded
 
 log = logging.getLogger(__name__)
@@ -153,18 +153,16 @@ class CausalLMSite:
     def state(self) -> AdapterState:
         return lm_adapter_state(self.model)
 
-    def personal_metrics(self, examples: list[Example]) -> dict[str, float]:
-        """Perplexity on ``examples``' tokens that carry loss (a language model has
-        no labels to be accurate on).
+    def evaluate(self, examples: list[Example]) -> EvalResult:
+        """Loss, next-token accuracy and perplexity on ``examples``' tokens that
+        carry loss.
 
         Raises
         ------
         ValueError
             When no row of ``examples`` has a token that carries loss.
         """
-        result = evaluate_lm(self.model, self.encode(examples), self.pad_id)
-        # evaluate_lm always sets the perplexity (only classifiers leave it None).
-        return {keys.PERSONAL_PERPLEXITY: float(result.perplexity)}  # type: ignore[arg-type]
+        return evaluate_lm(self.model, self.encode(examples), self.pad_id)
 
     def label_counts(self, rows: LmEncoded, num_labels: int) -> np.ndarray:
         raise ValueError("a causal language model has no labels to count")

@@ -10,16 +10,23 @@ One training round, as data::
 
 Only the encoded delta, ``num-examples`` and training metrics leave the site.
 
+An evaluation (``@app.evaluate``), when the sites evaluate (``eval.where``)::
+
+    instructions -> global adapter -> the site's evaluation rows (checked against
+    the declared label map) -> summable totals (examples, correct, loss sum,
+    tokens) -> masked (secure aggregation) or in the clear, with the personalised
+    model's score (FedSA's own B; plain rounds without DP)
+
 Node config keys (``--node-config``): ``data-path`` (the site's own file),
 ``partition-id`` / ``num-partitions`` (simulation), ``backbone-path`` (the site's own
 copy of the backbone), ``cache-dir`` (received backbones and tokenised data),
-``eval-path`` (the site's own evaluation rows, for FedSA's personalised accuracy or
-perplexity), ``lora.r`` (a FlexLoRA site's rank), ``state-dir`` (what the site
-keeps between rounds, so that a resumed run has it: client.site_state) and the
-site's own DP limits ``dp-min-noise-multiplier``, ``dp-max-clip-norm``,
-``dp-max-epsilon`` and ``dp-delta`` (client.site_privacy),
-and the secure-aggregation policy (floors, roster and signing key:
-``client.site_policy``).
+``eval-path`` (the site's own evaluation rows; without it a site with ``data-path``
+holds out ``data.holdout-fraction`` of its file when the sites evaluate),
+``lora.r`` (a FlexLoRA site's rank), ``state-dir`` (what the site keeps between
+rounds, so that a resumed run has it: client.site_state) and the site's own DP
+limits ``dp-min-noise-multiplier``, ``dp-max-clip-norm``, ``dp-max-epsilon`` and
+``dp-delta`` (client.site_privacy), and the secure-aggregation policy (floors,
+roster and signing key: ``client.site_policy``).
 """
 
 from __future__ import annotations
@@ -48,15 +55,17 @@ from common.backbone import (
     locate_on_site,
     store_bundle,
 )
-from common.codec import build_codec, dense_reference, downlink_codec
+from common.codec import AdapterState, build_codec, dense_reference, downlink_codec
 from common.config import RunConfig
 from common.data import Example
+from common.evaluation import EvalResult, EvalTotals
 from common.secagg.encoding import flatten
-from common.splits import client_examples, evaluation_examples, read_rows
+from common.splits import checked_site_rows, client_examples, site_evaluation_rows
 from common.wire import from_array_record, json_field, to_array_record
 
-if TYPE_CHECKING:  # torch loads only when a site trains
+if TYPE_CHECKING:  # torch loads only when a site trains or evaluates
     from client.finetune import FinetuneResult
+    from client.sites import SiteModel
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,7 @@ class Instructions:
     # The coordinator's run identity (empty from a coordinator that sends none):
     # the site's kept state (client.site_state) is filed under it.
     run_identity: str = ""
+    sites_evaluate: bool = False
     # Client-level DP of the round: C (adaptive clipping moves it), the delta's
     # noise multiplier and sigma_b; the config's values when the coordinator sent none.
     dp_clip_norm: float = 0.0
@@ -96,6 +106,7 @@ class Instructions:
             server_round=int(record[keys.CFG_ROUND]),  # type: ignore[arg-type]
             expected_clients=int(record.get(keys.CFG_EXPECTED_CLIENTS, 0)),  # type: ignore[arg-type]
             run_identity=str(record.get(keys.CFG_RUN_IDENTITY, "")),
+            sites_evaluate=bool(record.get(keys.CFG_SITES_EVALUATE, False)),
             dp_clip_norm=float(
                 record.get(keys.CFG_DP_CLIP_NORM, config.dp.clip_norm)  # type: ignore[arg-type]
             ),
@@ -116,45 +127,47 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))  # type: ignore[arg-type]
 
 
-def _site_evaluation_rows(
-    config: RunConfig,
-    context: Context,
-    examples: list[Example],
-    labels: tuple[str, ...],
-) -> list[Example]:
-    """The rows a site evaluates its personalised model on (FedSA).
-
-    The site's own file (node config ``eval-path``) if it has one, else, in
-    simulation, the run's evaluation rows (the coordinator's held-out set). A
-    classifier keeps the rows of its labels: the run's from its own file, and from
-    the held-out set those it trains on (its own domain). A causal language model
-    (no label map) keeps every row: its rows have no label to select a domain by.
-    """
-    eval_path = str(context.node_config.get("eval-path", ""))
-    if eval_path:
-        rows, kept = read_rows(eval_path, config.data), set(labels)
-    else:
-        rows = evaluation_examples(config.data, config.seed)
-        kept = {example.label for example in examples}
-    if not labels:
-        return rows
-    return [row for row in rows if row.label in kept]
+def _node_path(context: Context, key: str) -> str:
+    return str(context.node_config.get(key, ""))
 
 
-def _status_reply(message: Message, kind: str) -> Message:
-    return Message(
-        RecordDict({keys.STATUS_RECORD: ConfigRecord({keys.STATUS_KIND: kind})}),
-        reply_to=message,
+def _site_rows(
+    task: Instructions, context: Context
+) -> tuple[list[Example], list[Example]]:
+    """The site's training rows and the evaluation rows it can score, checked
+    against the declared label map (an undeclared training label stops the site)."""
+    config = task.config
+    partition_id, num_partitions = _partition(context)
+    data_path = _node_path(context, "data-path")
+    eval_path = _node_path(context, "eval-path")
+    train_rows = client_examples(
+        config.data,
+        config.seed,
+        partition_id,
+        num_partitions,
+        site_data_path=data_path,
+        hold_out=task.sites_evaluate and not eval_path,
     )
+    evaluation = (
+        site_evaluation_rows(
+            config.data, config.seed, partition_id, num_partitions, data_path, eval_path
+        )
+        if task.sites_evaluate
+        else []
+    )
+    return train_rows, checked_site_rows(train_rows, evaluation, task.labels)
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    """Fine-tune the global adapter on the site's rows and reply with the delta."""
+def _open_site(
+    message: Message, context: Context
+) -> tuple[Instructions, SiteModel, AdapterState] | Message:
+    """The message's instructions, the task's site model and the received global
+    adapter; or, when the site has no copy of the backbone, the reply that asks
+    for it."""
     task = Instructions.from_record(message.content.config_records[keys.CONFIG_RECORD])
     config = task.config
     cache_dir = _cache_dir(context)
-    site_backbone = str(context.node_config.get("backbone-path", ""))
+    site_backbone = _node_path(context, "backbone-path")
     backbone_dir = locate_on_site(
         task.backbone_ref, task.fingerprint, cache_dir, site_backbone
     )
@@ -168,20 +181,8 @@ def train(message: Message, context: Context) -> Message:
             )
         return _status_reply(message, keys.STATUS_NEEDS_BACKBONE)
 
-    # The site's own DP limits and ledger (client.site_privacy): refused here, before
-    # anything is trained, when the coordinator's round breaks them.
-    admitted = admit_round(
-        config,
-        context.node_config,
-        site_folder(context.node_config, cache_dir),
-        round_noise_multiplier(
-            task.dp_noise_multiplier, task.dp_count_stddev, config.dp.adaptive_clip
-        ),
-        task.dp_clip_norm,
-    )
     # torch and transformers load only here: a SuperNode starts a fresh process for
     # every message, and the secure-aggregation stages need neither.
-    from client.finetune import LocalTraining
     from client.sites import open_site
 
     lora = adapters.site_lora(config, context.node_config)
@@ -195,14 +196,43 @@ def train(message: Message, context: Context) -> Message:
         task.labels,
         cache_dir,
     )
-    partition_id, num_partitions = _partition(context)
-    examples = client_examples(
-        config.data,
-        config.seed,
-        partition_id,
-        num_partitions,
-        site_data_path=str(context.node_config.get("data-path", "")),
+    received = from_array_record(message.content.array_records[keys.ADAPTER_RECORD])
+    # Decoding needs no seed: only an encoder's stochastic rounding does.
+    codec = downlink_codec(build_codec(config.codec.name, config.codec.topk_fraction))
+    return task, site, codec.decode(received, dense_reference(received))
+
+
+def _status_reply(message: Message, kind: str) -> Message:
+    return Message(
+        RecordDict({keys.STATUS_RECORD: ConfigRecord({keys.STATUS_KIND: kind})}),
+        reply_to=message,
     )
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Fine-tune the global adapter on the site's rows and reply with the delta."""
+    opened = _open_site(message, context)
+    if isinstance(opened, Message):
+        return opened
+    task, site, global_state = opened
+    config = task.config
+    cache_dir = _cache_dir(context)
+    # The site's own DP limits and ledger (client.site_privacy): refused here, before
+    # anything is trained, when the coordinator's round breaks them.
+    admitted = admit_round(
+        config,
+        context.node_config,
+        site_folder(context.node_config, cache_dir),
+        round_noise_multiplier(
+            task.dp_noise_multiplier, task.dp_count_stddev, config.dp.adaptive_clip
+        ),
+        task.dp_clip_norm,
+    )
+    from client.finetune import LocalTraining
+
+    partition_id, _ = _partition(context)
+    examples, _ = _site_rows(task, context)
     encoded = site.encode(examples)
     # One seed per site and round: the codec's rounding noise and the batch order.
     round_seed = config.seed * 100_003 + task.server_round * 1_009 + partition_id
@@ -211,8 +241,7 @@ def train(message: Message, context: Context) -> Message:
         config.codec.topk_fraction,
         seed=round_seed,
     )
-    received = from_array_record(message.content.array_records[keys.ADAPTER_RECORD])
-    global_state = downlink_codec(codec).decode(received, dense_reference(received))
+    lora = adapters.site_lora(config, context.node_config)
     site_state = _site_state(task, context, cache_dir)
     if site_state is not None:
         site_state.restore(context, task.server_round)
@@ -264,12 +293,6 @@ def train(message: Message, context: Context) -> Message:
         result.train_loss,
     )
     metrics = _site_metrics(config, secure, result, sample_epsilon)
-    # FedSA's personal accuracy or perplexity is computed from the site's rows: it
-    # goes up only where the train loss does (plain rounds without DP).
-    if keys.TRAIN_LOSS in metrics and config.aggregation.rule == "fedsa":
-        own = _site_evaluation_rows(config, context, examples, task.labels)
-        if own:
-            metrics.update(site.personal_metrics(own))
     if secure:
         # The example count travels only inside the masked vector; under DP every
         # client weighs the same (max-weight encodes as weight 1), so not even the
@@ -352,6 +375,62 @@ def _site_state(
     if not task.run_identity:
         return None
     return SiteState(site_folder(context.node_config, cache_dir), task.run_identity)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Score the global model on the site's evaluation rows; reply with summable
+    totals only (:class:`common.evaluation.EvalTotals`), masked behind secure
+    aggregation. In plain rounds without DP a site with personalised state (FedSA's
+    own B) also scores its personalised model."""
+    opened = _open_site(message, context)
+    if isinstance(opened, Message):
+        return opened
+    task, site, global_state = opened
+    config = task.config
+    _, rows = _site_rows(task, context)
+    lora = adapters.site_lora(config, context.node_config)
+    site_state = _site_state(task, context, _cache_dir(context))
+    if site_state is not None:  # what it kept after this round (FedSA's own B)
+        site_state.restore(context, task.server_round + 1)
+    site.load_state(adapters.site_view(global_state, config, lora))
+    totals = EvalTotals.of(site.evaluate(rows) if rows else None)
+    log.info(
+        "round %d: scored the global model on %d evaluation rows",
+        task.server_round,
+        totals.examples,
+    )
+    if keys.SECAGG_RECORD in message.content.config_records:
+        masked, notes = secagg.masked_totals(
+            context,
+            message.content.config_records[keys.SECAGG_RECORD],
+            task.server_round,
+            totals.as_vector(),
+            model_hash=secagg.received_model_hash(message),
+        )
+        content = RecordDict({keys.MASKED_RECORD: masked, keys.SECAGG_RECORD: notes})
+        return Message(content, reply_to=message)
+    metrics: dict[str, float] = {
+        keys.EVAL_EXAMPLES: totals.examples,
+        keys.EVAL_CORRECT: totals.correct,
+        keys.EVAL_LOSS_SUM: totals.loss_sum,
+        keys.EVAL_TOKENS: totals.tokens,
+    }
+    # The personalised model was trained on the site's rows, which DP does not
+    # account for beyond the update it released: its score goes up only without DP.
+    if rows and adapters.has_personal_state(context) and not config.dp.enabled:
+        site.load_state(adapters.starting_state(global_state, config, lora, context))
+        metrics.update(_personal_metrics(site.evaluate(rows)))
+    return Message(
+        RecordDict({keys.METRICS_RECORD: MetricRecord(metrics)}), reply_to=message
+    )
+
+
+def _personal_metrics(result: EvalResult) -> dict[str, float]:
+    """The personalised model's score: accuracy, or a causal LM's perplexity."""
+    if result.perplexity is not None:
+        return {keys.PERSONAL_PERPLEXITY: result.perplexity}
+    return {keys.PERSONAL_ACCURACY: result.accuracy}
 
 
 def _distributed_noise(task: Instructions, size: int) -> np.ndarray | None:

@@ -32,6 +32,7 @@ from common.secagg.protocol import (
     ProtocolViolation,
 )
 from common.secagg.rotation import rotate
+from common.secagg.totals import EVAL_FRACTIONAL, encode_totals
 from common.wire import to_array_record, wire_bytes
 
 log = logging.getLogger(__name__)
@@ -288,18 +289,6 @@ def masked_update(
         When the round falls below the site's floors or the site already masked an
         update for this round.
     """
-    state = _load(context, server_round)
-    live = _ids(request[keys.SECAGG_PEERS])
-    policy = SitePolicy.from_node_config(context.node_config)
-    policy.check_neighbours(state.threshold, len(live))
-    policy.check_cohort(int(request.get(keys.SECAGG_COHORT, 0)))  # type: ignore[arg-type]
-    senders = _ids(request[keys.SECAGG_SENDERS])
-    failed = state.receive_shares(
-        dict(
-            zip(senders, (bytes(b) for b in request[keys.SECAGG_SEALED]), strict=True)
-        ),  # type: ignore[union-attr]
-        _sender_commitments(request, senders),
-    )
     encoding = FixedPoint(
         scale=float(request[keys.SECAGG_SCALE]),  # type: ignore[arg-type]
         clip_norm=float(request[keys.SECAGG_CLIP]),  # type: ignore[arg-type]
@@ -323,7 +312,50 @@ def masked_update(
         encoded[:-1] += steps
     if tail is not None:
         encoded = np.concatenate([encoded, encoding.to_ring(tail)])
-    policy.claim_masking(context.run_id, context.node_id, server_round)
+    return _masked(context, request, server_round, encoded, server_round, model_hash)
+
+
+def masked_totals(
+    context: Context,
+    request: ConfigRecord,
+    server_round: int,
+    totals: np.ndarray,
+    model_hash: bytes = b"",
+) -> tuple[ArrayRecord, ConfigRecord]:
+    """Stage 3 of a secure evaluation: the site's evaluation totals ``(4,)
+    float64`` (:class:`common.evaluation.EvalTotals`), encoded exactly
+    (:mod:`common.secagg.totals`) and masked like an update."""
+    encoded = encode_totals(totals, EVAL_FRACTIONAL)  # (4 * LIMBS,) uint32
+    # Its own key stages, so its own masks: it claims the masking of an evaluation
+    # (-(round + 1)), apart from the round's update.
+    claim = -(server_round + 1)
+    return _masked(context, request, server_round, encoded, claim, model_hash)
+
+
+def _masked(
+    context: Context,
+    request: ConfigRecord,
+    server_round: int,
+    encoded: np.ndarray,
+    claim: int,
+    model_hash: bytes,
+) -> tuple[ArrayRecord, ConfigRecord]:
+    """Check the site's floors, receive the neighbours' shares, claim the masking
+    ``claim`` (once per run) and mask ``encoded`` (in the ring); the upload and the
+    senders whose shares failed authentication or their commitments."""
+    state = _load(context, server_round)
+    live = _ids(request[keys.SECAGG_PEERS])
+    policy = SitePolicy.from_node_config(context.node_config)
+    policy.check_neighbours(state.threshold, len(live))
+    policy.check_cohort(int(request.get(keys.SECAGG_COHORT, 0)))  # type: ignore[arg-type]
+    senders = _ids(request[keys.SECAGG_SENDERS])
+    failed = state.receive_shares(
+        dict(
+            zip(senders, (bytes(b) for b in request[keys.SECAGG_SEALED]), strict=True)
+        ),  # type: ignore[union-attr]
+        _sender_commitments(request, senders),
+    )
+    policy.claim_masking(context.run_id, context.node_id, claim)
     # No pairwise mask with a sender whose shares failed: the coordinator drops it,
     # and could not rebuild its half of that mask from shares nobody holds.
     masked = state.mask(encoded, [p for p in live if p not in failed])

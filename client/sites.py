@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from flwr.app import Context
 
-from common import keys
 from common.codec import AdapterState
 from common.config import LoraSettings, RunConfig
 from common.data import Example
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
     from client.finetune import FinetuneResult, LocalTraining
     from client.runtime import LoadedBackbone
     from common.batching import Encoded
+    from common.evaluation import EvalResult
 
 
 class SiteModel(Protocol):
@@ -60,10 +60,9 @@ class SiteModel(Protocol):
         """The trainable tensors now."""
         ...
 
-    def personal_metrics(self, examples: list[Example]) -> dict[str, float]:
-        """FedSA's personal metrics: the model as it is now (the shared A, the site's
-        own B) on ``examples``, by metric key (``keys.PERSONAL_ACCURACY`` for a
-        classifier, ``keys.PERSONAL_PERPLEXITY`` for a causal language model)."""
+    def evaluate(self, examples: list[Example]) -> EvalResult:
+        """The model as it is now on ``examples`` (at least one row): loss and
+        accuracy, and for a causal language model its tokens and perplexity."""
         ...
 
     def label_counts(self, rows: Any, num_labels: int) -> np.ndarray:
@@ -155,12 +154,11 @@ class TextSite:
 
         return adapter_state(self.backbone.model)
 
-    def personal_metrics(self, examples: list[Example]) -> dict[str, float]:
+    def evaluate(self, examples: list[Example]) -> EvalResult:
         from common.evaluation import evaluate
 
         rows = self.encode(examples)
-        result = evaluate(self.backbone.model, rows.encoded, self.backbone.pad_id)
-        return {keys.PERSONAL_ACCURACY: result.accuracy}
+        return evaluate(self.backbone.model, rows.encoded, self.backbone.pad_id)
 
     def label_counts(self, rows: TextRows, num_labels: int) -> np.ndarray:
         return np.bincount(rows.encoded.labels, minlength=num_labels)

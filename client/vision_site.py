@@ -21,10 +21,10 @@ from torch.nn import functional as F
 from client import private_training
 from client.finetune import FinetuneResult, LocalTraining, train_head, train_steps
 from client.runtime import pick_device
-from common import keys
 from common.codec import AdapterState
 from common.config import LoraSettings, RunConfig
 from common.data import Example
+from common.evaluation import EvalResult
 from common.features import FeatureCache
 from common.model import encoder_digest
 from common.vision import (
@@ -141,9 +141,8 @@ class VisionSite:
     def state(self) -> AdapterState:
         return image_adapter_state(self.model)
 
-    def personal_metrics(self, examples: list[Example]) -> dict[str, float]:
-        result = evaluate_images(self.model, self.encode(examples))
-        return {keys.PERSONAL_ACCURACY: result.accuracy}
+    def evaluate(self, examples: list[Example]) -> EvalResult:
+        return evaluate_images(self.model, self.encode(examples))
 
     def label_counts(self, rows: ImageEncoded, num_labels: int) -> np.ndarray:
         return np.bincount(rows.labels, minlength=num_labels)

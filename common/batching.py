@@ -35,7 +35,10 @@ def encode(
     labels: Sequence[int],
     max_length: int,
 ) -> Encoded:
-    """Tokenise ``texts`` once (no padding: batches pad to their own longest row)."""
+    """Tokenise ``texts`` once (no padding: batches pad to their own longest row);
+    no texts (a coordinator without evaluation rows) give no rows."""
+    if not texts:
+        return Encoded(ids=[], labels=np.zeros(0, np.int64))
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     return Encoded(ids=list(ids), labels=np.asarray(labels, dtype=np.int64))
 

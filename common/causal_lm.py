@@ -212,6 +212,7 @@ def evaluate_lm(
         accuracy=correct / count,
         num_examples=len(encoded),
         perplexity=math.exp(min(loss, 700.0)),  # exp(709) is float64's limit
+        tokens=count,
     )
 
 

@@ -25,6 +25,7 @@ CFG_RUN_CONFIG = "run-config-json"  # the flat run config, re-validated by the c
 CFG_LABELS = "labels-json"
 CFG_POOLING = "pooling"
 CFG_ROUND = "server-round"
+CFG_SITES_EVALUATE = "sites-evaluate"  # sites hold out evaluation rows
 CFG_EXPECTED_CLIENTS = "expected-clients"  # m, the clients sampled (distributed DP)
 # The run's identity (hex), the same after a resume: sites key their kept state by it.
 CFG_RUN_IDENTITY = "run-identity"
@@ -45,8 +46,14 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 TRAIN_SAMPLES = "train-samples"
 ON_CUDA = "on-cuda"
-# FedSA: the site's personalised model on its own evaluation rows (classifiers:
-# accuracy; a causal language model: perplexity).
+# A site's evaluation totals (the reply to an evaluate message; behind secure
+# aggregation they travel masked instead, in common.evaluation.EvalTotals' order).
+EVAL_EXAMPLES = "eval-examples"
+EVAL_CORRECT = "eval-correct"
+EVAL_LOSS_SUM = "eval-loss-sum"
+EVAL_TOKENS = "eval-tokens"
+# FedSA or other personalised state: the site's personalised model on its own
+# evaluation rows (classifiers: accuracy; a causal language model: perplexity).
 PERSONAL_ACCURACY = "personal-accuracy"
 PERSONAL_PERPLEXITY = "personal-perplexity"
 SAMPLE_EPSILON = "sample-epsilon"  # dp.level = sample: the site's DP-SGD epsilon

@@ -146,6 +146,41 @@ def partition_indices(
     return parts
 
 
+def split_like_training(
+    train: Sequence[Example],
+    test: Sequence[Example],
+    kind: str,
+    num_clients: int,
+    seed: int,
+) -> list[list[int]]:
+    """Row indices of ``test`` for each client, split as ``train`` is split.
+
+    ``column:<name>``: each client gets the test rows of the column values it trains
+    on, so the clients' test rows together are the test rows of the training values
+    (a value only the test rows have goes to no client). ``iid`` and ``dirichlet``:
+    the test rows are dealt out IID (seeded), so every client's share follows the
+    whole test set's distribution and together they are exactly the test set; a
+    Dirichlet skew is not copied onto the test rows, whose shares would then measure
+    the skew rather than the model.
+
+    Raises
+    ------
+    DataError
+        When a row lacks the partition column, naming the row.
+    """
+    if not kind.startswith("column:"):
+        return iid_partition(len(test), num_clients, seed)
+    column = kind.removeprefix("column:")
+    names, _ = column_partition(train, column)
+    owner = {name: position % num_clients for position, name in enumerate(names)}
+    test_names, groups = column_partition(test, column) if test else ([], [])
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for name, group in zip(test_names, groups, strict=True):
+        if name in owner:
+            parts[owner[name]].extend(group)
+    return [sorted(part) for part in parts]
+
+
 def count_column_values(examples: Sequence[Example], column: str) -> int:
     """Number of distinct values of ``column`` (the client count of a column split);
     ``label`` counts the labels."""

@@ -2,12 +2,17 @@
 
 The rules, shared by simulation, deployment and the centralised baseline:
 
-- ``data.path`` empty: the built-in demo corpus (its own train and test rows);
+- ``data.path`` empty: the built-in demo corpus (its own train and test rows), in a
+  simulation only: a deployed coordinator without data keys holds no rows, and its
+  label map must be declared (:func:`run_labels`);
 - ``data.path`` set: its rows are the training pool; the coordinator evaluates on
   ``data.test-path``, or, when that is empty, on a seeded held-out slice of the pool
   that no client trains on;
-- a SuperNode whose node config names ``data-path`` trains on that whole file;
-  otherwise (simulation) it takes its ``partition-id`` share of the pool;
+- a SuperNode whose node config names ``data-path`` trains on that whole file (less
+  a held-out slice it evaluates on, when the sites evaluate and it has no
+  ``eval-path``); otherwise (simulation) it takes its ``partition-id`` share of the
+  pool, and evaluates on its share of the coordinator's test rows, split as the pool
+  is (:func:`site_evaluation_rows`);
 - any of these paths may list several files (commas, glob patterns): their rows are
   concatenated, each with its file's stem in ``source``, so ``data.partition =
   column:source`` gives one client per file (see :func:`common.data.load_examples`).
@@ -15,15 +20,25 @@ The rules, shared by simulation, deployment and the centralised baseline:
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from common.config import DEFAULTS, DataConfig
 from common.data import DataError, Example, label_set, load_examples, resolve_paths
 from common.demo import demo_test_examples, demo_train_examples
-from common.partition import count_column_values, holdout_split, partition_indices
+from common.partition import (
+    count_column_values,
+    holdout_split,
+    partition_indices,
+    split_like_training,
+)
+
+log = logging.getLogger(__name__)
 
 #: ``column:domain``: one client per domain, as the demo corpus is laid out.
 DEFAULT_PARTITION = str(DEFAULTS["data.partition"])
@@ -138,21 +153,85 @@ def pools(data: DataConfig, seed: int) -> Pools:
     return Pools(train, held_out)
 
 
-def evaluation_examples(data: DataConfig, seed: int) -> list[Example]:
+def evaluation_examples(
+    data: DataConfig, seed: int, demo: bool = True
+) -> list[Example]:
     """The rows the coordinator evaluates on, without reading ``data.path`` if
-    avoidable."""
+    avoidable; none when it holds no data (``demo = False``: a deployment never
+    falls back to the demo corpus)."""
     if data.test_path:
         return read_rows(data.test_path, data)
+    if not (data.path or demo):
+        return []
     return pools(data, seed).test
 
 
-def run_labels(data: DataConfig, seed: int) -> tuple[str, ...]:
-    """The run's label map: ``data.labels`` if given, else every label the
-    coordinator sees; none for a causal language model."""
+def coordinator_holds_data(data: DataConfig, demo: bool = True) -> bool:
+    """Whether the coordinator has evaluation rows of its own: a data key, or, in a
+    simulation, the demo corpus."""
+    return bool(data.test_path or data.path or demo)
+
+
+def declared_labels(data: DataConfig, descriptions_file: str = "") -> tuple[str, ...]:
+    """The label map as declared: ``data.labels`` (a comma list, or one file with
+    one label a line), else the labels ``head.label-descriptions`` describes, in
+    file order; empty when neither is set.
+
+    Raises
+    ------
+    DataError
+        When the file is unreadable or declares no label, naming the file and key.
+    """
+    if len(data.labels) == 1 and os.path.isfile(data.labels[0]):
+        path = data.labels[0]
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        labels = tuple(line.strip() for line in lines if line.strip())
+        if not labels:
+            raise DataError(f"{path}: no label in it (config key data.labels)")
+        return labels
+    if data.labels or not descriptions_file:
+        return data.labels
+    try:
+        described = json.loads(Path(descriptions_file).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(
+            f"{descriptions_file}: cannot read the label descriptions ({error}); "
+            "config key head.label-descriptions"
+        ) from None
+    if not isinstance(described, dict) or not described:
+        raise DataError(
+            f"{descriptions_file}: expected a JSON object mapping each label to its "
+            "description (config key head.label-descriptions)"
+        )
+    return tuple(str(label) for label in described)
+
+
+def run_labels(
+    data: DataConfig,
+    seed: int,
+    descriptions_file: str = "",
+    demo: bool = True,
+) -> tuple[str, ...]:
+    """The run's label map: declared (:func:`declared_labels`), else every label the
+    coordinator sees; none for a causal language model.
+
+    Raises
+    ------
+    DataError
+        When nothing declares the map and the coordinator holds no data (a
+        deployment without data keys), naming the keys to set.
+    """
     if data.task == "causal-lm":
         return ()
-    if data.labels:
-        return data.labels
+    declared = declared_labels(data, descriptions_file)
+    if declared:
+        return declared
+    if not coordinator_holds_data(data, demo):
+        raise DataError(
+            "the coordinator holds no data to read the label map from: declare it "
+            "with data.labels (a comma list, or a file with one label a line) or "
+            "head.label-descriptions"
+        )
     if data.test_path and data.path:
         # Both sides exist: the map must cover training labels missing from the test
         # set.
@@ -170,6 +249,7 @@ def client_examples(
     partition_id: int,
     num_partitions: int,
     site_data_path: str = "",
+    hold_out: bool = False,
 ) -> list[Example]:
     """The training rows of one client.
 
@@ -183,6 +263,9 @@ def client_examples(
         This client's share in simulation.
     site_data_path : str
         A deployed site's own file (node config ``data-path``); overrides the pool.
+    hold_out : bool
+        The site evaluates on a held-out slice of that file (it has no
+        ``eval-path``): it trains on the rest (see :func:`site_evaluation_rows`).
 
     Raises
     ------
@@ -190,13 +273,83 @@ def client_examples(
         When the file cannot be read or the client would get no rows.
     """
     if site_data_path:
-        return read_rows(site_data_path, data)
+        rows = read_rows(site_data_path, data)
+        return holdout_split(rows, data.holdout_fraction, seed)[0] if hold_out else rows
     if not 0 <= partition_id < num_partitions:
         raise DataError(
             f"partition-id {partition_id} is outside 0..{num_partitions - 1}; "
             "check the node config"
         )
     return all_client_examples(data, seed, num_partitions)[partition_id]
+
+
+def site_evaluation_rows(
+    data: DataConfig,
+    seed: int,
+    partition_id: int,
+    num_partitions: int,
+    site_data_path: str = "",
+    eval_path: str = "",
+) -> list[Example]:
+    """The rows a site scores the global model on.
+
+    Its own file (node config ``eval-path``); else, for a site with its own data, a
+    seeded held-out slice of it (``data.holdout-fraction``) that
+    :func:`client_examples` leaves out of training; else (simulation) its share of
+    the coordinator's evaluation rows, split as the training pool is
+    (:func:`common.partition.split_like_training`).
+    """
+    if eval_path:
+        return read_rows(eval_path, data)
+    if site_data_path:
+        rows = read_rows(site_data_path, data)
+        return holdout_split(rows, data.holdout_fraction, seed)[1]
+    both = pools(data, seed)
+    parts = split_like_training(
+        both.train, both.test, data.partition, num_partitions, seed
+    )
+    return [both.test[i] for i in parts[partition_id]]
+
+
+def checked_site_rows(
+    train: Sequence[Example],
+    evaluation: Sequence[Example],
+    labels: Sequence[str],
+) -> list[Example]:
+    """Check a site's rows against the declared label map; its evaluation rows
+    that the map can score.
+
+    A training label outside the map stops the site; evaluation rows with such a
+    label are only logged and left out (they cannot be scored).
+
+    Raises
+    ------
+    DataError
+        Naming every undeclared training label and the keys that declare the map.
+    """
+    if not labels:  # a causal language model has no label map
+        return list(evaluation)
+    declared = set(labels)
+    first: dict[str, str] = {}
+    for example in train:
+        if example.label not in declared:
+            first.setdefault(example.label, example.where)
+    if first:
+        undeclared = sorted(first)
+        raise DataError(
+            f"this site's rows have labels the run does not declare: "
+            f"{', '.join(undeclared[:20])}"
+            + (f" (and {len(undeclared) - 20} more)" if len(undeclared) > 20 else "")
+            + f" (first at {first[undeclared[0]]}); add them to data.labels (or "
+            "head.label-descriptions) at the coordinator, or remove those rows"
+        )
+    unknown = sorted({e.label for e in evaluation} - declared)
+    if unknown:
+        log.warning(
+            "evaluation rows with labels the run does not declare are left out: %s",
+            ", ".join(unknown[:20]),
+        )
+    return [e for e in evaluation if e.label in declared]
 
 
 def all_client_examples(

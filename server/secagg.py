@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.config import SecAggConfig
-from common.secagg import crypto, identity
+from common.secagg import crypto, identity, totals
 from common.secagg.encoding import (
     RING_BITS,
     FixedPoint,
@@ -342,28 +342,10 @@ class SecureSum:
         narrow = encoding.ring_bits < RING_BITS
         length = (rotated_length(size) if narrow else size) + 1 + tail
         masked, metrics = self._uploads(replies, length, np.dtype(encoding.ring), stats)
-        if not masked:
+        ring_sum = self._unmasked_sum(protocol, grid, masked, stats)
+        if ring_sum is None:
             return None
         survivors = sorted(masked)
-        signed = (
-            self._consistency(grid, survivors, stats)
-            if self.settings.mode == MALICIOUS
-            else {}
-        )
-        if signed is None:
-            return None
-        seed_shares, key_shares = self._unmask_shares(grid, survivors, signed, stats)
-        try:
-            ring_sum = protocol.unmask(
-                masked, self._shared, seed_shares, key_shares, self._omitted
-            )
-        except ProtocolViolation as error:
-            log.warning(
-                "secure aggregation could not unmask this round (%s); "
-                "the round is skipped",
-                error,
-            )
-            return None
         weighted, weight = encoding.decode_sum(ring_sum[: length - tail])
         if narrow:
             weighted = unrotate(weighted, self._rotation_seed, size)
@@ -388,6 +370,62 @@ class SecureSum:
             reference=dict(reference),
             unclipped=float(appended[0]) if tail else None,
         )
+
+    def collect_totals(
+        self, grid: Grid, replies: Sequence[Message], width: int, stats: RoundStats
+    ) -> tuple[np.ndarray, list[int]] | None:
+        """A secure evaluation: the sum of the sites' ``width`` evaluation totals
+        (exact, :mod:`common.secagg.totals`) and the sites in it, or ``None`` when
+        it cannot be unmasked or no honest upload can cause it."""
+        protocol = self._round
+        if protocol is None:
+            return None
+        length = width * totals.LIMBS
+        masked, _ = self._uploads(replies, length, np.dtype(np.uint32), stats)
+        ring_sum = self._unmasked_sum(protocol, grid, masked, stats)
+        if ring_sum is None:
+            return None
+        survivors = sorted(masked)
+        if not totals.within_limbs(ring_sum, len(survivors)):
+            log.warning(
+                "evaluation skipped: the unmasked totals of %d site(s) exceed what "
+                "honest uploads can sum to; a site forged its masked vector",
+                len(survivors),
+            )
+            return None
+        return totals.decode_totals(ring_sum, totals.EVAL_FRACTIONAL), survivors
+
+    def _unmasked_sum(
+        self,
+        protocol: CoordinatorRound,
+        grid: Grid,
+        masked: Mapping[int, np.ndarray],
+        stats: RoundStats,
+    ) -> np.ndarray | None:
+        """Run the unmask stage for the uploaders of ``masked``: the ring sum of
+        their vectors, or ``None`` when there is none or it cannot be unmasked."""
+        if not masked:
+            return None
+        survivors = sorted(masked)
+        signed = (
+            self._consistency(grid, survivors, stats)
+            if self.settings.mode == MALICIOUS
+            else {}
+        )
+        if signed is None:
+            return None
+        seed_shares, key_shares = self._unmask_shares(grid, survivors, signed, stats)
+        try:
+            return protocol.unmask(
+                dict(masked), self._shared, seed_shares, key_shares, self._omitted
+            )
+        except ProtocolViolation as error:
+            log.warning(
+                "secure aggregation could not unmask this round (%s); "
+                "the round is skipped",
+                error,
+            )
+            return None
 
     def _uploads(
         self,

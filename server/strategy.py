@@ -6,8 +6,9 @@ One round, as data::
     adapter + instructions -> (hand the backbone to sites that lack it) ->
     summer.collect (validate, sum or unmask the tensors this round's phase trains:
     the head alone, or adapters and head) -> (differential privacy: clip, noise,
-    account) -> rule (mean) -> apply to the global adapter -> evaluate -> one metrics
-    line
+    account) -> rule (mean) -> apply to the global adapter -> evaluate (the
+    coordinator on its own rows and/or the sites on theirs, server.site_evaluation)
+    -> one metrics line
 
 The strategy composes a summer (plain or secure sum of the updates, with the codec
 inside), an optional DP step (server.privacy) and an aggregation rule; none is
@@ -38,19 +39,20 @@ from common.sharing import shared_subset
 from common.wire import to_array_record
 from server.privacy import BudgetExhausted, ClientLevelDP
 from server.sampling import Cohort, CohortSampler, SeededSampler
+from server.site_evaluation import SiteEvaluator, SitesEvaluation, empty_sites_metrics
 from server.summation import RoundSum, Summer
 
 log = logging.getLogger(__name__)
 
 BACKBONE_MESSAGE = f"{MessageType.QUERY}.{keys.ACTION_BACKBONE}"
 _NODE_POLL_SECONDS = 1.0
-#: FedSA's personal metrics: the client's key, the metrics line's columns for the
-#: sites' mean and for the worst site, and how the worst is picked (the lowest
-#: accuracy, the highest perplexity).
+#: Personalised models (FedSA): the column of a site's evaluation row, the metrics
+#: line's columns for the sites' mean and for the worst site, and how the worst is
+#: picked (the lowest accuracy, the highest perplexity).
 PERSONAL_METRICS: tuple[tuple[str, str, str, Callable[[list[float]], float]], ...] = (
-    (keys.PERSONAL_ACCURACY, "personal_accuracy_mean", "personal_accuracy_min", min),
+    ("personal_accuracy", "personal_accuracy_mean", "personal_accuracy_min", min),
     (
-        keys.PERSONAL_PERPLEXITY,
+        "personal_perplexity",
         "personal_perplexity_mean",
         "personal_perplexity_max",
         max,
@@ -113,6 +115,8 @@ class RoundReport:
     #: False when the cohort was sampled in secret (client-level DP, fraction < 1):
     #: its members and size then stay out of the metrics line.
     cohort_public: bool = True
+    #: The sites' evaluation columns (empty when the sites do not evaluate).
+    sites: dict[str, Any] = field(default_factory=dict)
 
     def metrics(self, evaluation: EvalResult | None, seconds: float) -> dict[str, Any]:
         """The metrics line for ``metrics.jsonl``; ``evaluation`` is ``None`` in a
@@ -123,8 +127,9 @@ class RoundReport:
         weights = [m.get(keys.NUM_EXAMPLES, 1.0) for m in reporting]
         train_loss = float(np.average(losses, weights=weights)) if losses else None
         personal_metrics: dict[str, float] = {}
+        site_rows = self.sites.get("sites_eval_rows", [])
         for key, mean_column, worst_column, worst in PERSONAL_METRICS:
-            values = [m[key] for m in self.client_metrics if key in m]
+            values = [row[key] for row in site_rows if key in row]
             if values:
                 personal_metrics[mean_column] = float(np.mean(values))
                 personal_metrics[worst_column] = float(worst(values))
@@ -134,7 +139,7 @@ class RoundReport:
             for m in self.client_metrics
             if keys.SAMPLE_EPSILON in m
         ]
-        extras = personal_metrics | self.privacy
+        extras = personal_metrics | self.privacy | self.sites
         if site_epsilons:
             extras["sample_epsilon_max"] = float(max(site_epsilons))
         public = self.cohort_public
@@ -202,8 +207,9 @@ class FederatedLoRA:
         Validates and adds the updates (plain or secure).
     rule : AggregationRule
         Combines the contributions of a round.
-    evaluate : Callable[[AdapterState], EvalResult]
-        The coordinator's evaluation of a global adapter.
+    evaluate : Callable[[AdapterState], EvalResult] or None
+        The coordinator's evaluation of a global adapter; ``None`` when it holds no
+        evaluation rows (``eval.where = sites``).
     on_round : Callable[[dict, AdapterState], None]
         Called after every round with its metrics line and the new global adapter.
     downlink : Callable[[int], Codec]
@@ -217,6 +223,8 @@ class FederatedLoRA:
     run_identity : str, optional
         The run's identity, the same after a resume (the sites key the state they
         keep by it).
+    sites : SiteEvaluator, optional
+        The sites' evaluation of the global model (``eval.where = sites | both``).
 
     Attributes
     ----------
@@ -231,12 +239,13 @@ class FederatedLoRA:
         labels: tuple[str, ...],
         summer: Summer,
         rule: AggregationRule,
-        evaluate: Callable[[AdapterState], EvalResult],
+        evaluate: Callable[[AdapterState], EvalResult] | None,
         on_round: Callable[[dict[str, Any], AdapterState], None],
         downlink: Callable[[int], Codec] | None = None,
         privacy: ClientLevelDP | None = None,
         sampler: CohortSampler | None = None,
         run_identity: str = "",
+        sites: SiteEvaluator | None = None,
     ) -> None:
         self.config = config
         self.backbone = backbone
@@ -251,6 +260,7 @@ class FederatedLoRA:
             config.seed, config.train.fraction, config.train.min_clients
         )
         self.run_identity = run_identity
+        self.sites = sites
         self.stop_reason: str | None = None
         self._bundle: ArrayRecord | None = None
 
@@ -274,9 +284,9 @@ class FederatedLoRA:
             first = RoundReport(0)
             if self.privacy is not None:
                 first.privacy = self.privacy.metrics()
+            evaluation = self.evaluate_round(grid, 0, state, first)
             self.on_round(
-                first.metrics(self.evaluate(state), time.perf_counter() - started),
-                state,
+                first.metrics(evaluation, time.perf_counter() - started), state
             )
         for server_round in range(
             completed_rounds + 1, self.config.num_server_rounds + 1
@@ -289,19 +299,63 @@ class FederatedLoRA:
                 self.stop_reason = f"stopped before round {server_round}: {reason}"
                 log.warning("%s", self.stop_reason)
                 break
-            evaluation = self.evaluate(state) if self.evaluates(server_round) else None
+            evaluation = self.evaluate_round(grid, server_round, state, report)
             self.on_round(
                 report.metrics(evaluation, time.perf_counter() - started), state
             )
         return state
 
     def evaluates(self, server_round: int) -> bool:
-        """Whether the coordinator evaluates after ``server_round``: every
-        ``eval.every`` rounds and after the last."""
+        """Whether the global model is evaluated after ``server_round``: before the
+        first, every ``eval.every`` rounds and after the last."""
         return (
             server_round % self.config.eval_every == 0
             or server_round == self.config.num_server_rounds
         )
+
+    def evaluate_round(
+        self, grid: Grid, server_round: int, state: AdapterState, report: RoundReport
+    ) -> EvalResult | None:
+        """Evaluate ``state`` where ``eval.where`` says: the coordinator's figures
+        when it evaluates, else the sites'; ``None`` in a round ``eval.every``
+        skips. The sites' columns go into ``report``."""
+        if self.sites is not None:
+            report.sites = empty_sites_metrics()
+        if not self.evaluates(server_round):
+            return None
+        at_sites = (
+            self.evaluate_at_sites(self.sites, grid, server_round, state, report)
+            if self.sites is not None
+            else None
+        )
+        if at_sites is not None:
+            report.sites = at_sites.metrics()
+        if self.evaluate is not None:
+            return self.evaluate(state)
+        return at_sites.result() if at_sites is not None else None
+
+    def evaluate_at_sites(
+        self,
+        sites: SiteEvaluator,
+        grid: Grid,
+        server_round: int,
+        state: AdapterState,
+        report: RoundReport,
+    ) -> SitesEvaluation | None:
+        """Send the global adapter to the sites ``sites`` samples as an evaluate
+        message and add their totals (the traffic counts in ``report``'s bytes)."""
+        stats = RoundReport(server_round)
+        available = self.wait_for_nodes(grid, self.config.eval_min_clients)
+        nodes = sites.sample(available, server_round)
+        extras = sites.prepare(grid, nodes, server_round, stats)
+        replies = self.deliver(
+            grid, extras, server_round, state, stats, MessageType.EVALUATE
+        )
+        evaluation = sites.collect(grid, self.usable(replies, stats), stats)
+        report.bytes_up += stats.bytes_up
+        report.bytes_down += stats.bytes_down
+        report.bytes_backbone += stats.bytes_backbone
+        return evaluation
 
     def run_round(
         self, grid: Grid, server_round: int, state: AdapterState, report: RoundReport
@@ -330,7 +384,9 @@ class FederatedLoRA:
             )
             return state
         extras = self.summer.prepare(grid, nodes, server_round, report)
-        replies = self.train(grid, extras, server_round, state, report)
+        replies = self.deliver(
+            grid, extras, server_round, state, report, MessageType.TRAIN
+        )
         # Replies carry exactly the tensors this round's phase and rule share.
         report.phase = self.config.train.phase(server_round)
         shared = shared_subset(state, report.phase, self.config.aggregation.rule)
@@ -363,15 +419,21 @@ class FederatedLoRA:
         the node ids, so a resumed run samples exactly as an uninterrupted one.
         """
         needed = self.config.train.min_clients
+        nodes = self.wait_for_nodes(grid, needed)
+        cohort = self.sampler.sample(nodes, server_round)
+        report.available, report.sampled = cohort.available, len(cohort.nodes)
+        report.cohort_public = cohort.public
+        return cohort
+
+    def wait_for_nodes(self, grid: Grid, needed: int) -> list[int]:
+        """The connected nodes, sorted, once ``needed`` are (or ``train.timeout``
+        has passed)."""
         deadline = time.monotonic() + self.config.train.timeout
         nodes = sorted(grid.get_node_ids())
         while len(nodes) < needed and time.monotonic() < deadline:
             time.sleep(_NODE_POLL_SECONDS)
             nodes = sorted(grid.get_node_ids())
-        cohort = self.sampler.sample(nodes, server_round)
-        report.available, report.sampled = cohort.available, len(cohort.nodes)
-        report.cohort_public = cohort.public
-        return cohort
+        return nodes
 
     def instructions(self, server_round: int, expected_clients: int) -> ConfigRecord:
         """The round's instructions: backbone identity, label map, run config,
@@ -387,27 +449,30 @@ class FederatedLoRA:
                 keys.CFG_ROUND: server_round,
                 keys.CFG_EXPECTED_CLIENTS: expected_clients,
                 keys.CFG_RUN_IDENTITY: self.run_identity,
+                keys.CFG_SITES_EVALUATE: self.sites is not None,
                 **(self.privacy.instructions() if self.privacy is not None else {}),
             }
         )
 
-    def train(
+    def deliver(
         self,
         grid: Grid,
         extras: Mapping[int, ConfigRecord | None],
         server_round: int,
         state: AdapterState,
         report: RoundReport,
+        message_type: str,
     ) -> list[Message]:
         """Send the global adapter to the nodes of ``extras`` (with what the summer
-        adds for each); hand the backbone to sites that ask for it.
+        adds for each) as ``message_type`` (train or evaluate); hand the backbone to
+        sites that ask for it.
 
         Returns the replies that carry a result or an error (status answers are
         consumed here).
         """
         adapter = to_array_record(self.downlink(server_round).encode(state))
         instructions = self.instructions(server_round, report.sampled)
-        replies = self._send(grid, extras, adapter, instructions, report)
+        replies = self._send(grid, extras, adapter, instructions, report, message_type)
         needing = [
             r.metadata.src_node_id
             for r in replies
@@ -417,7 +482,12 @@ class FederatedLoRA:
             stored = self.distribute_backbone(grid, needing, report)
             if stored:
                 replies += self._send(
-                    grid, {n: extras[n] for n in stored}, adapter, instructions, report
+                    grid,
+                    {n: extras[n] for n in stored},
+                    adapter,
+                    instructions,
+                    report,
+                    message_type,
                 )
         return [r for r in replies if self._status(r) is None]
 
@@ -516,6 +586,7 @@ class FederatedLoRA:
         adapter: ArrayRecord,
         instructions: ConfigRecord,
         report: RoundReport,
+        message_type: str,
     ) -> list[Message]:
         messages = []
         for node, extra in extras.items():
@@ -524,7 +595,7 @@ class FederatedLoRA:
             )
             if extra is not None:
                 content[keys.SECAGG_RECORD] = extra
-            messages.append(Message(content, node, MessageType.TRAIN))
+            messages.append(Message(content, node, message_type))
         report.bytes_down += adapter.count_bytes() * len(messages)
         replies = list(
             grid.send_and_receive(messages, timeout=self.config.train.timeout)

@@ -26,13 +26,12 @@ from client.finetune import FinetuneResult, LocalTraining, train_phase
 from client.runtime import rows_key
 from client.sites import SiteModel, TextRows
 from client.vision_site import VisionSite
-from common import keys
 from common.causal_lm_bench import CausalLMWorkbench
 from common.codec import AdapterState
 from common.config import RunConfig
 from common.console import step_progress
 from common.data import Example
-from common.evaluation import evaluate
+from common.evaluation import EvalResult, evaluate
 from common.model import load_adapter_state
 from common.outputs import RunOutputs, default_output_dir
 from common.reporting import LOWER_IS_BETTER, RoundRecorder, main_metric
@@ -98,10 +97,9 @@ class WorkbenchText:
     def state(self) -> AdapterState:
         return self.bench.state()
 
-    def personal_metrics(self, examples: list[Example]) -> dict[str, float]:
+    def evaluate(self, examples: list[Example]) -> EvalResult:
         rows = self.encode(examples)
-        result = evaluate(self.bench.model, rows.encoded, self.bench.pad_id)
-        return {keys.PERSONAL_ACCURACY: result.accuracy}
+        return evaluate(self.bench.model, rows.encoded, self.bench.pad_id)
 
     def label_counts(self, rows: TextRows, num_labels: int) -> np.ndarray:
         return np.bincount(rows.encoded.labels, minlength=num_labels)

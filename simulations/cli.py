@@ -359,10 +359,17 @@ def _inspect(arguments: argparse.Namespace) -> None:
 
 
 def _report(arguments: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from simulations.cross_site import cross_site_table
+    from simulations.inspection import read_run_metrics
     from simulations.report import write_report
 
     for path in write_report(Path(arguments.run_dir)):
         print(path)
+    sites = cross_site_table(read_run_metrics(Path(arguments.run_dir)))
+    if sites is not None:
+        Console(width=120).print(sites)
 
 
 def _train(arguments: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from rich.text import Text
 from common.config import DEFAULTS
 from common.outputs import METRICS_FILE, SUMMARY_FILE
 from common.reporting import best_round, summary_table, totals
+from simulations.cross_site import cross_site_table
 
 #: Characters of the backbone's sha256 fingerprint shown (as elsewhere in logs).
 SHORT_FINGERPRINT = 12
@@ -204,7 +205,9 @@ def describe_run(directory: Path) -> list[RenderableType]:
     Returns
     -------
     list[RenderableType]
-        Header line, changed settings, per-round table, totals table.
+        Header line, changed settings, per-round table, totals table and, when
+        the sites evaluated in plain mode, the per-site table
+        (:func:`simulations.cross_site.cross_site_table`).
 
     Raises
     ------
@@ -215,11 +218,13 @@ def describe_run(directory: Path) -> list[RenderableType]:
     """
     rows = read_run_metrics(directory)
     summary = read_summary(directory)
+    sites = cross_site_table(rows)
     return [
         _header(directory, summary),
         _settings_lines(summary),
         summary_table("rounds", rows),
         _totals_table(rows, summary),
+        *([sites] if sites is not None else []),
     ]
 
 

@@ -5,7 +5,10 @@ Writes into ``DIR/report/``:
 - ``accuracy_loss.png``: eval accuracy (top) and eval/train loss (bottom) per round;
 - ``bytes.png``: megabytes sent up and down (and backbone bytes, if any) per round;
 - ``participation.png``: which node took part in which round, or, for runs that did
-  not record ``participants``, the number of useful replies per round.
+  not record ``participants``, the number of useful replies per round;
+- ``sites.png`` (runs whose sites evaluated in plain mode): each site's score of the
+  final global model and of its personalised model, the worst site named
+  (:mod:`simulations.cross_site`).
 
 Figures are built with :class:`matplotlib.figure.Figure` and the Agg canvas directly,
 never through ``pyplot``: no global backend switch, no display needed, and no figure
@@ -22,6 +25,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from simulations.cross_site import SITES_PNG, plot_cross_site
 from simulations.inspection import read_run_metrics, read_summary
 
 REPORT_DIR = "report"
@@ -177,7 +181,8 @@ def write_report(directory: Path) -> list[Path]:
     Returns
     -------
     list[Path]
-        ``accuracy_loss.png``, ``bytes.png`` and ``participation.png``, in that order.
+        ``accuracy_loss.png``, ``bytes.png``, ``participation.png`` and, with
+        per-site evaluation rows, ``sites.png``, in that order.
 
     Raises
     ------
@@ -207,4 +212,11 @@ def write_report(directory: Path) -> list[Path]:
             output / PARTICIPATION_PNG,
             _title(directory, summary, "participation"),
         ),
-    ]
+    ] + _cross_site(rows, output / SITES_PNG, _title(directory, summary, "sites"))
+
+
+def _cross_site(
+    rows: Sequence[Mapping[str, Any]], path: Path, title: str
+) -> list[Path]:
+    plotted = plot_cross_site(rows, path, title)
+    return [] if plotted is None else [plotted]

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -106,9 +107,13 @@ _WORDS = [
 
 
 def build_tiny_backbone(
-    directory: Path, mean_pooling: bool = True, seed: int = 0
+    directory: Path,
+    mean_pooling: bool = True,
+    seed: int = 0,
+    words: Sequence[str] = _WORDS,
 ) -> Path:
-    """Save a 2-layer, 32-wide BERT with a word-level vocabulary into ``directory``.
+    """Save a 2-layer, 32-wide BERT with a word-level vocabulary (``words``) into
+    ``directory``.
 
     With ``mean_pooling`` it also carries sentence-transformers' pooling config, like
     the packaged MiniLM.
@@ -117,7 +122,7 @@ def build_tiny_backbone(
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(_WORDS))]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
     # transformers 5 keeps only the special tokens of a vocab_file: pass the map.
     tokenizer = BertTokenizerFast(
         vocab={word: index for index, word in enumerate(vocab)}, do_lower_case=True

@@ -380,7 +380,8 @@ def test_a_label_outside_the_map_fails_the_client_naming_file_and_line(
         )  # type: ignore[arg-type]
 
     # Assert
-    assert f"{site}:2: label 'mystery'" in caplog.text
+    assert "labels the run does not declare: mystery" in caplog.text
+    assert f"first at {site}:2" in caplog.text
 
 
 def test_virtual_clients_sharing_a_process_do_not_leak_state(

@@ -811,7 +811,7 @@ class Federation:
         sent = {}
         for message in self.grid.sent:
             content = message.content
-            if keys.ADAPTER_RECORD in content.array_records:
+            if message.metadata.message_type == MessageType.TRAIN:
                 round_ = int(content.config_records[keys.CONFIG_RECORD][keys.CFG_ROUND])  # type: ignore[arg-type]
                 sent[round_] = from_array_record(
                     content.array_records[keys.ADAPTER_RECORD]
@@ -983,12 +983,15 @@ def test_a_fedsa_client_starts_round_two_from_its_own_trained_b(
     fedsa_run: Federation,
 ) -> None:
     # Assert: per node, round 1 starts from the global B and round 2 from its own
-    # round-1 B (the two sites' differ), with round 2's global A
+    # round-1 B (the two sites' differ), with round 2's global A. The evaluation
+    # after each round builds the same personalised model to score it: every
+    # second start.
     sent = fedsa_run.sent()
     b_names, a_names = names_with(sent[1], LORA_B), names_with(sent[1], LORA_A)
     assert sorted(fedsa_run.starts) == sorted(NODES)
     for node in NODES:
-        first, second = fedsa_run.starts[node]
+        first, scored, second, _ = fedsa_run.starts[node]
+        assert same(scored, second, set(second))
         trained_first = fedsa_run.trained[node][0]
         assert same(first, sent[1], b_names)
         assert same(second, trained_first, b_names)
@@ -1000,10 +1003,17 @@ def test_a_fedsa_client_starts_round_two_from_its_own_trained_b(
 def test_fedsa_metrics_report_the_sites_personal_accuracy(
     fedsa_run: Federation,
 ) -> None:
-    for reply in fedsa_run.replies():
-        assert (
-            keys.PERSONAL_ACCURACY in reply.content.metric_records[keys.METRICS_RECORD]
-        )
+    # Assert: the evaluate replies after rounds 1 and 2 score the personalised model
+    # (round 0's sites have no own B yet)
+    evaluations = [
+        reply.content.metric_records[keys.METRICS_RECORD]
+        for reply in fedsa_run.grid.received
+        if reply.metadata.message_type == MessageType.EVALUATE
+        and keys.METRICS_RECORD in reply.content.metric_records
+    ]
+    personal = [keys.PERSONAL_ACCURACY in metrics for metrics in evaluations]
+    assert personal == [False, False, True, True, True, True]
+    assert "personal_accuracy_mean" not in fedsa_run.rows[0]
     for row in fedsa_run.rows[1:]:
         assert (
             0.0 <= row["personal_accuracy_min"] <= row["personal_accuracy_mean"] <= 1.0

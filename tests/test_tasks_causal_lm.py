@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import MessageType
 
 from common import keys
 from common.config import ConfigError, RunConfig
 from common.data import DataError, Example
+from common.evaluation import EvalResult
 from common.lm_data import encode_lm, load_lm_examples
-from common.splits import evaluation_examples
+from common.splits import evaluation_examples, site_evaluation_rows
 from server.checkpoint import load_checkpoint
 from simulations.inprocess_grid import InProcessGrid
 from simulations.task_demo import domain_sentences, instruction_rows, write_jsonl
@@ -397,13 +399,13 @@ def test_a_sites_personal_perplexity_is_that_of_its_own_b_with_the_shared_a(
     site.load_state(personal)
 
     # Execute
-    metrics = site.personal_metrics(rows)
+    result = site.evaluate(rows)
 
     # Assert: the coordinator's perplexity of the same model on the same rows, which
     # the site's B moves away from the shared model's
-    assert set(metrics) == {keys.PERSONAL_PERPLEXITY}
-    own = metrics[keys.PERSONAL_PERPLEXITY]
-    assert math.isfinite(own) and own > 1.0
+    own = result.perplexity
+    assert own is not None and math.isfinite(own) and own > 1.0
+    assert result.tokens > 0
     assert own == pytest.approx(coordinator.evaluate(personal).perplexity, rel=1e-5)
     assert own != pytest.approx(coordinator.evaluate(shared).perplexity, rel=1e-3)
 
@@ -416,7 +418,7 @@ class FedSARun:
     grid: InProcessGrid
     rows: list[dict[str, object]]
     own_rows: list[str]
-    #: The texts each personal evaluation read, in call order.
+    #: The texts each site evaluation (global and personalised) read, in call order.
     evaluated: list[list[str]]
 
 
@@ -442,15 +444,15 @@ def fedsa_run(
     nodes = simulation_nodes(DOMAINS, folder / "cache")
     nodes[100]["eval-path"] = str(own)
     evaluated: list[list[str]] = []
-    original = CausalLMSite.personal_metrics
+    original = CausalLMSite.evaluate
 
-    def recording(site: CausalLMSite, examples: list[Example]) -> dict[str, float]:
+    def recording(site: CausalLMSite, examples: list[Example]) -> EvalResult:
         evaluated.append([example.text for example in examples])
         return original(site, examples)
 
     grid = InProcessGrid(client_app, nodes)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(CausalLMSite, "personal_metrics", recording)
+        patch.setattr(CausalLMSite, "evaluate", recording)
         output = coordinate(grid, config)  # type: ignore[arg-type]
     own_texts = [row["text"] for row in own_rows]
     return FedSARun(config, grid, read_metrics(output), own_texts, evaluated)
@@ -459,17 +461,20 @@ def fedsa_run(
 def test_fedsa_metrics_report_the_sites_personal_perplexity(
     fedsa_run: FedSARun,
 ) -> None:
-    # Prepare
+    # Prepare: the evaluate replies of rounds 1 and 2 (round 0 has no own B yet)
     replies = [
         reply.content.metric_records[keys.METRICS_RECORD]
         for reply in fedsa_run.grid.received
-        if not reply.has_error() and keys.METRICS_RECORD in reply.content.metric_records
+        if not reply.has_error()
+        and reply.metadata.message_type == MessageType.EVALUATE
+        and keys.METRICS_RECORD in reply.content.metric_records
     ]
 
-    # Assert: every site sent its perplexity up, and each round's line carries the
-    # mean and the worst (no accuracy: a language model has no labels)
-    assert len(replies) == 2 * DOMAINS
-    assert all(keys.PERSONAL_PERPLEXITY in metrics for metrics in replies)
+    # Assert: every site sent its perplexity up after each round, and each round's
+    # line carries the mean and the worst (no accuracy: a language model has no
+    # labels)
+    personal = [keys.PERSONAL_PERPLEXITY in metrics for metrics in replies]
+    assert personal == [False] * DOMAINS + [True] * 2 * DOMAINS
     assert "personal_perplexity_mean" not in fedsa_run.rows[0]
     for row in fedsa_run.rows[1:]:
         assert row["clients"] == DOMAINS
@@ -482,20 +487,31 @@ def test_fedsa_metrics_report_the_sites_personal_perplexity(
     assert second < first < fedsa_run.rows[0]["eval_perplexity"]  # type: ignore[operator]
 
 
-def test_a_fedsa_site_evaluates_its_eval_path_or_else_every_held_out_row(
+def test_a_site_evaluates_its_eval_path_or_else_its_domain_of_the_held_out_rows(
     fedsa_run: FedSARun,
 ) -> None:
-    # Prepare
+    # Prepare: each site's share of the coordinator's held-out rows (its domain)
     config = fedsa_run.config
+    data, seed = config.data, config.seed
+    shares = [
+        [row.text for row in site_evaluation_rows(data, seed, site, DOMAINS)]
+        for site in range(1, DOMAINS)
+    ]
     held_out = evaluation_examples(config.data, config.seed)
 
-    # Assert: in each round the site with an eval-path read its own file, and the
-    # three others the coordinator's held-out rows, of every domain (not their own)
-    texts = [row.text for row in held_out]
+    # Assert: after rounds 0, 1 and 2 the site with an eval-path scored its own file,
+    # the others their own domain's held-out rows (the global model each time, the
+    # personalised one too after rounds 1 and 2), and together the others' shares
+    # are the held-out rows of their domains
+    evaluations = 3 + 2
     assert sorted(fedsa_run.evaluated) == sorted(
-        [fedsa_run.own_rows] * 2 + [texts] * (DOMAINS - 1) * 2
+        [fedsa_run.own_rows] * evaluations
+        + [share for share in shares for _ in range(evaluations)]
     )
-    assert len({row.extra["domain"] for row in held_out}) == DOMAINS
+    for share in shares:
+        domains = {row.extra["domain"] for row in held_out if row.text in share}
+        assert len(domains) == 1
+    assert sum(map(len, shares)) < len(held_out)
 
 
 # -- refused settings --------------------------------------------------------------

@@ -40,6 +40,9 @@ class RuleTraits:
     sends_label_counts : bool
         Sites send per-label counts with the head (no labels: not for a causal LM;
         they leave a site without noise: not with DP-SGD).
+    personalised : bool
+        Sites keep tensors of their own, so each has a personalised model to score
+        (``eval.where = auto`` then evaluates at the sites too).
     """
 
     name: str
@@ -50,6 +53,7 @@ class RuleTraits:
     sends_factors: bool = False
     proximal_term: bool = False
     sends_label_counts: bool = False
+    personalised: bool = False
 
 
 _DECLARED = (
@@ -83,6 +87,7 @@ _DECLARED = (
         "fedsa",
         "FedSA-LoRA: A and head averaged, each site keeps its own B",
         treats_lora_factors=True,
+        personalised=True,
     ),
     RuleTraits(
         "flexlora",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config.keys import one_of, satisfies, setting
+from common.config.keys import one_of, setting, share
 
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "topk")
 
@@ -29,7 +29,7 @@ class CodecConfig:
         "codec.topk-fraction",
         0.05,
         "share of each tensor's values `topk` keeps",
-        check=satisfies(lambda share: 0.0 < share <= 1.0, "must be in (0, 1]"),
+        check=share(),
     )
 
     @property

@@ -83,7 +83,11 @@ class DataConfig:
     labels: tuple[str, ...] = setting(
         "data.labels",
         "",
-        "comma-separated label map; empty = every label the coordinator sees",
+        "the declared label map: a comma-separated list, or the path of a file with "
+        "one label a line; empty = the labels `head.label-descriptions` describes, "
+        "else every label the coordinator's rows hold (a deployed coordinator "
+        "without data refuses to start without one). Each site refuses rows whose "
+        "label is not declared, naming them",
         parse=comma_list,
     )
     partition: str = setting(

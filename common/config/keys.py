@@ -201,6 +201,11 @@ def satisfies(predicate: Callable[[Any], bool], message: str) -> Check:
     return lambda value: None if predicate(value) else message
 
 
+def share() -> Check:
+    """Accept a share of a whole, in ``(0, 1]``."""
+    return satisfies(lambda value: 0.0 < value <= 1.0, "must be in (0, 1]")
+
+
 def at_least(bound: float, message: str) -> Check:
     """Accept values ``>= bound``."""
     return satisfies(lambda value: value >= bound, message)

@@ -25,7 +25,9 @@ from common.config.keys import (
     build,
     declared_keys,
     key_refusals,
+    one_of,
     setting,
+    share,
 )
 from common.config.lora import LoraSettings
 from common.config.model import ModelConfig
@@ -35,6 +37,11 @@ from common.config.sim import SimConfig
 from common.config.tracking import TrackingConfig
 from common.config.train import TrainConfig
 
+#: Who evaluates the global model (``eval.where``): ``auto`` = the coordinator when
+#: it holds evaluation rows of its own (and the sites too under a rule with
+#: personalised state), else the sites.
+EVAL_WHERE = ("auto", "coordinator", "sites", "both")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -42,8 +49,9 @@ class RunConfig:
 
     Build it with :meth:`from_flat`; ``flat`` keeps the exact flat mapping for
     ``summary.json`` and for handing the configuration on unchanged.
-    ``eval_every`` is ``eval.every``: the coordinator evaluates rounds 0, every
-    multiple of it, and the last.
+    ``eval_every`` is ``eval.every``: the global model is evaluated after rounds 0,
+    every multiple of it, and the last; ``eval_where`` says who evaluates it, and
+    ``eval_fraction`` and ``eval_min_clients`` pick the sites that do.
     """
 
     num_server_rounds: int = setting(
@@ -72,11 +80,34 @@ class RunConfig:
     eval_every: int = setting(
         "eval.every",
         1,
-        "the coordinator evaluates the global model every N rounds, and always "
-        "before the first round and after the last; other rounds' lines in "
-        "`metrics.jsonl` leave the `eval_*` columns empty. Refused above 1 with "
-        "`dp.target-epsilon` (a budget may end the run on an unevaluated round)",
+        "the global model is evaluated every N rounds, and always before the first "
+        "round and after the last; other rounds' lines in `metrics.jsonl` leave the "
+        "`eval_*` columns empty. Refused above 1 with `dp.target-epsilon` (a budget "
+        "may end the run on an unevaluated round)",
         check=at_least(1, "must be at least 1 (every round)"),
+        resumable=True,
+    )
+    eval_where: str = setting(
+        "eval.where",
+        "auto",
+        "who evaluates: `coordinator` (its `data.test-path` or held-out slice), "
+        '`sites` (each on its own rows; README, "Federated evaluation") or `both`; '
+        "`auto` = the coordinator when it holds data (and the sites too under a "
+        "rule with personalised state, `fedsa`), else the sites",
+        check=one_of(EVAL_WHERE),
+    )
+    eval_fraction: float = setting(
+        "eval.fraction",
+        1.0,
+        "share of the nodes that evaluate at the sites",
+        check=share(),
+        resumable=True,
+    )
+    eval_min_clients: int = setting(
+        "eval.min-clients",
+        1,
+        "fewer sites in an evaluation leave its `sites_eval_*` columns empty",
+        check=at_least(1, "must be at least 1"),
         resumable=True,
     )
     output_dir: str = setting(

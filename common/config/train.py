@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config.keys import above, at_least, one_of, satisfies, setting
+from common.config.keys import above, at_least, one_of, setting, share
 
 TRAIN_MODES = ("lora", "head", "lp-ft")
 
@@ -17,7 +17,7 @@ class TrainConfig:
         "train.fraction",
         1.0,
         "share of clients sampled per round",
-        check=satisfies(lambda share: 0.0 < share <= 1.0, "must be in (0, 1]"),
+        check=share(),
     )
     min_clients: int = setting(
         "train.min-clients",
