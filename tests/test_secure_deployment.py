@@ -27,7 +27,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.config import RunConfig
 from common.demo import demo_test_examples, demo_train_examples
+from common.splits import site_evaluation_rows
 from tests.conftest import REPO_ROOT, build_tiny_backbone, flower_env, write_jsonl
 from tests.test_deployment import BIN, Processes, free_port, healthy, wait_until
 
@@ -223,7 +225,8 @@ def test_registered_supernode_trains_and_unregistered_is_refused(
     secure_deployment: SecureDeployment, tmp_path: Path
 ) -> None:
     """Only the SuperNode whose key was registered joins, and it trains a round."""
-    # Prepare: a tiny backbone, one site's rows and a test set over the same labels
+    # Prepare: a tiny backbone and one site's rows; the coordinator holds no data,
+    # only the label map, so the site evaluates on its own held-out rows
     deployment = secure_deployment
     pki = deployment.pki
     backbone = build_tiny_backbone(tmp_path / "backbone")
@@ -236,9 +239,8 @@ def test_registered_supernode_trains_and_unregistered_is_refused(
         for e in [r for r in train if r.label == label][:8]
     ]
     site = write_jsonl(tmp_path / "site0.jsonl", site_rows)
-    test_file = write_jsonl(
-        tmp_path / "test.jsonl", [{"text": e.text, "label": e.label} for e in test]
-    )
+    label_file = tmp_path / "labels.txt"
+    label_file.write_text("".join(f"{label}\n" for label in labels))
     output = tmp_path / "run-output"
 
     deployment.processes.start(
@@ -317,7 +319,7 @@ def test_registered_supernode_trains_and_unregistered_is_refused(
     # Execute: one round over the authenticated TLS connection
     overrides = (
         f'num-server-rounds=1 model.name="{backbone}" '
-        f'data.test-path="{test_file}" '
+        f'data.labels="{label_file}" '
         f'output.dir="{output}" train.min-clients=1 train.batch-size=8 '
         "train.timeout=300.0"
     )
@@ -355,4 +357,15 @@ def test_registered_supernode_trains_and_unregistered_is_refused(
     ]
     assert [row["round"] for row in metrics] == [0, 1]
     assert metrics[1]["clients"] == 1
+    # ...and the site, not the coordinator, evaluated: on its own held-out rows
+    held_out = site_evaluation_rows(
+        RunConfig.from_flat({"data.labels": str(label_file)}).data,
+        RunConfig.from_flat({}).seed,
+        0,
+        1,
+        site_data_path=str(site),
+    )
+    assert [row["sites_eval_examples"] for row in metrics] == [len(held_out)] * 2
+    assert all(row["sites_evaluated"] == 1 for row in metrics)
+    assert all(row["eval_accuracy"] == row["sites_eval_accuracy"] for row in metrics)
     assert sn1.returncode == REFUSED_EXIT_STATUS
