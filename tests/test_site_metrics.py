@@ -20,6 +20,8 @@ from common.codec import l2_norm
 from common.wire import from_array_record
 from tests.test_dp import federate
 
+#: Three sites: the fewest a site masks for under its default floors.
+SITES = 3
 SECURE = {"secagg.enabled": True, "secagg.max-weight": 10.0}
 ALL_FIGURES = {
     keys.ON_CUDA,
@@ -60,13 +62,13 @@ def test_each_mode_sends_exactly_its_metric_keys(
 
     # Execute
     grid, _ = federate(
-        tiny_backbone, small_jsonl, tmp_path / mode, clients=2, **settings
+        tiny_backbone, small_jsonl, tmp_path / mode, clients=SITES, **settings
     )
 
     # Assert: every site's reply carries exactly these keys; under DP every site
     # weighs 1, whatever its rows
     replies = train_replies(grid)
-    assert len(replies) == 2
+    assert len(replies) == SITES
     for reply in replies:
         metrics = reply.content.metric_records[keys.METRICS_RECORD]
         assert set(metrics) == expected
@@ -100,7 +102,7 @@ def test_every_delta_a_site_sends_under_client_dp_is_clipped_to_c(
         tiny_backbone,
         small_jsonl,
         tmp_path / "clip",
-        clients=2,
+        clients=SITES,
         **settings,
         **(SECURE | {"dp.mode": "distributed"} if secure else {}),
     )
@@ -113,6 +115,6 @@ def test_every_delta_a_site_sends_under_client_dp_is_clipped_to_c(
             l2_norm(from_array_record(reply.content.array_records[keys.ADAPTER_RECORD]))
             for reply in train_replies(grid)
         ]
-    assert len(norms) == 2
+    assert len(norms) == SITES
     assert all(norm <= clip for norm in norms)
     assert all(norm > 0.5 * clip for norm in norms)
