@@ -121,9 +121,11 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]
 
 # Every message starts a fresh flwr-clientapp process on a SuperNode, so each round
 # costs seconds. One run covers two sites, malicious-secure aggregation (signed keys,
-# a roster and floors at each site, the consistency round) across processes and a
-# second round that finds the backbone already handed over; a short second run shows
-# a site refusing a key its roster does not vouch for. Plain aggregation across
+# a roster and floors at each site, the consistency round) across processes, a
+# coordinator that holds only the label map while the sites evaluate on their own rows
+# (secure totals), and rounds that find the backbone already handed over; a submission
+# without a label map is refused before any site sees it; a short last run shows a
+# site refusing a key its roster does not vouch for. Plain aggregation across
 # processes runs in tests/test_secure_deployment.py (TLS and node authentication).
 def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
     deployment: tuple[Processes, dict[str, str], int],
@@ -138,7 +140,8 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
         for e in demo_train_examples(seed=3)
         if e.extra["domain"] in ("banking", "travel")
     ]
-    sites = []
+    tests = demo_test_examples(seed=3)
+    sites, site_tests, test_rows = [], [], []
     for index, domain in enumerate(("banking", "travel")):
         site_rows = [
             {"text": e.text, "label": e.label}
@@ -146,12 +149,17 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
             if e.extra["domain"] == domain
         ][:24]
         sites.append(write_jsonl(tmp_path / f"site{index}.jsonl", site_rows))
-    test_rows = [
-        {"text": e.text, "label": e.label}
-        for e in demo_test_examples(seed=3)
-        if e.extra["domain"] in ("banking", "travel")
-    ]
-    test_file = write_jsonl(tmp_path / "test.jsonl", test_rows)
+        own_tests = [
+            {"text": e.text, "label": e.label}
+            for e in tests
+            if e.extra["domain"] == domain
+        ]
+        site_tests.append(write_jsonl(tmp_path / f"site{index}-test.jsonl", own_tests))
+        test_rows += own_tests
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text(
+        "".join(f"{x}\n" for x in sorted({r["label"] for r in test_rows}))
+    )
     rosters = site_keys(tmp_path / "site-keys", len(sites))
     processes.start(
         "superlink",
@@ -171,7 +179,8 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
         # Two sites: each knowingly lowers its secure-aggregation floors (the
         # defaults refuse a round of fewer than three clients).
         node_config = (
-            f'data-path="{site}" cache-dir="{tmp_path / f"cache{index}"}" '
+            f'data-path="{site}" eval-path="{site_tests[index]}" '
+            f'cache-dir="{tmp_path / f"cache{index}"}" '
             f'secagg-roster="{rosters[index]}" '
             f'secagg-signing-key="{tmp_path / "site-keys" / f"site{index}.ed25519"}" '
             "secagg-min-threshold=1 secagg-min-neighbours=1 secagg-min-cohort=2"
@@ -204,18 +213,25 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
 
     wait_until(lambda: online_nodes() >= 2, 90, "two SuperNodes online", interval=2.0)
 
-    def run(rounds: int, output: Path) -> list[dict[str, object]]:
-        """Submit the app as an operator would; the metrics lines of the finished
-        run."""
+    def submit_run(
+        rounds: int, output: Path, *, labels: bool = True
+    ) -> tuple[int, str]:
+        """Submit the app as an operator would; the run id and its final status.
+        The coordinator holds no rows: only the label map (unless ``labels`` is
+        false), so the sites evaluate (on their ``eval-path`` rows)."""
         overrides = (
             f'num-server-rounds={rounds} model.name="{backbone}" '
-            f'data.test-path="{test_file}" '
-            f'output.dir="{output}" train.min-clients=2 train.batch-size=8 '
-            "train.timeout=300.0 secagg.timeout=300.0 "
+            + (f'data.labels="{labels_file}" ' if labels else "")
+            + f'output.dir="{output}" train.min-clients=2 train.batch-size=8 '
+            "train.timeout=300.0 secagg.timeout=300.0 eval.every=2 "
             'secagg.enabled=true secagg.max-weight=24.0 secagg.mode="malicious"'
         )
         run_id = submit(env, overrides)
-        status = wait_for_run(env, run_id)
+        return run_id, wait_for_run(env, run_id)
+
+    def run(rounds: int, output: Path) -> list[dict[str, object]]:
+        """A run that must complete; its metrics lines."""
+        _, status = submit_run(rounds, output)
         assert status == "finished:completed", status
         lines = (output / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines]
@@ -227,12 +243,33 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
     # Assert: the run completed, both sites trained in both rounds, outputs are written
     assert [row["round"] for row in metrics] == list(range(rounds + 1))
     assert [row["clients"] for row in metrics[1:]] == [2] * rounds
-    assert metrics[1]["bytes_backbone"] > 0, (
-        "sites without the backbone should have received it"
+    assert metrics[0]["bytes_backbone"] > 0, (
+        "sites without the backbone should have received it (to evaluate round 0)"
     )
-    assert all(row["bytes_backbone"] == 0 for row in metrics[2:]), "handed over once"
+    assert all(row["bytes_backbone"] == 0 for row in metrics[1:]), "handed over once"
     assert (output / "merged" / "head.safetensors").exists()
     assert any((tmp_path / "cache0" / "backbones").iterdir())
+    # Assert: the sites evaluated (securely: totals only) in rounds 0 and 2 on exactly
+    # their own test rows, and those are the run's figures (issue 17)
+    evaluated = [metrics[0], metrics[2]]
+    assert [row["sites_eval_examples"] for row in evaluated] == [len(test_rows)] * 2
+    assert all(row["sites_evaluated"] == 2 for row in evaluated)
+    assert all(row["eval_accuracy"] == row["sites_eval_accuracy"] for row in evaluated)
+    assert metrics[1]["eval_accuracy"] is None, "eval.every = 2 skips round 1"
+
+    # Execute: the same coordinator without any label map
+    refused_id, refused_status = submit_run(
+        1, tmp_path / "no-labels-output", labels=False
+    )
+
+    # Assert: refused at start-up naming the key, before any site saw the run
+    assert refused_status.startswith("finished:failed"), refused_status
+    assert "data.labels" in refused_status, refused_status
+    for index in range(len(sites)):
+        site_log = (processes.logs / f"supernode{index}.log").read_text(
+            errors="replace"
+        )
+        assert f"[RUN {refused_id}]" not in site_log, f"site {index} was contacted"
 
     # Execute: site 1's roster entry for site 0 no longer matches the key site 0
     # signs with, which is what site 1 sees when a coordinator substitutes a key
