@@ -119,6 +119,8 @@ def encode_lm(
     LmEncoded
         Rows longer than ``max_length`` are cut by :func:`_fit`.
     """
+    if not examples:  # a coordinator without rows (its sites evaluate)
+        return LmEncoded([], np.zeros(0, np.int64))
     eos = tokenizer.eos_token_id
     end = [eos] if eos is not None else []
     texts = [example.text for example in examples]

@@ -53,6 +53,12 @@ def check_data(config: RunConfig) -> int:
         When secure aggregation's fixed point cannot fit this many clients.
     """
     coordinator_backbone_dir(config.model.name)
+    if config.model.task == "image-cls" and not config.data.path:
+        raise DataError(
+            "data.path: a simulation of model.task = image-cls needs images (an "
+            "image folder with one sub-folder per class, or a .csv/.jsonl file "
+            "listing image paths and labels); there is no built-in image corpus"
+        )
     if falls_back_to_iid(config.data, pools(config.data, config.seed).train):
         log.warning(
             "data.partition = %s (the default) but no row of %s has that column: "

@@ -69,6 +69,18 @@ def _rows_without_partition_column(tmp: Path) -> list[str]:
     ]
 
 
+def _images_without_a_path(tmp: Path) -> list[str]:
+    # data.labels alone is what a deployed coordinator needs; a simulation needs images
+    return [
+        "--set",
+        "model.task=image-cls",
+        "--set",
+        "head.init=random",
+        "--set",
+        "data.labels=red,green",
+    ]
+
+
 @pytest.mark.parametrize(
     ("arguments", "named"),
     [
@@ -78,6 +90,7 @@ def _rows_without_partition_column(tmp: Path) -> list[str]:
         (_missing_label_descriptions, r"labels\.json: label-description file not"),
         (_missing_backbone, r"model\.name = '.*no-model': no model directory"),
         (_rows_without_partition_column, r"train\.jsonl:\d+: no column 'site'"),
+        (_images_without_a_path, r"data\.path: a simulation of model\.task = image"),
     ],
 )
 def test_bad_input_is_refused_before_the_engine_starts(

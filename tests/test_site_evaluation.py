@@ -240,6 +240,55 @@ def test_a_coordinator_with_only_a_label_file_gets_the_sites_evaluation(
     assert [row["clients"] for row in rows[1:]] == [2]
 
 
+def lm_site_files(corpus: Path, folder: Path) -> list[Path]:
+    """Two sites' own text files: two of the corpus's four domains each."""
+    rows = [json.loads(line) for line in corpus.open()]
+    domains = sorted({row["domain"] for row in rows})
+    return [
+        write_jsonl(
+            folder / f"lm-site{index}.jsonl",
+            [row for row in rows if row["domain"] in domains[index::2]],
+        )
+        for index in range(2)
+    ]
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "image-cls"])
+def test_a_deployed_coordinator_of_any_task_without_rows_gets_the_sites_evaluation(
+    task: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Prepare: sites with their own rows; the coordinator names the task, the
+    # backbone and (for a classifier) the label map, and holds no rows
+    if task == "causal-lm":
+        backbone = request.getfixturevalue("small_causal_lms")["llama"]
+        files = lm_site_files(request.getfixturevalue("small_lm_corpus"), tmp_path)
+        flat: dict[str, object] = {"model.max-length": 32}
+        metric = "perplexity"
+    else:
+        backbone = request.getfixturevalue("vision_backbones")["vit"]
+        files = [request.getfixturevalue("few_images")] * 2
+        flat = {"data.labels": "red,green,blue", "head.init": "random"}
+        metric = "accuracy"
+    grid, run_config = deployed(
+        backbone, tmp_path, files, **{"model.task": task, **flat}
+    )
+
+    # Execute: the deployment entry point
+    server_app.main(grid, Context(1, 0, {}, RecordDict(), run_config))  # type: ignore[arg-type]
+
+    # Assert: both sites evaluated rounds 0 and 1 on their held-out rows, and the
+    # run's headline metric is theirs
+    rows = read_metrics(tmp_path / "out")
+    assert [row["round"] for row in rows] == [0, 1]
+    assert [row["clients"] for row in rows[1:]] == [2]
+    for row in rows:
+        assert row["sites_evaluated"] == 2
+        assert row["sites_eval_examples"] > 0
+        assert row[f"eval_{metric}"] == row[f"sites_eval_{metric}"]
+        low, high = (1.0, float("inf")) if metric == "perplexity" else (0.0, 1.0)
+        assert low <= row[f"sites_eval_{metric}"] <= high
+
+
 @pytest.mark.parametrize(
     ("flat", "words"),
     [

@@ -206,12 +206,16 @@ def image_head_starts_random(config: RunConfig) -> Refusal | None:
 
 
 def images_need_a_path(config: RunConfig) -> Refusal | None:
-    """There is no built-in image corpus."""
+    """There is no built-in image corpus: a run names its images, or (a deployment
+    whose sites hold them) the label map alone."""
     return refuse_if(
-        config.model.task == "image-cls" and not config.data.path,
+        config.model.task == "image-cls"
+        and not config.data.path
+        and not config.data.labels,
         "data.path",
         "model.task = image-cls needs images: an image folder (one sub-folder "
-        "per class) or a .csv/.jsonl file listing image paths and labels",
+        "per class) or a .csv/.jsonl file listing image paths and labels; a "
+        "deployment whose sites hold the images needs only data.labels",
     )
 
 
