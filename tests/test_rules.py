@@ -1018,6 +1018,13 @@ def test_fedsa_metrics_report_the_sites_personal_accuracy(
         assert (
             0.0 <= row["personal_accuracy_min"] <= row["personal_accuracy_mean"] <= 1.0
         )
+    # Assert: the cross-site report's rows carry each site's personalised score
+    final_sites = fedsa_run.rows[-1]["sites_eval_rows"]
+    assert len(final_sites) == 2
+    assert all(0.0 <= site["personal_accuracy"] <= 1.0 for site in final_sites)
+    assert min(site["personal_accuracy"] for site in final_sites) == (
+        fedsa_run.rows[-1]["personal_accuracy_min"]
+    )
 
 
 @pytest.fixture(scope="module")
