@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import Context
 
 from common.codec import AdapterState, Codec, TopKCodec, delta
-from common.config import LoraSettings, RunConfig
+from common.config import AGGREGATION_RULES, LoraSettings, RunConfig
 from common.low_rank import at_rank
 from common.sharing import is_head, kept_local, shared_subset
 from common.wire import from_array_record, to_array_record
@@ -41,15 +41,17 @@ class SiteConfigError(ValueError):
 def site_lora(config: RunConfig, node_config: Mapping[str, object]) -> LoraSettings:
     """The LoRA settings this site trains with.
 
-    Under ``flexlora`` a site may set its own rank with the node config ``lora.r``
-    (at most the run's ``lora.r``); every other rule uses the run's settings.
+    Under a rule with site ranks (``flexlora``) a site may set its own rank with the
+    node config ``lora.r`` (at most the run's ``lora.r``); every other rule uses the
+    run's settings.
 
     Raises
     ------
     SiteConfigError
         When the node's rank is not an integer between 1 and the run's rank.
     """
-    if config.aggregation.rule != "flexlora" or SITE_RANK_KEY not in node_config:
+    traits = AGGREGATION_RULES[config.aggregation.rule]
+    if not traits.site_ranks or SITE_RANK_KEY not in node_config:
         return config.lora
     value = node_config[SITE_RANK_KEY]
     try:
@@ -96,12 +98,13 @@ def upload(
 ) -> AdapterState:
     """What goes back: the deltas of the tensors the phase and rule share.
 
-    Under ``flexlora`` the LoRA factors go up as trained (clients of other ranks can
-    only be combined through their products); the head still goes as a delta.
+    Under a rule that sends factors (``flexlora``) the LoRA factors go up as trained
+    (clients of other ranks can only be combined through their products); the head
+    still goes as a delta.
     """
     shared = shared_subset(start, phase, rule)
     change = delta(trained, shared)
-    if rule == "flexlora":
+    if AGGREGATION_RULES[rule].sends_factors:
         change.update(
             {k: np.asarray(trained[k], np.float32) for k in shared if not is_head(k)}
         )

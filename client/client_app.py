@@ -56,7 +56,7 @@ from common.backbone import (
     store_bundle,
 )
 from common.codec import AdapterState, build_codec, dense_reference, downlink_codec
-from common.config import RunConfig
+from common.config import AGGREGATION_RULES, RunConfig
 from common.data import Example
 from common.evaluation import EvalResult, EvalTotals
 from common.secagg.encoding import flatten
@@ -326,7 +326,7 @@ def train(message: Message, context: Context) -> Message:
             keys.METRICS_RECORD: MetricRecord(metrics),
         }
     )
-    if config.aggregation.rule == "fedavg-per-label":
+    if AGGREGATION_RULES[config.aggregation.rule].sends_label_counts:
         counts = site.label_counts(encoded, len(task.labels))
         content[keys.LABEL_COUNTS_RECORD] = to_array_record(
             {"counts": counts.astype(np.float32)}

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.batching import Encoded, bucketed_order, collate
-from common.config import RunConfig
+from common.config import AGGREGATION_RULES, RunConfig
 from common.frozen_prefix import PrefixStates, prefix_states
 from common.model import TextClassifier
 from common.sharing import frozen_factor, is_head
@@ -69,6 +69,7 @@ class LocalTraining:
         """The plan of ``config`` for a round of ``phase``, with ``epochs`` or
         ``max_steps`` replaced when given."""
         train, rule = config.train, config.aggregation.rule
+        proximal = AGGREGATION_RULES[rule].proximal_term
         return cls(
             epochs=train.local_epochs if epochs is None else epochs,
             max_steps=train.max_steps if max_steps is None else max_steps,
@@ -77,7 +78,7 @@ class LocalTraining:
             head_lr=train.head_lr_in(phase),
             weight_decay=train.weight_decay,
             seed=seed,
-            proximal_mu=config.aggregation.proximal_mu if rule == "fedprox" else 0.0,
+            proximal_mu=config.aggregation.proximal_mu if proximal else 0.0,
             frozen=frozen_factor(rule),
         )
 

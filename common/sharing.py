@@ -1,7 +1,8 @@
 """Which adapter tensors a round trains, freezes, shares and keeps on the site.
 
 Phases and rules split the adapter state (LoRA factors in PEFT's names and the
-``head.*`` tensors) differently:
+``head.*`` tensors) differently, as each rule's traits declare
+(:data:`common.config.AGGREGATION_RULES`):
 
 - a ``head`` round (feature extraction, lp-ft's first rounds) trains and shares the
   head alone;
@@ -21,6 +22,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from common.config.aggregation_rules import AGGREGATION_RULES
+
 HEAD_PREFIX = "head."
 LORA_A = ".lora_A."
 LORA_B = ".lora_B."
@@ -33,13 +36,13 @@ def is_head(name: str) -> bool:
 
 def frozen_factor(rule: str) -> str | None:
     """The LoRA factor a rule freezes (``lora_A`` for ``ffa``), or ``None``."""
-    return LORA_A if rule == "ffa" else None
+    return LORA_A if AGGREGATION_RULES[rule].freezes_lora_a else None
 
 
 def local_factor(rule: str) -> str | None:
     """The LoRA factor a site keeps to itself (``lora_B`` for ``fedsa``), or
     ``None``."""
-    return LORA_B if rule == "fedsa" else None
+    return LORA_B if AGGREGATION_RULES[rule].keeps_lora_b else None
 
 
 def is_shared(name: str, phase: str, rule: str) -> bool:
@@ -53,7 +56,7 @@ def is_shared(name: str, phase: str, rule: str) -> bool:
 
 
 def shared_subset(
-    state: Mapping[str, np.ndarray], phase: str, rule: str = "fedavg"
+    state: Mapping[str, np.ndarray], phase: str, rule: str
 ) -> dict[str, np.ndarray]:
     """The tensors of ``state`` a round of ``phase`` under ``rule`` shares."""
     return {k: v for k, v in state.items() if is_shared(k, phase, rule)}

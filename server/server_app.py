@@ -203,7 +203,7 @@ def _coordinate(
         else PlainSum(
             codec,
             config.update_norm_bound,
-            flexible_rank=config.aggregation.rule == "flexlora",
+            flexible_rank=AGGREGATION_RULES[config.aggregation.rule].site_ranks,
             max_weight=config.train.max_weight,
         ),
         rule=rule,

@@ -432,10 +432,10 @@ def test_finetune_trains_adapters_and_head_at_their_own_rates(
 
 def test_a_head_round_trains_the_head_tensors_alone(backbone: Path) -> None:
     state = adapter_state(classifier(backbone))
-    assert set(shared_subset(state, "head")) == {"head.weight", "head.bias"}
-    assert same_arrays(shared_subset(state, "lora"), state)
+    assert set(shared_subset(state, "head", "fedavg")) == {"head.weight", "head.bias"}
+    assert same_arrays(shared_subset(state, "lora", "fedavg"), state)
     with pytest.raises(ValueError, match="unknown training phase 'probe'"):
-        shared_subset(state, "probe")
+        shared_subset(state, "probe", "fedavg")
 
 
 def test_a_partial_delta_leaves_the_other_tensors_bit_identical(

@@ -34,6 +34,14 @@ class RuleTraits:
     sends_factors : bool
         Sites send their LoRA factors rather than a delta: no update-norm bound
         applies, the codec must keep the factors' 2-D shapes.
+    site_ranks : bool
+        A site may train at its own LoRA rank (node config ``lora.r``, at most the
+        run's ``lora.r``), so the coordinator accepts factors of any rank up to it.
+    freezes_lora_a : bool
+        Every ``lora_A`` stays at its seeded initialisation, the same on every
+        party; it is neither trained nor sent.
+    keeps_lora_b : bool
+        Each site keeps its own ``lora_B`` between rounds; it never leaves the site.
     proximal_term : bool
         Clients add a proximal term to their loss (no per-example gradient, so not
         with DP-SGD).
@@ -51,6 +59,9 @@ class RuleTraits:
     treats_lora_factors: bool = False
     server_optimiser_lr: float | None = None
     sends_factors: bool = False
+    site_ranks: bool = False
+    freezes_lora_a: bool = False
+    keeps_lora_b: bool = False
     proximal_term: bool = False
     sends_label_counts: bool = False
     personalised: bool = False
@@ -82,11 +93,13 @@ _DECLARED = (
         "ffa",
         "FFA-LoRA: A frozen at its seeded start, B averaged",
         treats_lora_factors=True,
+        freezes_lora_a=True,
     ),
     RuleTraits(
         "fedsa",
         "FedSA-LoRA: A and head averaged, each site keeps its own B",
         treats_lora_factors=True,
+        keeps_lora_b=True,
         personalised=True,
     ),
     RuleTraits(
@@ -95,6 +108,7 @@ _DECLARED = (
         needs_individual_updates=True,
         treats_lora_factors=True,
         sends_factors=True,
+        site_ranks=True,
     ),
     RuleTraits(
         "fedavg-per-label",
