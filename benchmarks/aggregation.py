@@ -80,7 +80,7 @@ def run_rule(
         {**flat, "aggregation": rule},
         output,
         (lambda p: {"lora.r": flex_ranks[p % len(flex_ranks)]})
-        if rule == "flexlora"
+        if ALL_RULES[rule].site_ranks
         else None,
     )
     rows, clients = run.rows, run.clients
@@ -97,7 +97,7 @@ def run_rule(
     if "personal_accuracy_mean" in rows[-1]:
         result["personal_accuracy_mean"] = rows[-1]["personal_accuracy_mean"]
         result["personal_accuracy_min"] = rows[-1]["personal_accuracy_min"]
-    if rule == "flexlora":
+    if ALL_RULES[rule].site_ranks:
         result["client_ranks"] = sorted(
             {flex_ranks[p % len(flex_ranks)] for p in range(clients)}
         )

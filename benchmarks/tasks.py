@@ -76,6 +76,7 @@ def throughput(config: Any, backbone: Path, warm_up: bool = True) -> dict[str, A
     from client.sites import open_site
     from common.backbone import fingerprint
     from common.splits import client_examples, run_labels
+    from common.tasks import task_named
 
     labels = run_labels(config.data, config.seed)
     site: Any = open_site(
@@ -83,7 +84,7 @@ def throughput(config: Any, backbone: Path, warm_up: bool = True) -> dict[str, A
         backbone,
         fingerprint(backbone),
         config.lora,
-        "native" if config.model.task == "image-cls" else "none",
+        config.model.pooling,  # a causal LM pools nothing and ignores it
         labels,
         None,
     )
@@ -97,7 +98,7 @@ def throughput(config: Any, backbone: Path, warm_up: bool = True) -> dict[str, A
         site.train(rows, plan, "lora", start, None)
     result, _ = site.train(rows, plan, "lora", start, None)
     facts = {"device": result.device, "seconds": round(result.seconds, 3)}
-    if config.model.task == "causal-lm":
+    if task_named(config.model.task).generates:  # counted in tokens, not images
         tokens = sum(len(ids) for ids in rows.ids) * THROUGHPUT_EPOCHS
         return facts | {
             "tokens": tokens,
@@ -117,8 +118,10 @@ def run_task(
     command: str,
 ) -> None:
     from common.config import RunConfig
+    from common.tasks import task_named
 
-    metric = "eval_perplexity" if task == "causal-lm" else "eval_accuracy"
+    generates = task_named(task).generates
+    metric = "eval_perplexity" if generates else "eval_accuracy"
     with redirect_stdout(sys.stderr):
         run = run_federation(flat, scratch / f"{task}-run")
     round_records(task, metric, run.rows)

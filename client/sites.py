@@ -5,18 +5,23 @@ Every task offers the same steps to :mod:`client.client_app`::
     rows -> encode (once per process, and on the site's disk where that pays) ->
     load the starting adapter -> train this round's phase -> the trained adapter
 
-- ``text-cls``: the text classifier (:mod:`client.runtime`, :mod:`client.finetune`,
-  DP-SGD in :mod:`client.private_training`);
-- ``causal-lm``: a causal language model (:mod:`client.causal_lm_site`);
-- ``image-cls``: an image classifier (:mod:`client.vision_site`).
+- the text classifier (:mod:`client.runtime`, :mod:`client.finetune`, DP-SGD in
+  :mod:`client.private_training`);
+- a causal language model (:mod:`client.causal_lm_site`);
+- an image classifier (:mod:`client.vision_site`).
+
+:data:`SITE_OPENERS` holds each task's opener, keyed by the task object
+(:mod:`common.tasks`).
 
 Torch and transformers load only when a site model is opened.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -25,6 +30,10 @@ from flwr.app import Context
 from common.codec import AdapterState
 from common.config import LoraSettings, RunConfig
 from common.data import Example
+from common.tasks import Task, task_named
+from common.tasks.causal_lm import CAUSAL_LM
+from common.tasks.image_classification import IMAGE_CLASSIFICATION
+from common.tasks.text_classification import TEXT_CLASSIFICATION
 
 if TYPE_CHECKING:
     from client.finetune import FinetuneResult, LocalTraining
@@ -164,7 +173,7 @@ class TextSite:
         return np.bincount(rows.encoded.labels, minlength=num_labels)
 
 
-def open_site(
+def _open_text_site(
     config: RunConfig,
     backbone_dir: Path,
     fingerprint: str,
@@ -173,19 +182,6 @@ def open_site(
     labels: tuple[str, ...],
     cache_dir: Path | None,
 ) -> SiteModel:
-    """The site's model for ``config.model.task``, loaded once per process and per
-    backbone, LoRA shape, pooling and label count."""
-    task = config.model.task
-    if task == "causal-lm":
-        from client.causal_lm_site import open_causal_lm_site
-
-        return open_causal_lm_site(config, backbone_dir, fingerprint, lora, cache_dir)
-    if task == "image-cls":
-        from client.vision_site import open_vision_site
-
-        return open_vision_site(
-            config, backbone_dir, fingerprint, lora, pooling, labels
-        )
     from client.runtime import loaded_backbone
 
     backbone = loaded_backbone(
@@ -198,3 +194,57 @@ def open_site(
         config.model.quantize,
     )
     return TextSite(config, backbone, fingerprint, labels, cache_dir)
+
+
+def _open_causal_lm_site(
+    config: RunConfig,
+    backbone_dir: Path,
+    fingerprint: str,
+    lora: LoraSettings,
+    pooling: str,
+    labels: tuple[str, ...],
+    cache_dir: Path | None,
+) -> SiteModel:
+    from client.causal_lm_site import open_causal_lm_site
+
+    return open_causal_lm_site(config, backbone_dir, fingerprint, lora, cache_dir)
+
+
+def _open_image_site(
+    config: RunConfig,
+    backbone_dir: Path,
+    fingerprint: str,
+    lora: LoraSettings,
+    pooling: str,
+    labels: tuple[str, ...],
+    cache_dir: Path | None,
+) -> SiteModel:
+    from client.vision_site import open_vision_site
+
+    return open_vision_site(config, backbone_dir, fingerprint, lora, pooling, labels)
+
+
+#: Each task's site side: the site code trains with :mod:`client.finetune` and
+#: DP-SGD, which ``common`` may not import, so it is looked up here by task.
+SITE_OPENERS: Mapping[Task, Callable[..., SiteModel]] = MappingProxyType(
+    {
+        TEXT_CLASSIFICATION: _open_text_site,
+        CAUSAL_LM: _open_causal_lm_site,
+        IMAGE_CLASSIFICATION: _open_image_site,
+    }
+)
+
+
+def open_site(
+    config: RunConfig,
+    backbone_dir: Path,
+    fingerprint: str,
+    lora: LoraSettings,
+    pooling: str,
+    labels: tuple[str, ...],
+    cache_dir: Path | None,
+) -> SiteModel:
+    """The site's model for ``config.model.task``, loaded once per process and per
+    backbone, LoRA shape, pooling and label count."""
+    opener = SITE_OPENERS[task_named(config.model.task)]
+    return opener(config, backbone_dir, fingerprint, lora, pooling, labels, cache_dir)

@@ -28,7 +28,8 @@ from common.evaluation import EvalResult
 from common.lm_data import LmEncoded
 from common.lora_targets import wrap_with_lora
 from common.quantised import load_frozen
-from common.tasks import CAUSAL_LM, write_task_file
+from common.tasks.base import write_task_file
+from common.tasks.causal_lm import CAUSAL_LM
 
 IGNORE = -100  # the label of tokens without loss (PyTorch's ignore_index)
 
@@ -219,7 +220,7 @@ def evaluate_lm(
 def save_lm_adapter(model: CausalLanguageModel, directory: Path) -> None:
     """The adapter in PEFT format (``PeftModel.from_pretrained(backbone, dir)``)."""
     model.lm.save_pretrained(str(directory))
-    write_task_file(directory, CAUSAL_LM)
+    write_task_file(directory, CAUSAL_LM.name)
 
 
 def save_merged_lm(
@@ -230,7 +231,7 @@ def save_merged_lm(
     merged = copy.deepcopy(model.lm).merge_and_unload()
     merged.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
-    write_task_file(directory, CAUSAL_LM)
+    write_task_file(directory, CAUSAL_LM.name)
 
 
 @torch.no_grad()

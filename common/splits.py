@@ -25,11 +25,10 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from common.config import DEFAULTS, DataConfig
-from common.data import DataError, Example, label_set, load_examples, resolve_paths
+from common.data import DataError, Example, label_set
 from common.demo import demo_test_examples, demo_train_examples
 from common.partition import (
     count_column_values,
@@ -37,6 +36,7 @@ from common.partition import (
     partition_indices,
     split_like_training,
 )
+from common.tasks.registry import task_named
 
 log = logging.getLogger(__name__)
 
@@ -58,74 +58,10 @@ def partition_kind(data: DataConfig, train: Sequence[Example]) -> str:
     return "iid" if falls_back_to_iid(data, train) else data.partition
 
 
-@lru_cache(maxsize=8)
-def _cached_load(
-    path: str,
-    stamps: tuple[tuple[str, float], ...],
-    text_column: str,
-    label_column: str,
-) -> tuple[Example, ...]:
-    # ``stamps`` is part of the cache key only: a file that is rewritten, or that a
-    # pattern newly matches or no longer matches, makes the rows be read again.
-    del stamps
-    return tuple(load_examples(path, text_column, label_column))
-
-
-def read_examples(path: str, text_column: str, label_column: str) -> list[Example]:
-    """:func:`common.data.load_examples`, cached per process until a file changes.
-
-    ``path`` is one path or a comma-separated list of paths and glob patterns.
-    """
-    files = [os.path.abspath(file) for file in resolve_paths(path)]
-    stamps = tuple(
-        (file, os.stat(file).st_mtime if os.path.exists(file) else 0.0)
-        for file in files
-    )
-    return list(_cached_load(path, stamps, text_column, label_column))
-
-
-@lru_cache(maxsize=8)
-def _cached_task_load(
-    path: str,
-    stamps: tuple[tuple[str, float], ...],
-    task: str,
-    columns: tuple[str, ...],
-) -> tuple[Example, ...]:
-    del stamps  # cache key only, as in _cached_load
-    if task == "image-cls":
-        from common.image_data import load_image_examples
-
-        return tuple(load_image_examples(path, *columns))
-    from common.lm_data import load_lm_examples
-
-    return tuple(load_lm_examples(path, *columns))
-
-
 def read_rows(path: str, data: DataConfig) -> list[Example]:
-    """The rows of ``path`` as ``data.task`` reads them, cached per process.
-
-    ``text-cls`` reads texts and labels (:func:`read_examples`); ``causal-lm`` reads
-    plain text or instruction rows (:mod:`common.lm_data`); ``image-cls`` reads image
-    folders and listings (:mod:`common.image_data`).
-    """
-    if data.task == "text-cls":
-        return read_examples(path, data.text_column, data.label_column)
-    columns = (
-        (data.image_column, data.label_column)
-        if data.task == "image-cls"
-        else (data.text_column, data.prompt_column, data.response_column)
-    )
-    files = [os.path.abspath(file) for file in resolve_paths(path)]
-    # An image folder changes when a class folder gains or loses an image.
-    watched = files + [
-        os.path.join(file, entry.name)
-        for file in files
-        if os.path.isdir(file)
-        for entry in os.scandir(file)
-        if entry.is_dir()
-    ]
-    stamps = tuple((file, os.stat(file).st_mtime) for file in watched)
-    return list(_cached_task_load(path, stamps, data.task, columns))
+    """The rows of ``path`` as ``data.task`` reads them (:meth:`Task.read_rows
+    <common.tasks.base.Task.read_rows>`), cached per process."""
+    return task_named(data.task).read_rows(path, data)
 
 
 @dataclass(frozen=True)
@@ -221,7 +157,7 @@ def run_labels(
         When nothing declares the map and the coordinator holds no data (a
         deployment without data keys), naming the keys to set.
     """
-    if data.task == "causal-lm":
+    if not task_named(data.task).has_labels:
         return ()
     declared = declared_labels(data, descriptions_file)
     if declared:

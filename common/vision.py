@@ -33,7 +33,8 @@ from common.image_data import read_image
 from common.lora_targets import wrap_with_lora
 from common.quantised import load_frozen
 from common.sharing import HEAD_PREFIX
-from common.tasks import IMAGE_CLASSIFICATION, write_task_file
+from common.tasks.base import write_task_file
+from common.tasks.image_classification import IMAGE_CLASSIFICATION
 
 #: Model types whose own classifier reads the class token.
 CLASS_TOKEN_MODELS = (
@@ -298,12 +299,12 @@ def save_image_head(
             {
                 "pooling": model.pooling,
                 "labels": list(labels),
-                "task": IMAGE_CLASSIFICATION,
+                "task": IMAGE_CLASSIFICATION.name,
             },
             indent=2,
         )
     )
-    write_task_file(directory, IMAGE_CLASSIFICATION)
+    write_task_file(directory, IMAGE_CLASSIFICATION.name)
 
 
 def save_image_adapter(

@@ -33,7 +33,7 @@ from common.data import Example
 from common.outputs import RunOutputs, default_output_dir
 from common.reporting import RoundRecorder
 from common.splits import coordinator_holds_data, evaluation_examples, run_labels
-from common.tasks import open_bench
+from common.tasks import task_named
 from common.tracking.base import Tracker
 from common.tracking.setup import open_tracker
 from server.aggregation import build_rule
@@ -145,8 +145,10 @@ def _coordinate(
     if resumed is not None:
         config.check_resumable_from(resumed.config)
         log.info("resuming %s after round %d", output_dir, resumed.server_round)
-    # The task's workbench (common.tasks): text classifier, causal LM or images.
-    bench = open_bench(config, inputs.labels, inputs.rows or [])
+    # The task's model of the run (common.tasks): text classifier, causal LM, images.
+    bench = task_named(config.model.task).open_bench(
+        config, inputs.labels, inputs.rows or []
+    )
     completed = resumed.rows if resumed else ()
     outputs = RunOutputs(output_dir, completed, tracker)
     recorder = RoundRecorder(outputs, config.num_server_rounds, completed)

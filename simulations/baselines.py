@@ -41,7 +41,7 @@ from common.splits import (
     evaluation_examples,
     run_labels,
 )
-from common.tasks import RunBench, open_bench
+from common.tasks import RunBench, task_named
 from common.tracking.base import Tracker
 from common.tracking.setup import open_tracker
 from common.vision_bench import VisionWorkbench
@@ -164,7 +164,7 @@ def open_run_bench(config: RunConfig) -> tuple[RunBench, list[list[Example]]]:
     client's rows."""
     num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
     clients = all_client_examples(config.data, config.seed, num_clients)
-    bench = open_bench(
+    bench = task_named(config.model.task).open_bench(
         config,
         run_labels(config.data, config.seed),
         evaluation_examples(config.data, config.seed),

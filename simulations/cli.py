@@ -19,7 +19,7 @@ from typing import Any
 from common.backbone import BackboneError, coordinator_backbone_dir
 from common.config import DEFAULTS, ConfigError, RunConfig, load_config
 from common.console import configure_console
-from common.data import DataError, encode_labels
+from common.data import DataError
 from common.outputs import SUMMARY_FILE, default_output_dir
 from common.secagg.encoding import HeadroomError, round_encoding
 from common.secagg.identity import IdentityError, write_site_keys
@@ -32,6 +32,7 @@ from common.splits import (
     pools,
     run_labels,
 )
+from common.tasks import TASK_FILE, TASKS, Task, read_task, task_named
 from server.checkpoint import CheckpointError, load_checkpoint
 from simulations.export import ExportError
 
@@ -53,12 +54,8 @@ def check_data(config: RunConfig) -> int:
         When secure aggregation's fixed point cannot fit this many clients.
     """
     coordinator_backbone_dir(config.model.name)
-    if config.model.task == "image-cls" and not config.data.path:
-        raise DataError(
-            "data.path: a simulation of model.task = image-cls needs images (an "
-            "image folder with one sub-folder per class, or a .csv/.jsonl file "
-            "listing image paths and labels); there is no built-in image corpus"
-        )
+    task = task_named(config.model.task)
+    task.check_simulation_data(config.data)
     if falls_back_to_iid(config.data, pools(config.data, config.seed).train):
         log.warning(
             "data.partition = %s (the default) but no row of %s has that column: "
@@ -71,13 +68,9 @@ def check_data(config: RunConfig) -> int:
     num_clients = default_num_clients(config.data, config.seed, config.sim.num_clients)
     clients = all_client_examples(config.data, config.seed, num_clients)
     labels = run_labels(config.data, config.seed)
-    if config.model.task != "causal-lm":  # a language model's rows have no labels
-        for rows in [*clients, evaluation_examples(config.data, config.seed)]:
-            encode_labels(rows, labels)
-    if config.model.task == "text-cls" and config.head.init == "label-names":
-        from common.label_head import label_texts  # loads torch: only when needed
-
-        label_texts(labels, config.head.label_descriptions)
+    if task.has_labels:  # a language model's rows have none to check
+        rows = [*clients, evaluation_examples(config.data, config.seed)]
+        task.check_rows(config, labels, rows)
     if config.secagg.enabled:
         round_encoding(
             num_clients,
@@ -304,22 +297,30 @@ def _site_keys(arguments: argparse.Namespace) -> None:
     print(f'secagg-signing-key="{private}" secagg-roster="{roster}"')
 
 
-def _predict(arguments: argparse.Namespace) -> None:
-    from common.inference import MergedClassifier, OnnxClassifier, load_classifier
-    from common.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, read_task
-    from common.vision import MergedImageClassifier
+def _saved_task(folder: Path) -> Task:
+    """The task that wrote the saved model in ``folder``.
 
-    task = read_task(Path(arguments.model_dir))
-    if task == CAUSAL_LM:
+    Raises
+    ------
+    ExportError
+        When its task file names no known task.
+    """
+    name = read_task(folder)
+    if name not in TASKS:
         raise ExportError(
-            f"{arguments.model_dir} is a causal language model; use "
+            f"{folder / TASK_FILE}: task {name!r} is not one of {', '.join(TASKS)}"
+        )
+    return TASKS[name]
+
+
+def _predict(arguments: argparse.Namespace) -> None:
+    task = _saved_task(Path(arguments.model_dir))
+    classifier = task.open_classifier(Path(arguments.model_dir))
+    if classifier is None:
+        raise ExportError(
+            f"{arguments.model_dir} is {task.noun}; use "
             "`fedgraft generate DIR PROMPT`"
         )
-    classifier: MergedClassifier | OnnxClassifier | MergedImageClassifier
-    if task == IMAGE_CLASSIFICATION:
-        classifier = MergedImageClassifier.load(arguments.model_dir)
-    else:
-        classifier = load_classifier(arguments.model_dir)
     predictions = classifier.predict(arguments.texts)
     for text, (label, probability) in zip(arguments.texts, predictions, strict=True):
         print(f"{label}\t{probability:.3f}\t{text}")
@@ -327,14 +328,14 @@ def _predict(arguments: argparse.Namespace) -> None:
 
 def _generate(arguments: argparse.Namespace) -> None:
     from common.causal_lm import generate
-    from common.tasks import CAUSAL_LM, read_task
     from simulations.export import merged_dir
 
     folder = merged_dir(Path(arguments.model_dir))
-    task = read_task(folder)
-    if task != CAUSAL_LM:
+    task = _saved_task(folder)
+    if not task.generates:
         raise ExportError(
-            f"{folder} holds a {task} model; `generate` needs a causal-lm run "
+            f"{folder} holds a {task.name} model; `generate` needs a "
+            f"{' or '.join(t.name for t in TASKS.values() if t.generates)} run "
             "(`fedgraft predict` classifies)"
         )
     if arguments.max_new_tokens < 1:

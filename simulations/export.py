@@ -31,13 +31,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.outputs import MERGED_DIR
-from common.tasks import (
-    CAUSAL_LM,
-    IMAGE_CLASSIFICATION,
-    TASK_FILE,
-    TEXT_CLASSIFICATION,
-    read_task,
-)
+from common.tasks import TASK_FILE, read_task
+from common.tasks.causal_lm import CAUSAL_LM
+from common.tasks.image_classification import IMAGE_CLASSIFICATION
+from common.tasks.text_classification import TEXT_CLASSIFICATION
 
 if TYPE_CHECKING:
     from torch import nn
@@ -313,9 +310,9 @@ def _image_classifier_plan(source: Path) -> OnnxPlan:
 
 #: task -> the plan of its ONNX export.
 ONNX_PLANS: dict[str, Callable[[Path], OnnxPlan]] = {
-    TEXT_CLASSIFICATION: _text_classifier_plan,
-    CAUSAL_LM: _causal_lm_plan,
-    IMAGE_CLASSIFICATION: _image_classifier_plan,
+    TEXT_CLASSIFICATION.name: _text_classifier_plan,
+    CAUSAL_LM.name: _causal_lm_plan,
+    IMAGE_CLASSIFICATION.name: _image_classifier_plan,
 }
 
 

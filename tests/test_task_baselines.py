@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from common.config import RunConfig
-from common.tasks import CAUSAL_LM, IMAGE_CLASSIFICATION, read_task
+from common.tasks import read_task
 from simulations.baselines import federated_samples_per_round, local_only_summary
 from simulations.cli import main
 from simulations.task_demo import IMAGE_CLASSES
@@ -62,7 +62,7 @@ def test_centralized_causal_lm_lowers_perplexity_and_writes_a_generating_model(
     summary = json.loads((output / "summary.json").read_text())
     assert summary["kind"] == "centralized" and summary["labels"] == []
     assert summary["best"]["metric"] == "eval_perplexity"
-    assert read_task(output / "adapter") == read_task(output / "merged") == CAUSAL_LM
+    assert read_task(output / "adapter") == read_task(output / "merged") == "causal-lm"
     assert code == 0  # `fedgraft generate` read the run's merged model
 
 
@@ -91,7 +91,7 @@ def test_centralized_image_classifier_raises_accuracy_and_writes_a_predicting_mo
     summary = json.loads((output / "summary.json").read_text())
     assert summary["kind"] == "centralized"
     assert summary["labels"] == sorted(IMAGE_CLASSES)
-    assert read_task(output / "merged") == IMAGE_CLASSIFICATION
+    assert read_task(output / "merged") == "image-cls"
     label, _, path = capsys.readouterr().out.strip().split("\t")
     assert code == 0 and label in IMAGE_CLASSES and path == picture
 

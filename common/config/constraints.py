@@ -3,7 +3,9 @@
 A rule reads a built :class:`~common.config.run.RunConfig` whose keys have each
 passed their own check, and returns the :class:`Refusal` naming the key to change,
 or ``None``. What a rule of aggregation is (needs each update, sends factors...) is
-read from its :class:`~common.config.aggregation_rules.RuleTraits`.
+read from its :class:`~common.config.aggregation_rules.RuleTraits`; what a task
+refuses is its own (:meth:`Task.config_rules <common.tasks.base.Task.config_rules>`,
+run after these by :func:`task_rules`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from common.config.aggregation_rules import AGGREGATION_RULES, RuleTraits
 from common.config.errors import Refusal, refuse_if
+from common.tasks.registry import TASKS
 
 if TYPE_CHECKING:
     from common.config.run import RunConfig
@@ -183,149 +186,22 @@ def dp_sgd_keeps_site_budgets(config: RunConfig) -> Refusal | None:
     )
 
 
-def prompt_column_needs_causal_lm(config: RunConfig) -> Refusal | None:
-    """Only a causal LM reads instruction data."""
+def prompt_column_needs_instruction_task(config: RunConfig) -> Refusal | None:
+    """Only a task that reads instructions (a causal LM) reads a prompt column."""
     task = config.model.task
+    readers = [name for name, kind in TASKS.items() if kind.reads_instructions]
     return refuse_if(
-        task != "causal-lm" and bool(config.data.prompt_column),
+        not TASKS[task].reads_instructions and bool(config.data.prompt_column),
         "data.prompt-column",
-        f"is read only with model.task = causal-lm (instruction data); "
+        f"is read only with model.task = {' or '.join(readers)} (instruction data); "
         f"model.task = {task} reads data.text-column or data.image-column",
     )
 
 
-def image_head_starts_random(config: RunConfig) -> Refusal | None:
-    """An image backbone has no text encoder to embed label names with."""
-    return refuse_if(
-        config.model.task == "image-cls" and config.head.init != "random",
-        "head.init",
-        "head.init = label-names embeds the label names with a text encoder, "
-        "which an image backbone does not have; set head.init = random for "
-        "model.task = image-cls",
-    )
-
-
-def images_need_a_path(config: RunConfig) -> Refusal | None:
-    """There is no built-in image corpus: a run names its images, or (a deployment
-    whose sites hold them) the label map alone."""
-    return refuse_if(
-        config.model.task == "image-cls"
-        and not config.data.path
-        and not config.data.labels,
-        "data.path",
-        "model.task = image-cls needs images: an image folder (one sub-folder "
-        "per class) or a .csv/.jsonl file listing image paths and labels; a "
-        "deployment whose sites hold the images needs only data.labels",
-    )
-
-
-def image_factors_may_be_convolutions(config: RunConfig) -> Refusal | None:
-    """Refactorising needs 2-D factors; an image backbone's may be 4-D."""
-    rule = config.aggregation.rule
-    return refuse_if(
-        config.model.task == "image-cls" and _traits(config).sends_factors,
-        "aggregation",
-        f"aggregation = {rule} refactorises 2-D LoRA factors, but an image "
-        "backbone's adapters may sit on convolutions (4-D factors); use "
-        "another rule with model.task = image-cls",
-    )
-
-
-def _for_causal_lm(
-    config: RunConfig, refused: bool, key: str, message: str
-) -> Refusal | None:
-    return refuse_if(
-        config.model.task == "causal-lm" and refused,
-        key,
-        f"{message} (model.task = causal-lm)",
-    )
-
-
-def causal_lm_pools_nothing(config: RunConfig) -> Refusal | None:
-    """A causal LM has no pooling to choose."""
-    return _for_causal_lm(
-        config,
-        config.model.pooling != "native",
-        "model.pooling",
-        "a causal language model pools nothing; leave model.pooling = native",
-    )
-
-
-def causal_lm_has_no_head(config: RunConfig) -> Refusal | None:
-    """A causal LM has no classification head to describe labels to."""
-    return _for_causal_lm(
-        config,
-        bool(config.head.label_descriptions),
-        "head.label-descriptions",
-        "a causal language model has no classification head",
-    )
-
-
-def causal_lm_trains_adapters_only(config: RunConfig) -> Refusal | None:
-    """A causal LM has no head for ``head`` or ``lp-ft`` rounds to train."""
-    mode = config.train.mode
-    return _for_causal_lm(
-        config,
-        mode != "lora",
-        "train.mode",
-        f"train.mode = {mode} trains a classification head, which a causal "
-        "language model does not have; use train.mode = lora",
-    )
-
-
-def causal_lm_sends_no_label_counts(config: RunConfig) -> Refusal | None:
-    """A causal LM has neither head rows nor labels to average per label."""
-    return _for_causal_lm(
-        config,
-        _traits(config).sends_label_counts,
-        "aggregation",
-        f"{config.aggregation.rule} averages head rows per label, but a causal "
-        "language model has neither; use fedavg or another rule",
-    )
-
-
-def causal_lm_rows_have_no_labels(config: RunConfig) -> Refusal | None:
-    """A label-skewed partition needs labels."""
-    return _for_causal_lm(
-        config,
-        config.data.partition == "dirichlet",
-        "data.partition",
-        "dirichlet skews labels, but causal language model rows have none; use "
-        "iid or column:<name>",
-    )
-
-
-def causal_lm_has_no_label_map(config: RunConfig) -> Refusal | None:
-    """A causal LM has no labels to map."""
-    return _for_causal_lm(
-        config,
-        bool(config.data.labels),
-        "data.labels",
-        "a causal language model has no label map; leave data.labels empty",
-    )
-
-
-def instruction_data_needs_a_path(config: RunConfig) -> Refusal | None:
-    """The built-in demo corpus is plain text, not instructions."""
-    data = config.data
-    return _for_causal_lm(
-        config,
-        bool(data.prompt_column) and not data.path,
-        "data.prompt-column",
-        "instruction data needs data.path (the built-in demo corpus is plain "
-        "text); set data.path or leave data.prompt-column empty",
-    )
-
-
-def instruction_data_names_its_response(config: RunConfig) -> Refusal | None:
-    """Instruction data's loss covers the response column, which must be named."""
-    data = config.data
-    return _for_causal_lm(
-        config,
-        bool(data.prompt_column) and not data.response_column,
-        "data.response-column",
-        "name the response column of the instruction data",
-    )
+def task_rules(config: RunConfig) -> tuple[Rule, ...]:
+    """The checks of ``config``'s task (:meth:`Task.config_rules
+    <common.tasks.base.Task.config_rules>`), run after :data:`RULES`."""
+    return TASKS[config.model.task].config_rules()
 
 
 RULES: tuple[Rule, ...] = (
@@ -342,16 +218,5 @@ RULES: tuple[Rule, ...] = (
     dp_sgd_trains_end_to_end,
     dp_sgd_rule_has_private_parts,
     dp_sgd_keeps_site_budgets,
-    prompt_column_needs_causal_lm,
-    image_head_starts_random,
-    images_need_a_path,
-    image_factors_may_be_convolutions,
-    causal_lm_pools_nothing,
-    causal_lm_has_no_head,
-    causal_lm_trains_adapters_only,
-    causal_lm_sends_no_label_counts,
-    causal_lm_rows_have_no_labels,
-    causal_lm_has_no_label_map,
-    instruction_data_needs_a_path,
-    instruction_data_names_its_response,
+    prompt_column_needs_instruction_task,
 )

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.config.keys import at_least, one_of, satisfies, setting
+from common.tasks.registry import TASKS as _REGISTERED
 
 DISTRIBUTE_MODES = ("auto", "never")
 POOLING_MODES = ("native", "mean", "cls", "max")
 QUANTISATIONS = ("none", "8bit", "4bit")
-#: What is fine-tuned: a text classifier, a causal language model, or an image
-#: classifier.
-TASKS = ("text-cls", "causal-lm", "image-cls")
+#: What is fine-tuned: every task's name (:mod:`common.tasks.registry`).
+TASKS = tuple(_REGISTERED)
+_tasks = list(_REGISTERED.values())
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,12 @@ class ModelConfig:
     task: str = setting(
         "model.task",
         "text-cls",
-        "`text-cls` (a text classifier: encoder, pooling, linear head), `causal-lm` "
-        "(a causal language model, no head; evaluated by perplexity) or `image-cls` "
-        "(an image backbone, pooling, linear head); see README's \"Causal language "
-        'models and image backbones"',
+        " or ".join(
+            [
+                ", ".join(f"`{t.name}` ({t.summary})" for t in _tasks[:-1]),
+                f"`{_tasks[-1].name}` ({_tasks[-1].summary})",
+            ]
+        )
+        + "; see README's \"Causal language models and image backbones\"",
         check=one_of(TASKS),
     )

@@ -14,6 +14,7 @@ from common.config import constraints
 from common.config.aggregation_rules import AGGREGATION_RULES
 from common.config.keys import Key
 from common.config.run import KEYS, SECTION_RULES
+from common.tasks.registry import TASKS
 
 #: The heading a key's first dotted part is listed under, where it is not its own.
 _GROUP_OF = {
@@ -118,6 +119,7 @@ def markdown() -> str:
     """The whole key reference as Markdown (the content of docs/CONFIG.md)."""
     rules = [rule for _, own in SECTION_RULES for rule in own]
     rules += constraints.RULES
+    rules += [rule for task in TASKS.values() for rule in task.config_rules()]
     lines = [_HEADER.rstrip(), *_key_tables(KEYS), *_rule_list(rules)]
     lines += _rule_traits()
     return "\n".join(lines) + "\n"

@@ -156,11 +156,13 @@ class RunConfig:
 
     def refusals(self) -> Iterator[Refusal]:
         """Each key's own check, then each section's rules, then those across
-        sections (:mod:`common.config.constraints`), in that order."""
+        sections (:mod:`common.config.constraints`), then the task's own, in that
+        order."""
         yield from key_refusals(self)
         for name, rules in SECTION_RULES:
             yield from _applied(rules, getattr(self, name))
         yield from _applied(constraints.RULES, self)
+        yield from _applied(constraints.task_rules(self), self)
 
     @property
     def update_norm_bound(self) -> float:
