@@ -60,6 +60,7 @@ from common.config import AGGREGATION_RULES, RunConfig
 from common.data import Example
 from common.evaluation import EvalResult, EvalTotals
 from common.secagg.encoding import flatten
+from common.secagg.label_sums import HEAD_TENSORS
 from common.splits import checked_site_rows, client_examples, site_evaluation_rows
 from common.wire import from_array_record, json_field, to_array_record
 
@@ -293,6 +294,8 @@ def train(message: Message, context: Context) -> Message:
         result.train_loss,
     )
     metrics = _site_metrics(config, secure, result, sample_epsilon)
+    per_label = AGGREGATION_RULES[config.aggregation.rule].sends_label_counts
+    counts = site.label_counts(encoded, len(task.labels)) if per_label else None
     if secure:
         # The example count travels only inside the masked vector; under DP every
         # client weighs the same (max-weight encodes as weight 1), so not even the
@@ -307,6 +310,9 @@ def train(message: Message, context: Context) -> Message:
             noise=_distributed_noise(task, flat.size),
             tail=_unclipped_bit(task, unclipped),
             model_hash=secagg.received_model_hash(message),
+            label_counts=counts,
+            # The round may share no head (a phase that trains none).
+            head=change if all(k in change for k in HEAD_TENSORS) else None,
         )
         content = RecordDict(
             {
@@ -326,8 +332,7 @@ def train(message: Message, context: Context) -> Message:
             keys.METRICS_RECORD: MetricRecord(metrics),
         }
     )
-    if AGGREGATION_RULES[config.aggregation.rule].sends_label_counts:
-        counts = site.label_counts(encoded, len(task.labels))
+    if counts is not None:
         content[keys.LABEL_COUNTS_RECORD] = to_array_record(
             {"counts": counts.astype(np.float32)}
         )

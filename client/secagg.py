@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -25,6 +25,7 @@ from client.site_policy import SitePolicy, SiteRefusal
 from common import keys
 from common.secagg import crypto, identity
 from common.secagg.encoding import RING_BITS, FixedPoint
+from common.secagg.label_sums import site_label_sums
 from common.secagg.protocol import (
     HONEST_BUT_CURIOUS,
     MALICIOUS,
@@ -267,6 +268,8 @@ def masked_update(
     noise: np.ndarray | None = None,
     tail: np.ndarray | None = None,
     model_hash: bytes = b"",
+    label_counts: np.ndarray | None = None,
+    head: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ArrayRecord, ConfigRecord]:
     """Stage 3: encode the delta with its weight, add the noise and the masks, once
     per round (the site records the masking in its state folder first).
@@ -279,7 +282,12 @@ def masked_update(
     ``model_hash`` (:func:`received_model_hash`) is what the site signs in the
     consistency check of malicious mode.
 
-    Returns the masked ``(P + 1 + T,) uint32`` upload and the senders whose shares
+    ``label_counts`` (``(L,)``, the site's rows per label) and ``head`` (its head
+    delta, ``head.weight`` and ``head.bias``): ``aggregation = fedavg-per-label``'s
+    per-label sums (:mod:`common.secagg.label_sums`), appended last, in the same
+    fixed point, from the clipped delta.
+
+    Returns the masked ``(P + 1 + T [+ L (d + 2)],) uint32`` upload and the senders whose shares
     failed authentication or their commitments (the coordinator drops them from the
     round; this site adds no pairwise mask with them).
 
@@ -296,6 +304,19 @@ def masked_update(
         ring_bits=int(request.get(keys.SECAGG_RING_BITS, RING_BITS)),  # type: ignore[arg-type]
         coordinate_bound=float(request.get(keys.SECAGG_COORDINATE_BOUND, 0.0)),  # type: ignore[arg-type]
     )
+    label_sums = None
+    if label_counts is not None and head is not None:
+        if encoding.ring_bits < RING_BITS:
+            raise ValueError(
+                "per-label sums need the 32- or 64-bit ring; the coordinator should "
+                "have refused codec != fp32 with aggregation = fedavg-per-label"
+            )
+        label_sums = site_label_sums(
+            head,
+            label_counts,
+            encoding.weight_of(num_examples),
+            encoding.clip_factor(flat_delta),
+        )  # (L * (d + 2),) float64
     if encoding.ring_bits < RING_BITS:
         if noise is not None:
             raise ValueError(
@@ -312,6 +333,8 @@ def masked_update(
         encoded[:-1] += steps
     if tail is not None:
         encoded = np.concatenate([encoded, encoding.to_ring(tail)])
+    if label_sums is not None:
+        encoded = np.concatenate([encoded, encoding.to_ring(label_sums)])
     return _masked(context, request, server_round, encoded, server_round, model_hash)
 
 

@@ -31,6 +31,7 @@ from common.secagg.encoding import (
     round_encoding,
     unflatten,
 )
+from common.secagg.label_sums import LabelSums, label_slots
 from common.secagg.protocol import (
     KEY_SHARE,
     MALICIOUS,
@@ -100,6 +101,10 @@ class SecureSum:
     unit_weights : bool
         Every client encodes weight 1 (client-level DP): a decoded total weight
         other than the cohort's size then means a forged weight slot.
+    label_sums : bool
+        Clients append their per-label head sums (``aggregation =
+        fedavg-per-label``, :mod:`common.secagg.label_sums`) after their other
+        values; they arrive in :attr:`server.summation.RoundSum.label_sums`.
     """
 
     def __init__(
@@ -109,8 +114,10 @@ class SecureSum:
         extras: Callable[[], RingExtras] | None = None,
         ring_bits: int = RING_BITS,
         unit_weights: bool = False,
+        label_sums: bool = False,
     ) -> None:
         self.settings = settings
+        self.label_sums = label_sums
         self.ring_bits = ring_bits
         self._rotation_seed = b""
         self.seed = seed
@@ -340,18 +347,32 @@ class SecureSum:
         tail = self._tail
         size = sum(v.size for v in reference.values())
         narrow = encoding.ring_bits < RING_BITS
-        length = (rotated_length(size) if narrow else size) + 1 + tail
+        # [weighted delta, weight] + tail + per-label sums
+        weights_end = (rotated_length(size) if narrow else size) + 1
+        tail_end = weights_end + tail
+        slots = label_slots(reference) if self.label_sums else 0
+        length = tail_end + slots
         masked, metrics = self._uploads(replies, length, np.dtype(encoding.ring), stats)
         ring_sum = self._unmasked_sum(protocol, grid, masked, stats)
         if ring_sum is None:
             return None
         survivors = sorted(masked)
-        weighted, weight = encoding.decode_sum(ring_sum[: length - tail])
+        weighted, weight = encoding.decode_sum(ring_sum[:weights_end])
         if narrow:
             weighted = unrotate(weighted, self._rotation_seed, size)
-        # The tail decodes like the weight: signed, in steps of 1 / scale.
-        appended = encoding.decode(ring_sum[length - tail :])
+        # The tail and the label sums decode like the weight: signed, in steps of
+        # 1 / scale.
+        appended = encoding.decode(ring_sum[weights_end:tail_end])
+        label_sums = (
+            LabelSums.from_vector(encoding.decode(ring_sum[tail_end:]), reference)
+            if slots
+            else None
+        )
         problem = self._out_of_bounds(weighted, weight, appended, len(survivors))
+        if not problem and label_sums is not None:
+            problem = label_sums.problem(
+                weight, encoding.clip_norm, len(survivors), 1 / encoding.scale
+            )
         if problem:
             log.warning(
                 "round skipped: the unmasked sum of %d client(s) %s, which no honest "
@@ -369,6 +390,7 @@ class SecureSum:
             nodes=survivors,
             reference=dict(reference),
             unclipped=float(appended[0]) if tail else None,
+            label_sums=label_sums,
         )
 
     def collect_totals(

@@ -200,6 +200,7 @@ def _coordinate(
             ring_bits=config.codec.secure_ring_bits,
             # Under client-level DP every site weighs 1: a slot off 1 is forged.
             unit_weights=config.dp.client_level,
+            label_sums=AGGREGATION_RULES[config.aggregation.rule].sends_label_counts,
         )
         if config.secagg.enabled
         else PlainSum(

@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common.codec import AdapterState, Codec
+from common.secagg.label_sums import LabelSums
 from server.contribution import Contribution
 from server.validation import contribution_from_reply, log_rejection
 
@@ -47,6 +48,10 @@ class RoundSum:
         Adaptive clipping behind secure aggregation: the sum of the clients' centred
         bits ``1[||delta_i|| <= C] - 1/2`` (plus their noise shares in distributed
         DP).
+    label_sums : LabelSums or None
+        The per-label head sums (``fedavg-per-label`` behind secure aggregation);
+        ``None`` elsewhere (a plain sum keeps each client's counts in
+        ``contributions``).
     """
 
     total: AdapterState
@@ -57,6 +62,7 @@ class RoundSum:
     contributions: list[Contribution] = field(default_factory=list)
     reference: AdapterState = field(default_factory=dict)
     unclipped: float | None = None
+    label_sums: LabelSums | None = None
 
 
 class RoundStats(Protocol):

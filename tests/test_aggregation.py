@@ -75,7 +75,7 @@ def test_the_rules_needing_updates_are_exactly_those_that_read_them() -> None:
     }
 
     # Assert
-    assert needing == {"flexlora", "fedavg-per-label", "median", "trimmed-mean"}
+    assert needing == {"flexlora", "median", "trimmed-mean"}
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean"])

@@ -46,8 +46,9 @@ class RuleTraits:
         Clients add a proximal term to their loss (no per-example gradient, so not
         with DP-SGD).
     sends_label_counts : bool
-        Sites send per-label counts with the head (no labels: not for a causal LM;
-        they leave a site without noise: not with DP-SGD).
+        Sites send per-label counts with the head, in the clear or inside the
+        masked vector (no labels: not for a causal LM; they leave a site without
+        noise: not under DP; the 16-bit ring is too coarse for them).
     personalised : bool
         Sites keep tensors of their own, so each has a personalised model to score
         (``eval.where = auto`` then evaluates at the sites too).
@@ -112,8 +113,8 @@ _DECLARED = (
     ),
     RuleTraits(
         "fedavg-per-label",
-        "head rows averaged over the clients holding each label",
-        needs_individual_updates=True,
+        "head rows averaged over the clients holding each label (behind secure "
+        "aggregation: from each label's summed count and count-weighted rows)",
         sends_label_counts=True,
     ),
     RuleTraits(

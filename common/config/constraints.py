@@ -124,6 +124,32 @@ def client_dp_hides_individual_updates(config: RunConfig) -> Refusal | None:
     )
 
 
+def dp_releases_no_label_counts(config: RunConfig) -> Refusal | None:
+    """Per-label counts and rows would leave the sites outside the DP account."""
+    rule = config.aggregation.rule
+    return refuse_if(
+        config.dp.client_level and _traits(config).sends_label_counts,
+        "aggregation",
+        f"aggregation = {rule} releases each label's row count and count-weighted "
+        "head rows, which dp.enabled = true neither clips, noises nor accounts for; "
+        "use aggregation = fedavg with DP, or set dp.enabled = false",
+    )
+
+
+def label_sums_need_a_wide_ring(config: RunConfig) -> Refusal | None:
+    """The 16-bit ring's steps are too coarse for per-label counts."""
+    rule, codec = config.aggregation.rule, config.codec.name
+    return refuse_if(
+        config.secagg.enabled
+        and _traits(config).sends_label_counts
+        and codec != "fp32",
+        "codec",
+        f"aggregation = {rule} sums per-label counts inside the masked vector, "
+        f"which the 16-bit ring of codec = {codec} rounds too coarsely; use codec = "
+        "fp32 (32-bit ring) with secagg.enabled = true",
+    )
+
+
 def distributed_noise_needs_secagg(config: RunConfig) -> Refusal | None:
     """A client's share of distributed noise is too small to show it alone."""
     dp = config.dp
@@ -213,6 +239,8 @@ RULES: tuple[Rule, ...] = (
     client_dp_behind_secagg_needs_fp32,
     factors_keep_their_shapes,
     client_dp_hides_individual_updates,
+    dp_releases_no_label_counts,
+    label_sums_need_a_wide_ring,
     distributed_noise_needs_secagg,
     secagg_clip_covers_dp_clip,
     dp_sgd_trains_end_to_end,

@@ -144,9 +144,8 @@ class FixedPoint:
         """
         if not np.isfinite(flat_delta).all():
             raise ValueError("delta holds NaN or Inf: refusing to encode it")
-        norm = float(np.linalg.norm(flat_delta))
-        weight = min(num_examples, self.max_weight) / self.max_weight
-        clip = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
+        weight = self.weight_of(num_examples)
+        clip = self.clip_factor(flat_delta)
         values = np.empty(flat_delta.size + 1, dtype=np.float64)  # (P + 1,) float64
         np.multiply(flat_delta, clip * weight * self.scale, out=values[:-1])
         values[-1] = weight * self.scale
@@ -160,6 +159,16 @@ class FixedPoint:
         else:
             np.rint(values, out=values)
         return values.astype(np.int64).astype(self.ring)
+
+    def weight_of(self, num_examples: float) -> float:
+        """A client's weight in the ring: its example count over ``max_weight``,
+        capped at 1."""
+        return min(num_examples, self.max_weight) / self.max_weight
+
+    def clip_factor(self, flat_delta: np.ndarray) -> float:
+        """The factor (at most 1) that brings ``flat_delta`` within the clip norm."""
+        norm = float(np.linalg.norm(flat_delta))
+        return min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
 
     def to_ring(self, values: np.ndarray) -> np.ndarray:
         """Real ``values`` (e.g. appended counts) as ring elements, rounded."""
