@@ -431,6 +431,62 @@ def evaluate(message: Message, context: Context) -> Message:
     )
 
 
+@app.query(keys.ACTION_HEAD_STATISTICS)
+def head_statistics(message: Message, context: Context) -> Message:
+    """``head.init = closed-form``: the sums of the pooled features of the site's
+    training rows under the received model, by label (counts, class sums and, for
+    lda and ridge, the Gram matrix), in the clear or masked; nothing else leaves
+    the site."""
+    opened = _open_site(message, context)
+    if isinstance(opened, Message):
+        return opened
+    task, site, global_state = opened
+    config = task.config
+    from client.sites import TextSite
+
+    if not isinstance(site, TextSite):
+        raise TypeError(
+            f"head.init = closed-form needs a text classifier, not model.task = "
+            f"{config.model.task}"
+        )
+    site.load_state(
+        adapters.site_view(
+            global_state, config, adapters.site_lora(config, context.node_config)
+        )
+    )
+    examples, _ = _site_rows(task, context)
+    statistics = site.class_statistics(site.encode(examples), len(task.labels))
+    log.info(
+        "closed-form head: summed the features of %d rows", int(statistics.counts.sum())
+    )
+    if keys.SECAGG_RECORD in message.content.config_records:
+        max_rows = config.secagg.max_weight
+        if len(examples) > max_rows:
+            raise ValueError(
+                f"this site holds {len(examples)} rows, above secagg.max-weight = "
+                f"{max_rows:g} that the secure statistics round is sized for; raise "
+                "secagg.max-weight"
+            )
+        masked, notes = secagg.masked_statistics(
+            context,
+            message.content.config_records[keys.SECAGG_RECORD],
+            task.server_round,
+            statistics.to_vector(),
+            config.head.feature_clip,
+            max_rows,
+            model_hash=secagg.received_model_hash(message),
+        )
+        content = RecordDict({keys.MASKED_RECORD: masked, keys.SECAGG_RECORD: notes})
+        return Message(content, reply_to=message)
+    arrays = {"counts": statistics.counts, "sums": statistics.sums}
+    if statistics.gram is not None:
+        arrays["gram"] = statistics.gram
+    return Message(
+        RecordDict({keys.STATISTICS_RECORD: to_array_record(arrays)}),
+        reply_to=message,
+    )
+
+
 def _personal_metrics(result: EvalResult) -> dict[str, float]:
     """The personalised model's score: accuracy, or a causal LM's perplexity."""
     if result.perplexity is not None:

@@ -355,6 +355,34 @@ def masked_totals(
     return _masked(context, request, server_round, encoded, claim, model_hash)
 
 
+#: The masking a statistics round claims: training rounds claim their round (>= 1)
+#: and evaluations -(round + 1), so 0 is free, and a run has one statistics round.
+STATISTICS_CLAIM = 0
+
+
+def masked_statistics(
+    context: Context,
+    request: ConfigRecord,
+    server_round: int,
+    values: np.ndarray,
+    clip: float,
+    max_rows: float,
+    model_hash: bytes = b"",
+) -> tuple[ArrayRecord, ConfigRecord]:
+    """Stage 3 of the closed-form head's statistics round: the site's statistics
+    ``(V,) float64`` (:meth:`common.closed_form.ClassStatistics.to_vector`) in the
+    64-bit fixed point sized for the round's cohort, ``clip`` and ``max_rows``
+    (:func:`common.closed_form.statistics_encoding`), masked like an update."""
+    from common.closed_form import statistics_encoding
+
+    cohort = int(request[keys.SECAGG_COHORT])  # type: ignore[arg-type]
+    encoding = statistics_encoding(cohort, clip, max_rows)
+    encoded = encoding.to_ring(values)  # (V,) uint64
+    return _masked(
+        context, request, server_round, encoded, STATISTICS_CLAIM, model_hash
+    )
+
+
 def _masked(
     context: Context,
     request: ConfigRecord,

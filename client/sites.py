@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from client.finetune import FinetuneResult, LocalTraining
     from client.runtime import LoadedBackbone
     from common.batching import Encoded
+    from common.closed_form import ClassStatistics
     from common.evaluation import EvalResult
 
 
@@ -171,6 +172,32 @@ class TextSite:
 
     def label_counts(self, rows: TextRows, num_labels: int) -> np.ndarray:
         return np.bincount(rows.encoded.labels, minlength=num_labels)
+
+    def class_statistics(self, rows: TextRows, num_labels: int) -> ClassStatistics:
+        """The sums of the rows' pooled features under the loaded adapter, by label
+        (``head.init = closed-form``); the features are cached as the head-only
+        rounds' are, so a following head round reuses them."""
+        from client.runtime import cached_features, rows_key
+        from common.closed_form import NEEDS_GRAM, ClassStatistics
+        from common.model import adapter_state, encoder_digest
+
+        backbone, head = self.backbone, self.config.head
+        key = rows_key(
+            rows.examples, self.labels, self.fingerprint, self.config.model.max_length
+        )
+        features = cached_features(
+            backbone,
+            rows.encoded,
+            key,
+            encoder_digest(adapter_state(backbone.model)),
+        )  # (n, d)
+        return ClassStatistics.of(
+            features.cpu().numpy(),
+            np.asarray(rows.encoded.labels),
+            num_labels,
+            head.feature_clip,
+            with_gram=head.closed_form in NEEDS_GRAM,
+        )
 
 
 def _open_text_site(

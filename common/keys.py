@@ -6,6 +6,8 @@ protocol.
 
 # Message actions (``MessageType.TRAIN`` and ``MessageType.QUERY`` carry these).
 ACTION_BACKBONE = "backbone"
+# head.init = closed-form: the sites' feature statistics, before round 0.
+ACTION_HEAD_STATISTICS = "head_statistics"
 
 # Record names inside a message's RecordDict.
 ADAPTER_RECORD = "adapter"  # ArrayRecord: global adapter (down) or delta (up)
@@ -16,6 +18,8 @@ BACKBONE_RECORD = "backbone"  # ArrayRecord: backbone files as uint8 arrays
 SECAGG_RECORD = "secagg"  # ConfigRecord: secure aggregation stage data
 MASKED_RECORD = "masked"  # ArrayRecord: a masked, encoded update (uint32)
 LABEL_COUNTS_RECORD = "label-counts"  # ArrayRecord: rows per label (fedavg-per-label)
+# ArrayRecord: a site's feature statistics in the clear (counts, sums, gram; float64)
+STATISTICS_RECORD = "statistics"
 
 # Keys of the round instructions (CONFIG_RECORD).
 CFG_BACKBONE_REF = "backbone-ref"

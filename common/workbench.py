@@ -21,6 +21,7 @@ from common.backbone import (
     pooling_mode,
 )
 from common.batching import Encoded, encode
+from common.closed_form import NEEDS_GRAM, ClassStatistics, head_tensors, solve_head
 from common.config import RunConfig
 from common.data import Example, encode_labels
 from common.evaluation import EvalResult, evaluate_head
@@ -96,7 +97,8 @@ class Workbench:
         )
         tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        if config.head.init == "label-names":
+        # closed-form: the label-name rows until the sites' statistics arrive.
+        if config.head.init != "random":
             init_head_from_texts(
                 model,
                 tokenizer,
@@ -170,6 +172,23 @@ class Workbench:
             encoder_digest(self.state()),
             lambda: pooled_features(self.model, encoded, self.pad_id),
         )
+
+    def solve_closed_form_head(self, encoded: Encoded) -> None:
+        """Set the head to ``head.closed-form`` solved on ``encoded``'s rows, all
+        held here (the centralised counterpart of the sites' statistics round)."""
+        head = self.config.head
+        features = pooled_features(self.model, encoded, self.pad_id)  # (n, d)
+        statistics = ClassStatistics.of(
+            features.cpu().numpy(),
+            np.asarray(encoded.labels),
+            len(self.labels),
+            head.feature_clip,
+            with_gram=head.closed_form in NEEDS_GRAM,
+        )
+        weight, bias = solve_head(
+            statistics, head.closed_form, head.closed_form_shrinkage
+        )
+        load_adapter_state(self.model, self.state() | head_tensors(weight, bias))
 
     def encode_examples(self, examples: list[Example]) -> Encoded:
         """Tokenise training rows with the run's tokenizer and label map."""

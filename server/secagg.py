@@ -417,6 +417,27 @@ class SecureSum:
             return None
         return totals.decode_totals(ring_sum, totals.EVAL_FRACTIONAL), survivors
 
+    def collect_fixed_point(
+        self,
+        grid: Grid,
+        replies: Sequence[Message],
+        length: int,
+        encoding: FixedPoint,
+        stats: RoundStats,
+    ) -> tuple[np.ndarray, list[int]] | None:
+        """A secure sum of ``length`` values each site encoded in ``encoding`` (its
+        own fixed point, not the round's update encoding): the decoded ``(length,)
+        float64`` sum and the sites in it, or ``None`` when it cannot be unmasked.
+        The caller checks the sum against what honest sites can send."""
+        protocol = self._round
+        if protocol is None:
+            return None
+        masked, _ = self._uploads(replies, length, np.dtype(encoding.ring), stats)
+        ring_sum = self._unmasked_sum(protocol, grid, masked, stats)
+        if ring_sum is None:
+            return None
+        return encoding.decode(ring_sum), sorted(masked)
+
     def _unmasked_sum(
         self,
         protocol: CoordinatorRound,

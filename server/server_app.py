@@ -38,6 +38,7 @@ from common.tracking.base import Tracker
 from common.tracking.setup import open_tracker
 from server.aggregation import build_rule
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.head_statistics import HeadStatistics
 from server.privacy import ClientLevelDP, privacy_summary
 from server.sampling import CohortSampler, SecretPoissonSampler, cohort_key
 from server.secagg import SecureSum
@@ -227,6 +228,13 @@ def _coordinate(
             SecureSum(config.secagg, config.seed) if config.secagg.enabled else None,
         )
         if inputs.sites_evaluate
+        else None,
+        head_statistics=HeadStatistics(
+            config,
+            len(inputs.labels),
+            SecureSum(config.secagg, config.seed) if config.secagg.enabled else None,
+        )
+        if config.head.init == "closed-form"
         else None,
     )
     initial = bench.state() if resumed is None else resumed.state

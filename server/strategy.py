@@ -37,6 +37,7 @@ from common.config import RuleTraits, RunConfig
 from common.evaluation import EvalResult
 from common.sharing import shared_subset
 from common.wire import to_array_record
+from server.head_statistics import STATISTICS_MESSAGE, HeadStatistics, feature_width
 from server.privacy import BudgetExhausted, ClientLevelDP
 from server.sampling import Cohort, CohortSampler, SeededSampler
 from server.site_evaluation import SiteEvaluator, SitesEvaluation, empty_sites_metrics
@@ -225,6 +226,9 @@ class FederatedLoRA:
         keep by it).
     sites : SiteEvaluator, optional
         The sites' evaluation of the global model (``eval.where = sites | both``).
+    head_statistics : HeadStatistics, optional
+        ``head.init = closed-form``: a fresh run first asks the sites for their
+        feature statistics and solves the head (its traffic counts in round 0).
 
     Attributes
     ----------
@@ -246,6 +250,7 @@ class FederatedLoRA:
         sampler: CohortSampler | None = None,
         run_identity: str = "",
         sites: SiteEvaluator | None = None,
+        head_statistics: HeadStatistics | None = None,
     ) -> None:
         self.config = config
         self.backbone = backbone
@@ -261,6 +266,7 @@ class FederatedLoRA:
         )
         self.run_identity = run_identity
         self.sites = sites
+        self.head_statistics = head_statistics
         self.stop_reason: str | None = None
         self._bundle: ArrayRecord | None = None
 
@@ -282,6 +288,8 @@ class FederatedLoRA:
         if completed_rounds == 0:
             started = time.perf_counter()
             first = RoundReport(0)
+            if self.head_statistics is not None:
+                state = self.fit_head(grid, self.head_statistics, state, first)
             if self.privacy is not None:
                 first.privacy = self.privacy.metrics()
             evaluation = self.evaluate_round(grid, 0, state, first)
@@ -304,6 +312,24 @@ class FederatedLoRA:
                 report.metrics(evaluation, time.perf_counter() - started), state
             )
         return state
+
+    def fit_head(
+        self,
+        grid: Grid,
+        head_statistics: HeadStatistics,
+        state: AdapterState,
+        report: RoundReport,
+    ) -> AdapterState:
+        """Ask every connected node for its feature statistics under ``state`` and
+        return ``state`` with the head solved from their sum (unchanged when no
+        usable sum comes)."""
+        nodes = self.wait_for_nodes(grid, self.config.train.min_clients)
+        extras = head_statistics.prepare(grid, nodes, report)
+        replies = self.deliver(grid, extras, 0, state, report, STATISTICS_MESSAGE)
+        statistics = head_statistics.collect(
+            grid, self.usable(replies, report), feature_width(state), report
+        )
+        return head_statistics.fit(state, statistics)
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the global model is evaluated after ``server_round``: before the

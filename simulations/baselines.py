@@ -204,6 +204,9 @@ def _train_centralized(config: RunConfig, target: Path, tracker: Tracker) -> Non
     model = trainable(bench)
     union = [example for rows in clients for example in rows]
     encoded = model.encode(union)
+    if config.head.init == "closed-form":  # a text classifier (the config checks)
+        assert isinstance(bench, Workbench)
+        bench.solve_closed_form_head(encoded.encoded)
     per_round = federated_samples_per_round(config, [len(rows) for rows in clients])
     context = baseline_context(0)
     outputs = RunOutputs(target, tracker=tracker)

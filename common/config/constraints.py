@@ -212,6 +212,20 @@ def dp_sgd_keeps_site_budgets(config: RunConfig) -> Refusal | None:
     )
 
 
+def closed_form_statistics_are_unaccounted_under_dp(
+    config: RunConfig,
+) -> Refusal | None:
+    """The closed-form head's statistics are released without noise."""
+    return refuse_if(
+        config.head.init == "closed-form" and config.dp.enabled,
+        "head.init",
+        "head.init = closed-form releases each label's row count, feature sums and "
+        "(lda, ridge) the Gram matrix of the sites' rows, which dp.enabled = true "
+        "neither clips, noises nor accounts for; use head.init = label-names with "
+        "DP, or set dp.enabled = false",
+    )
+
+
 def prompt_column_needs_instruction_task(config: RunConfig) -> Refusal | None:
     """Only a task that reads instructions (a causal LM) reads a prompt column."""
     task = config.model.task
@@ -246,5 +260,6 @@ RULES: tuple[Rule, ...] = (
     dp_sgd_trains_end_to_end,
     dp_sgd_rule_has_private_parts,
     dp_sgd_keeps_site_budgets,
+    closed_form_statistics_are_unaccounted_under_dp,
     prompt_column_needs_instruction_task,
 )

@@ -37,6 +37,16 @@ def causal_lm_has_no_head(config: RunConfig) -> Refusal | None:
     )
 
 
+def causal_lm_has_no_head_to_solve(config: RunConfig) -> Refusal | None:
+    """A causal LM has no classification head for the closed form to solve."""
+    return _refuse_if(
+        config.head.init == "closed-form",
+        "head.init",
+        "head.init = closed-form solves a classification head, which a causal "
+        "language model does not have",
+    )
+
+
 def causal_lm_trains_adapters_only(config: RunConfig) -> Refusal | None:
     """A causal LM has no head for ``head`` or ``lp-ft`` rounds to train."""
     mode = config.train.mode
@@ -102,6 +112,7 @@ def instruction_data_names_its_response(config: RunConfig) -> Refusal | None:
 RULES = (
     causal_lm_pools_nothing,
     causal_lm_has_no_head,
+    causal_lm_has_no_head_to_solve,
     causal_lm_trains_adapters_only,
     causal_lm_sends_no_label_counts,
     causal_lm_rows_have_no_labels,

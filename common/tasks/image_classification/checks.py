@@ -12,12 +12,19 @@ if TYPE_CHECKING:
 
 
 def image_head_starts_random(config: RunConfig) -> Refusal | None:
-    """An image backbone has no text encoder to embed label names with."""
+    """An image backbone has no text encoder to embed label names with, and the
+    closed-form head is solved for a text classifier only."""
+    init = config.head.init
+    reason = (
+        "embeds the label names with a text encoder, which an image backbone does "
+        "not have"
+        if init == "label-names"
+        else "is solved from a text classifier's pooled features only, for now"
+    )
     return refuse_if(
-        config.head.init != "random",
+        init != "random",
         "head.init",
-        "head.init = label-names embeds the label names with a text encoder, "
-        "which an image backbone does not have; set head.init = random for "
+        f"head.init = {init} {reason}; set head.init = random for "
         "model.task = image-cls",
     )
 

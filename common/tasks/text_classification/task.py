@@ -39,7 +39,7 @@ class TextClassification:
 
         for part in rows:
             encode_labels(part, labels)
-        if config.head.init == "label-names":
+        if config.head.init != "random":  # closed-form starts from the label names
             from common.label_head import label_texts  # loads torch: only when needed
 
             label_texts(labels, config.head.label_descriptions)
