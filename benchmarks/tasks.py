@@ -12,7 +12,7 @@ coordinator (``server.server_app.coordinate``) and ClientApp over
 process): the causal LM with one client per domain (``data.partition =
 column:domain``), the images over three IID clients.
 
-Throughput: one site's model (``client.sites.open_site``) trains three epochs over
+Throughput: one site's model (``client.sites.SiteRuntime.open_site``) trains three epochs over
 its rows after a warm-up; tokens per second count every token of the
 trained rows (padding excluded), images per second every trained image, on the
 device the site picked (CUDA when present).
@@ -73,20 +73,22 @@ def round_records(task: str, metric: str, rows: list[dict[str, Any]]) -> None:
 def throughput(config: Any, backbone: Path, warm_up: bool = True) -> dict[str, Any]:
     """Train one site's rows for an epoch (after a warm-up epoch) and time it."""
     from client.finetune import LocalTraining
-    from client.sites import open_site
+    from client.sites import SiteRequest, SiteRuntime
     from common.backbone import fingerprint
     from common.splits import client_examples, run_labels
     from common.tasks import task_named
 
     labels = run_labels(config.data, config.seed)
-    site: Any = open_site(
-        config,
-        backbone,
-        fingerprint(backbone),
-        config.lora,
-        config.model.pooling,  # a causal LM pools nothing and ignores it
-        labels,
-        None,
+    site: Any = SiteRuntime().open_site(
+        SiteRequest(
+            config,
+            backbone,
+            fingerprint(backbone),
+            config.lora,
+            config.model.pooling,  # a causal LM pools nothing and ignores it
+            labels,
+            None,
+        )
     )
     examples = client_examples(config.data, config.seed, 0, config.sim.num_clients)
     rows = site.encode(examples)

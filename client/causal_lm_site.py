@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +17,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from client import private_training
+from client.caches import BoundedCache
 from client.finetune import FinetuneResult, LocalTraining, train_steps
 from client.runtime import pick_device
+from client.sites import SiteRequest
 from common.causal_lm import (
     CausalLanguageModel,
     collate_lm,
@@ -39,9 +41,20 @@ from common.lm_data import LmEncoded, encode_lm, load_lm_encoded, save_lm_encode
 log = logging.getLogger(__name__)
 
 _Loaded = tuple[CausalLanguageModel, PreTrainedTokenizerBase, int]
-_MODELS: dict[tuple[str, LoraSettings, str], _Loaded] = {}
-_ENCODED: dict[str, LmEncoded] = {}
-_MAX_ENCODED = 32
+
+
+@dataclass
+class LmCaches:
+    """The causal LM's caches in one client process: the latest model only (by
+    fingerprint, LoRA shape and precision), and tokenised rows by
+    :func:`lm_rows_key`, bounded across many virtual clients."""
+
+    models: BoundedCache[tuple[str, LoraSettings, str], _Loaded] = field(
+        default_factory=lambda: BoundedCache(1)
+    )
+    rows: BoundedCache[str, LmEncoded] = field(
+        default_factory=lambda: BoundedCache(32)
+    )
 
 
 def lm_rows_key(
@@ -65,30 +78,29 @@ class CausalLMSite:
     pad_id: int
     fingerprint: str
     cache_dir: Path | None
+    caches: LmCaches
 
     def encode(self, examples: list[Example]) -> LmEncoded:
         """Tokenise the rows once: from memory, from the site's disk, or afresh."""
         data, max_length = self.config.data, self.config.model.max_length
         key = lm_rows_key(examples, self.fingerprint, max_length, data.prompt_column)
-        if key in _ENCODED:
-            return _ENCODED[key]
         stored = (
             self.cache_dir / "tokens" / f"{key}.npz"
             if self.cache_dir is not None
             else None
         )
-        if stored is not None and stored.exists():
-            encoded = load_lm_encoded(stored)
-        else:
+
+        def tokenised() -> LmEncoded:
+            if stored is not None and stored.exists():
+                return load_lm_encoded(stored)
             encoded = encode_lm(
                 self.tokenizer, examples, data.prompt_column, max_length
             )
             if stored is not None:
                 save_lm_encoded(encoded, stored)
-        if len(_ENCODED) >= _MAX_ENCODED:  # bounded memory across virtual clients
-            _ENCODED.pop(next(iter(_ENCODED)))
-        _ENCODED[key] = encoded
-        return encoded
+            return encoded
+
+        return self.caches.rows.get(key, tokenised)
 
     def load_state(self, state: AdapterState) -> None:
         load_lm_adapter_state(self.model, state)
@@ -168,28 +180,25 @@ class CausalLMSite:
         raise ValueError("a causal language model has no labels to count")
 
 
-def open_causal_lm_site(
-    config: RunConfig,
-    backbone_dir: Path,
-    fingerprint: str,
-    lora: LoraSettings,
-    cache_dir: Path | None,
-) -> CausalLMSite:
+def open_causal_lm_site(caches: LmCaches, request: SiteRequest) -> CausalLMSite:
     """The process's causal LM for this backbone, LoRA shape and precision
     (``model.quantize``), loaded once (only the latest is kept, to bound memory)."""
-    quantize = config.model.quantize
-    key = (fingerprint, lora, quantize)
-    if key not in _MODELS:
-        _MODELS.clear()
+    config, fingerprint, lora = request.config, request.fingerprint, request.lora
+    backbone_dir, quantize = request.backbone_dir, config.model.quantize
+
+    def load() -> _Loaded:
         device = pick_device()
         model = load_causal_lm(backbone_dir, lora, config.seed, device, quantize)
         tokenizer, pad_id = load_lm_tokenizer(backbone_dir)
-        _MODELS[key] = (model, tokenizer, pad_id)
         log.info(
             "loaded causal LM %s on %s (quantize = %s)",
             fingerprint[:12],
             device,
             quantize,
         )
-    model, tokenizer, pad_id = _MODELS[key]
-    return CausalLMSite(config, model, tokenizer, pad_id, fingerprint, cache_dir)
+        return model, tokenizer, pad_id
+
+    model, tokenizer, pad_id = caches.models.get((fingerprint, lora, quantize), load)
+    return CausalLMSite(
+        config, model, tokenizer, pad_id, fingerprint, request.cache_dir, caches
+    )

@@ -47,6 +47,7 @@ from client.site_privacy import (
     round_noise_multiplier,
 )
 from client.site_state import SiteState, site_folder
+from client.sites import SiteRequest, SiteRuntime
 from common import dp, keys
 from common.backbone import (
     BackboneError,
@@ -71,6 +72,8 @@ if TYPE_CHECKING:  # torch loads only when a site trains or evaluates
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+#: What this process keeps between messages: each task's loaded model and rows.
+SITE_RUNTIME = SiteRuntime()
 
 
 @dataclass(frozen=True)
@@ -184,18 +187,18 @@ def _open_site(
 
     # torch and transformers load only here: a SuperNode starts a fresh process for
     # every message, and the secure-aggregation stages need neither.
-    from client.sites import open_site
-
     lora = adapters.site_lora(config, context.node_config)
     # The task's model (client.sites): text classifier, causal LM or image classifier.
-    site = open_site(
-        config,
-        backbone_dir,
-        task.fingerprint,
-        lora,
-        task.pooling,
-        task.labels,
-        cache_dir,
+    site = SITE_RUNTIME.open_site(
+        SiteRequest(
+            config,
+            backbone_dir,
+            task.fingerprint,
+            lora,
+            task.pooling,
+            task.labels,
+            cache_dir,
+        )
     )
     received = from_array_record(message.content.array_records[keys.ADAPTER_RECORD])
     # Decoding needs no seed: only an encoder's stochastic rounding does.

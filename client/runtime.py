@@ -1,6 +1,7 @@
-"""What a client process keeps between messages: the loaded backbone with its LoRA
-wrapper, and tokenised data (in memory, and on the site's disk for deployments, where
-every message starts a fresh process).
+"""The text classifier at a site: what a client process keeps between messages
+(:class:`TextCaches`: the loaded backbone with its LoRA wrapper, tokenised rows,
+pooled features and frozen-layer outputs), in memory and, for tokens and prefixes,
+on the site's disk for deployments, where every message starts a fresh process.
 
 The backbone is loaded once per process and per fingerprint. Each message then
 overwrites every trainable tensor with the global adapter it received and builds a new
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from client.caches import BoundedCache
 from common.batching import Encoded, encode
 from common.config import LoraSettings
 from common.data import Example, encode_labels
@@ -43,15 +45,35 @@ class LoadedBackbone:
     quantize: str = "none"
 
 
-_MODELS: dict[tuple[str, LoraSettings, str, int, str], LoadedBackbone] = {}
-_ENCODED: dict[str, Encoded] = {}
-_MAX_ENCODED = 32
-_FEATURES = FeatureCache(capacity=32)
-_PREFIXES: dict[str, PrefixStates] = {}
-_MAX_PREFIXES = 8
+@dataclass
+class TextCaches:
+    """The text classifier's caches in one client process.
+
+    Attributes
+    ----------
+    models : BoundedCache
+        The latest classifier only, by backbone fingerprint, LoRA shape, pooling,
+        label count and precision.
+    rows : BoundedCache
+        Tokenised rows by :func:`rows_key`, bounded across many virtual clients.
+    features : FeatureCache
+        Pooled features while only the head trains.
+    prefixes : BoundedCache
+        The frozen layers' output (``lora.layers``).
+    """
+
+    models: BoundedCache[tuple[str, LoraSettings, str, int, str], LoadedBackbone] = (
+        field(default_factory=lambda: BoundedCache(1))
+    )
+    rows: BoundedCache[str, Encoded] = field(default_factory=lambda: BoundedCache(32))
+    features: FeatureCache = field(default_factory=lambda: FeatureCache(capacity=32))
+    prefixes: BoundedCache[str, PrefixStates] = field(
+        default_factory=lambda: BoundedCache(8)
+    )
 
 
 def loaded_backbone(
+    caches: TextCaches,
     backbone_dir: Path,
     fingerprint: str,
     lora: LoraSettings,
@@ -66,17 +88,17 @@ def loaded_backbone(
     a stale copy. Only the latest model is kept, to bound memory. ``quantize``
     (``model.quantize``) loads the frozen weights in 4 or 8 bits.
     """
-    key = (fingerprint, lora, pooling, num_labels, quantize)
-    if key not in _MODELS:
-        _MODELS.clear()
+
+    def load() -> LoadedBackbone:
         device = pick_device()
         encoder = load_encoder(backbone_dir, device, quantize)
         model = attach_lora(encoder, lora, pooling, num_labels, seed)
         tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        _MODELS[key] = LoadedBackbone(model, tokenizer, pad_id, quantize)
         log.info("loaded backbone %s on %s", fingerprint[:12], device)
-    return _MODELS[key]
+        return LoadedBackbone(model, tokenizer, pad_id, quantize)
+
+    return caches.models.get((fingerprint, lora, pooling, num_labels, quantize), load)
 
 
 def rows_key(
@@ -91,6 +113,7 @@ def rows_key(
 
 
 def encoded_examples(
+    caches: TextCaches,
     examples: list[Example],
     labels: tuple[str, ...],
     backbone: LoadedBackbone,
@@ -106,41 +129,53 @@ def encoded_examples(
         When a label is outside the run's label map, naming the file and line.
     """
     key = rows_key(examples, labels, fingerprint, max_length)
-    if key in _ENCODED:
-        return _ENCODED[key]
     stored = cache_dir / "tokens" / f"{key}.npz" if cache_dir is not None else None
+    return caches.rows.get(
+        key, lambda: _tokenised(examples, labels, backbone, max_length, stored)
+    )
+
+
+def _tokenised(
+    examples: list[Example],
+    labels: tuple[str, ...],
+    backbone: LoadedBackbone,
+    max_length: int,
+    stored: Path | None,
+) -> Encoded:
+    """The rows tokenised: from the site's disk (``stored``), or afresh (and then
+    stored there)."""
     if stored is not None and stored.exists():
         with np.load(stored) as arrays:
             bounds = np.cumsum(arrays["lengths"])[:-1]
             ids = [part.tolist() for part in np.split(arrays["ids"], bounds)]
-            encoded = Encoded(ids=ids, labels=arrays["labels"])
-    else:
-        label_ids = encode_labels(examples, labels)
-        encoded = encode(
-            backbone.tokenizer, [e.text for e in examples], label_ids, max_length
+            return Encoded(ids=ids, labels=arrays["labels"])
+    label_ids = encode_labels(examples, labels)
+    encoded = encode(
+        backbone.tokenizer, [e.text for e in examples], label_ids, max_length
+    )
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        staging = stored.with_name(stored.stem + ".tmp.npz")
+        np.savez(
+            staging,
+            ids=np.concatenate([np.asarray(i, np.int32) for i in encoded.ids]),
+            lengths=np.asarray([len(i) for i in encoded.ids], np.int64),
+            labels=encoded.labels,
         )
-        if stored is not None:
-            stored.parent.mkdir(parents=True, exist_ok=True)
-            staging = stored.with_name(stored.stem + ".tmp.npz")
-            np.savez(
-                staging,
-                ids=np.concatenate([np.asarray(i, np.int32) for i in encoded.ids]),
-                lengths=np.asarray([len(i) for i in encoded.ids], np.int64),
-                labels=encoded.labels,
-            )
-            staging.replace(stored)
-    if len(_ENCODED) >= _MAX_ENCODED:  # bounded memory across many virtual clients
-        _ENCODED.pop(next(iter(_ENCODED)))
-    _ENCODED[key] = encoded
+        staging.replace(stored)
     return encoded
 
 
 def cached_features(
-    backbone: LoadedBackbone, encoded: Encoded, key: str, digest: str
+    caches: TextCaches,
+    backbone: LoadedBackbone,
+    encoded: Encoded,
+    key: str,
+    digest: str,
 ) -> torch.Tensor:
     """Pooled features of the client's rows under adapters with ``digest``, computed
     once per process while only the head trains."""
-    return _FEATURES.get(
+    return caches.features.get(
         f"{key}|{backbone.model.pooling}|{backbone.quantize}",
         digest,
         lambda: pooled_features(backbone.model, encoded, backbone.pad_id),
@@ -148,7 +183,11 @@ def cached_features(
 
 
 def cached_prefix(
-    backbone: LoadedBackbone, encoded: Encoded, key: str, cache_dir: Path | None
+    caches: TextCaches,
+    backbone: LoadedBackbone,
+    encoded: Encoded,
+    key: str,
+    cache_dir: Path | None,
 ) -> PrefixStates:
     """The output of the frozen layers for the client's rows (``lora.layers``),
     computed once: from memory, from the site's disk, or afresh.
@@ -157,34 +196,36 @@ def cached_prefix(
     precision (``model.quantize``) and the tokens (``key``, from ``rows_key``), never
     on the round.
     """
-    depth = backbone.model.prefix_depth
-    key = f"{key}|prefix-{depth}|{backbone.quantize}"
-    if key in _PREFIXES:
-        return _PREFIXES[key]
+    key = f"{key}|prefix-{backbone.model.prefix_depth}|{backbone.quantize}"
     name = hashlib.sha256(key.encode()).hexdigest()
     stored = cache_dir / "prefix" / f"{name}.npz" if cache_dir is not None else None
+    return caches.prefixes.get(key, lambda: _prefix(backbone, encoded, stored))
+
+
+def _prefix(
+    backbone: LoadedBackbone, encoded: Encoded, stored: Path | None
+) -> PrefixStates:
+    """The frozen layers' output: from the site's disk (``stored``), or afresh (and
+    then stored there)."""
+    depth = backbone.model.prefix_depth
     device = next(backbone.model.parameters()).device
     if stored is not None and stored.exists():
         with np.load(stored) as arrays:
             bounds = np.cumsum(arrays["lengths"])[:-1]
-            states = PrefixStates(
+            return PrefixStates(
                 [
                     torch.from_numpy(part).to(device)
                     for part in np.split(arrays["states"], bounds)
                 ]
             )
-    else:
-        states = prefix_states(backbone.model.encoder, depth, encoded, backbone.pad_id)
-        if stored is not None:
-            stored.parent.mkdir(parents=True, exist_ok=True)
-            staging = stored.with_name(stored.stem + ".tmp.npz")
-            np.savez(
-                staging,
-                states=torch.cat(states.states).cpu().numpy(),  # (tokens, hidden)
-                lengths=np.asarray([len(s) for s in states.states], np.int64),
-            )
-            staging.replace(stored)
-    if len(_PREFIXES) >= _MAX_PREFIXES:  # bounded memory across many virtual clients
-        _PREFIXES.pop(next(iter(_PREFIXES)))
-    _PREFIXES[key] = states
+    states = prefix_states(backbone.model.encoder, depth, encoded, backbone.pad_id)
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        staging = stored.with_name(stored.stem + ".tmp.npz")
+        np.savez(
+            staging,
+            states=torch.cat(states.states).cpu().numpy(),  # (tokens, hidden)
+            lengths=np.asarray([len(s) for s in states.states], np.int64),
+        )
+        staging.replace(stored)
     return states

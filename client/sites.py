@@ -11,7 +11,7 @@ Every task offers the same steps to :mod:`client.client_app`::
 - an image classifier (:mod:`client.vision_site`).
 
 :data:`SITE_OPENERS` holds each task's opener, keyed by the task object
-(:mod:`common.tasks`).
+(:mod:`common.tasks`); :class:`SiteRuntime` holds each task's caches.
 
 Torch and transformers load only when a site model is opened.
 """
@@ -19,10 +19,10 @@ Torch and transformers load only when a site model is opened.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
 from flwr.app import Context
@@ -37,10 +37,13 @@ from common.tasks.text_classification import TEXT_CLASSIFICATION
 
 if TYPE_CHECKING:
     from client.finetune import FinetuneResult, LocalTraining
-    from client.runtime import LoadedBackbone
+    from client.runtime import LoadedBackbone, TextCaches
     from common.batching import Encoded
     from common.closed_form import ClassStatistics
     from common.evaluation import EvalResult
+
+
+C = TypeVar("C")
 
 
 class SiteModel(Protocol):
@@ -101,11 +104,13 @@ class TextSite:
     fingerprint: str
     labels: tuple[str, ...]
     cache_dir: Path | None
+    caches: TextCaches
 
     def encode(self, examples: list[Example]) -> TextRows:
         from client.runtime import encoded_examples
 
         encoded = encoded_examples(
+            self.caches,
             examples,
             self.labels,
             self.backbone,
@@ -154,8 +159,10 @@ class TextSite:
             backbone.pad_id,
             plan,
             phase,
-            lambda: cached_features(backbone, encoded, key, encoder_digest(start)),
-            lambda: cached_prefix(backbone, encoded, key, self.cache_dir),
+            lambda: cached_features(
+                self.caches, backbone, encoded, key, encoder_digest(start)
+            ),
+            lambda: cached_prefix(self.caches, backbone, encoded, key, self.cache_dir),
         )
         return result, None
 
@@ -200,78 +207,105 @@ class TextSite:
         )
 
 
-def _open_text_site(
-    config: RunConfig,
-    backbone_dir: Path,
-    fingerprint: str,
-    lora: LoraSettings,
-    pooling: str,
-    labels: tuple[str, ...],
-    cache_dir: Path | None,
-) -> SiteModel:
-    from client.runtime import loaded_backbone
+@dataclass(frozen=True)
+class SiteRequest:
+    """What opening a site's model takes, whatever the task.
 
+    Attributes
+    ----------
+    config : RunConfig
+        The run's configuration.
+    backbone_dir : Path
+        Where the site holds the backbone.
+    fingerprint : str
+        The backbone's fingerprint (keys every cache).
+    lora : LoraSettings
+        The LoRA shape this site trains (its own rank under FlexLoRA).
+    pooling : str
+        The coordinator's pooling (a classifier's).
+    labels : tuple[str, ...]
+        The run's label map (empty for a causal LM).
+    cache_dir : Path or None
+        The site's disk cache for tokens and frozen-layer outputs.
+    """
+
+    config: RunConfig
+    backbone_dir: Path
+    fingerprint: str
+    lora: LoraSettings
+    pooling: str
+    labels: tuple[str, ...]
+    cache_dir: Path | None
+
+
+def _open_text_site(request: SiteRequest, runtime: SiteRuntime) -> SiteModel:
+    from client.runtime import TextCaches, loaded_backbone
+
+    config = request.config
+    caches = runtime.caches_of(TEXT_CLASSIFICATION, TextCaches)
     backbone = loaded_backbone(
-        backbone_dir,
-        fingerprint,
-        lora,
-        pooling,
-        len(labels),
+        caches,
+        request.backbone_dir,
+        request.fingerprint,
+        request.lora,
+        request.pooling,
+        len(request.labels),
         config.seed,
         config.model.quantize,
     )
-    return TextSite(config, backbone, fingerprint, labels, cache_dir)
+    return TextSite(
+        config, backbone, request.fingerprint, request.labels, request.cache_dir, caches
+    )
 
 
-def _open_causal_lm_site(
-    config: RunConfig,
-    backbone_dir: Path,
-    fingerprint: str,
-    lora: LoraSettings,
-    pooling: str,
-    labels: tuple[str, ...],
-    cache_dir: Path | None,
-) -> SiteModel:
-    from client.causal_lm_site import open_causal_lm_site
+def _open_causal_lm_site(request: SiteRequest, runtime: SiteRuntime) -> SiteModel:
+    from client.causal_lm_site import LmCaches, open_causal_lm_site
 
-    return open_causal_lm_site(config, backbone_dir, fingerprint, lora, cache_dir)
+    return open_causal_lm_site(runtime.caches_of(CAUSAL_LM, LmCaches), request)
 
 
-def _open_image_site(
-    config: RunConfig,
-    backbone_dir: Path,
-    fingerprint: str,
-    lora: LoraSettings,
-    pooling: str,
-    labels: tuple[str, ...],
-    cache_dir: Path | None,
-) -> SiteModel:
-    from client.vision_site import open_vision_site
+def _open_image_site(request: SiteRequest, runtime: SiteRuntime) -> SiteModel:
+    from client.vision_site import ImageCaches, open_vision_site
 
-    return open_vision_site(config, backbone_dir, fingerprint, lora, pooling, labels)
+    return open_vision_site(runtime.caches_of(IMAGE_CLASSIFICATION, ImageCaches), request)
 
 
 #: Each task's site side: the site code trains with :mod:`client.finetune` and
 #: DP-SGD, which ``common`` may not import, so it is looked up here by task.
-SITE_OPENERS: Mapping[Task, Callable[..., SiteModel]] = MappingProxyType(
-    {
-        TEXT_CLASSIFICATION: _open_text_site,
-        CAUSAL_LM: _open_causal_lm_site,
-        IMAGE_CLASSIFICATION: _open_image_site,
-    }
+SITE_OPENERS: Mapping[Task, Callable[[SiteRequest, SiteRuntime], SiteModel]] = (
+    MappingProxyType(
+        {
+            TEXT_CLASSIFICATION: _open_text_site,
+            CAUSAL_LM: _open_causal_lm_site,
+            IMAGE_CLASSIFICATION: _open_image_site,
+        }
+    )
 )
 
 
-def open_site(
-    config: RunConfig,
-    backbone_dir: Path,
-    fingerprint: str,
-    lora: LoraSettings,
-    pooling: str,
-    labels: tuple[str, ...],
-    cache_dir: Path | None,
-) -> SiteModel:
-    """The site's model for ``config.model.task``, loaded once per process and per
-    backbone, LoRA shape, pooling and label count."""
-    opener = SITE_OPENERS[task_named(config.model.task)]
-    return opener(config, backbone_dir, fingerprint, lora, pooling, labels, cache_dir)
+@dataclass
+class SiteRuntime:
+    """What one client process keeps between messages: each task's caches (the
+    loaded model, encoded rows, features), made when the task's first site opens.
+
+    The ClientApp owns one (:data:`client.client_app.SITE_RUNTIME`); a test builds
+    its own or calls :meth:`clear`.
+    """
+
+    caches: dict[Task, Any] = field(default_factory=dict)
+
+    def caches_of(self, task: Task, make: Callable[[], C]) -> C:
+        """``task``'s caches in this process, ``make()`` on first use."""
+        if task not in self.caches:
+            self.caches[task] = make()
+        return cast(C, self.caches[task])
+
+    def clear(self) -> None:
+        """Drop every cached model and row."""
+        self.caches.clear()
+
+    def open_site(self, request: SiteRequest) -> SiteModel:
+        """The site's model for ``request.config.model.task``, loaded once per
+        process and per backbone, LoRA shape, pooling and label count."""
+        opener = SITE_OPENERS[task_named(request.config.model.task)]
+        return opener(request, self)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from client import private_training
+from client.caches import BoundedCache
 from client.finetune import FinetuneResult, LocalTraining, train_head, train_steps
 from client.runtime import pick_device
+from client.sites import SiteRequest
 from common.codec import AdapterState
 from common.config import LoraSettings, RunConfig
 from common.data import Example
@@ -41,10 +43,22 @@ from common.vision import (
 
 log = logging.getLogger(__name__)
 
-_MODELS: dict[tuple[str, LoraSettings, str, int, str], tuple[ImageClassifier, Any]] = {}
-_ENCODED: dict[str, ImageEncoded] = {}
-_MAX_ENCODED = 8
-_FEATURES = FeatureCache(capacity=8)
+
+
+@dataclass
+class ImageCaches:
+    """The image classifier's caches in one client process: the latest model and
+    image processor only (by fingerprint, LoRA shape, pooling, label count and
+    precision), preprocessed images by :func:`image_rows_key`, and pooled features
+    while only the head trains."""
+
+    models: BoundedCache[
+        tuple[str, LoraSettings, str, int, str], tuple[ImageClassifier, Any]
+    ] = field(default_factory=lambda: BoundedCache(1))
+    rows: BoundedCache[str, ImageEncoded] = field(
+        default_factory=lambda: BoundedCache(8)
+    )
+    features: FeatureCache = field(default_factory=lambda: FeatureCache(capacity=8))
 
 
 def image_rows_key(
@@ -73,16 +87,17 @@ class VisionSite:
     processor: Any
     labels: tuple[str, ...]
     fingerprint: str
+    caches: ImageCaches
 
     def encode(self, examples: list[Example]) -> ImageEncoded:
         """Preprocess the images once per process."""
         key = image_rows_key(examples, self.labels, self.fingerprint)
-        if key not in _ENCODED:
-            if len(_ENCODED) >= _MAX_ENCODED:  # bounded memory across clients
-                _ENCODED.pop(next(iter(_ENCODED)))
-            encoded = encode_images(self.processor, examples, self.labels)
-            _ENCODED[key] = dataclasses.replace(encoded, key=key)
-        return _ENCODED[key]
+        return self.caches.rows.get(
+            key,
+            lambda: dataclasses.replace(
+                encode_images(self.processor, examples, self.labels), key=key
+            ),
+        )
 
     def load_state(self, state: AdapterState) -> None:
         load_image_adapter_state(self.model, state)
@@ -105,7 +120,7 @@ class VisionSite:
             # The pooled features depend on the pooling and the backbone's precision
             # too; a process may hold sites of runs that differ in either.
             model = self.config.model
-            features = _FEATURES.get(
+            features = self.caches.features.get(
                 f"{rows.key}|{model.pooling}|{model.quantize}",
                 encoder_digest(start),
                 lambda: image_features(self.model, rows),
@@ -148,31 +163,28 @@ class VisionSite:
         return np.bincount(rows.labels, minlength=num_labels)
 
 
-def open_vision_site(
-    config: RunConfig,
-    backbone_dir: Path,
-    fingerprint: str,
-    lora: LoraSettings,
-    pooling: str,
-    labels: tuple[str, ...],
-) -> VisionSite:
+def open_vision_site(caches: ImageCaches, request: SiteRequest) -> VisionSite:
     """The process's image classifier for this backbone, LoRA shape, pooling, label
     count and precision (``model.quantize``), loaded once (only the latest is kept,
     to bound memory)."""
+    config, fingerprint, lora = request.config, request.fingerprint, request.lora
+    backbone_dir, pooling, labels = request.backbone_dir, request.pooling, request.labels
     quantize = config.model.quantize
-    key = (fingerprint, lora, pooling, len(labels), quantize)
-    if key not in _MODELS:
-        _MODELS.clear()
+
+    def load() -> tuple[ImageClassifier, Any]:
         device = pick_device()
         model = load_image_classifier(
             backbone_dir, lora, pooling, len(labels), config.seed, device, quantize
         )
-        _MODELS[key] = (model, load_image_processor(backbone_dir))
+        processor = load_image_processor(backbone_dir)
         log.info(
             "loaded image backbone %s on %s (quantize = %s)",
             fingerprint[:12],
             device,
             quantize,
         )
-    model, processor = _MODELS[key]
-    return VisionSite(config, model, processor, labels, fingerprint)
+        return model, processor
+
+    key = (fingerprint, lora, pooling, len(labels), quantize)
+    model, processor = caches.models.get(key, load)
+    return VisionSite(config, model, processor, labels, fingerprint, caches)

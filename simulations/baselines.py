@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, RecordDict
 
-from client.causal_lm_site import CausalLMSite
+from client.causal_lm_site import CausalLMSite, LmCaches
 from client.finetune import FinetuneResult, LocalTraining, train_phase
 from client.runtime import rows_key
 from client.sites import SiteModel, TextRows
-from client.vision_site import VisionSite
+from client.vision_site import ImageCaches, VisionSite
 from common.causal_lm_bench import CausalLMWorkbench
 from common.codec import AdapterState
 from common.config import RunConfig
@@ -127,10 +127,16 @@ def trainable(bench: RunBench) -> SiteModel:
             bench.pad_id,
             bench.fingerprint,
             cache_dir=None,
+            caches=LmCaches(),
         )
     if isinstance(bench, VisionWorkbench):
         return VisionSite(
-            config, bench.model, bench.processor, bench.labels, bench.fingerprint
+            config,
+            bench.model,
+            bench.processor,
+            bench.labels,
+            bench.fingerprint,
+            ImageCaches(),
         )
     if isinstance(bench, Workbench):
         return WorkbenchText(bench)

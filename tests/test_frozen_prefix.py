@@ -130,8 +130,8 @@ def test_a_prefix_computed_at_another_precision_is_not_reused(
     model = top_layer_classifier(1)
     full = runtime.LoadedBackbone(model, tokenizer=None, pad_id=0)  # type: ignore[arg-type]
     quantised = runtime.LoadedBackbone(model, None, 0, quantize="4bit")  # type: ignore[arg-type]
-    monkeypatch.setattr(runtime, "_PREFIXES", {})
-    runtime.cached_prefix(full, ROWS, "rows-c", tmp_path)
+    caches = runtime.TextCaches()
+    runtime.cached_prefix(caches, full, ROWS, "rows-c", tmp_path)
     calls: list[int] = []
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -141,7 +141,7 @@ def test_a_prefix_computed_at_another_precision_is_not_reused(
     monkeypatch.setattr(runtime, "prefix_states", counted)
 
     # Execute
-    runtime.cached_prefix(quantised, ROWS, "rows-c", tmp_path)
+    runtime.cached_prefix(caches, quantised, ROWS, "rows-c", tmp_path)
 
     # Assert
     assert len(calls) == 1
@@ -188,11 +188,11 @@ def test_a_client_computes_its_prefix_once_across_rounds(
         return prefix_states(*args, **kwargs)
 
     monkeypatch.setattr(runtime, "prefix_states", counted)
-    monkeypatch.setattr(runtime, "_PREFIXES", {})
+    caches = runtime.TextCaches()
 
     # Execute
-    first = runtime.cached_prefix(backbone, ROWS, "rows-a", tmp_path)
-    second = runtime.cached_prefix(backbone, ROWS, "rows-a", tmp_path)
+    first = runtime.cached_prefix(caches, backbone, ROWS, "rows-a", tmp_path)
+    second = runtime.cached_prefix(caches, backbone, ROWS, "rows-a", tmp_path)
 
     # Assert
     assert second is first and len(calls) == 1
@@ -204,15 +204,15 @@ def test_a_site_reads_its_prefix_back_from_disk_in_a_fresh_process(
     # Prepare: one message computes and stores the prefix
     model = top_layer_classifier(1)
     backbone = runtime.LoadedBackbone(model, tokenizer=None, pad_id=0)  # type: ignore[arg-type]
-    monkeypatch.setattr(runtime, "_PREFIXES", {})
-    stored = runtime.cached_prefix(backbone, ROWS, "rows-b", tmp_path)
+    caches = runtime.TextCaches()
+    stored = runtime.cached_prefix(caches, backbone, ROWS, "rows-b", tmp_path)
 
     # Execute: a new process (empty memory) must not recompute it
-    monkeypatch.setattr(runtime, "_PREFIXES", {})
+    caches = runtime.TextCaches()
     monkeypatch.setattr(
         runtime, "prefix_states", lambda *a, **k: pytest.fail("recomputed")
     )
-    loaded = runtime.cached_prefix(backbone, ROWS, "rows-b", tmp_path)
+    loaded = runtime.cached_prefix(caches, backbone, ROWS, "rows-b", tmp_path)
 
     # Assert
     assert list((tmp_path / "prefix").glob("*.npz"))

@@ -155,6 +155,7 @@ def test_head_features_of_a_quantised_backbone_are_cached_apart(
 
     monkeypatch.setattr(runtime, "pooled_features", features)
     rows = Encoded(ids=[[1, 2]], labels=np.array([0]))
+    caches = runtime.TextCaches()
 
     def backbone(quantize: str) -> runtime.LoadedBackbone:
         model = SimpleNamespace(pooling="mean", precision=quantize)
@@ -162,7 +163,7 @@ def test_head_features_of_a_quantised_backbone_are_cached_apart(
 
     # Execute
     for quantize in ("none", "4bit", "none", "4bit"):
-        runtime.cached_features(backbone(quantize), rows, "rows-key", "digest")
+        runtime.cached_features(caches, backbone(quantize), rows, "rows", "digest")
 
     # Assert: each precision computed once, then served from the cache
     assert computed == ["none", "4bit"]

@@ -18,7 +18,8 @@ from flwr.app import Context, RecordDict
 
 from client.client_app import app as client_app
 from client.finetune import FinetuneResult, LocalTraining
-from client.sites import SiteModel, open_site
+from client.client_app import SITE_RUNTIME
+from client.sites import SiteModel, SiteRequest
 from common import keys
 from common.backbone import fingerprint
 from common.config import ConfigError, RunConfig
@@ -93,14 +94,16 @@ def open_test_site(config: RunConfig, cache: Path) -> SiteModel:
     """The site model of ``config``'s task, as the ClientApp opens it."""
     backbone = Path(config.model.name)
     labels = run_labels(config.data, config.seed)
-    return open_site(
-        config,
-        backbone,
-        fingerprint(backbone),
-        config.lora,
-        config.model.pooling,
-        labels,
-        cache,
+    return SITE_RUNTIME.open_site(
+        SiteRequest(
+            config,
+            backbone,
+            fingerprint(backbone),
+            config.lora,
+            config.model.pooling,
+            labels,
+            cache,
+        )
     )
 
 

@@ -377,7 +377,8 @@ def test_a_sites_personal_perplexity_is_that_of_its_own_b_with_the_shared_a(
     causal_lms: dict[str, Path], lm_corpus: Path, tmp_path: Path
 ) -> None:
     # Prepare: the coordinator's held-out rows, and a site whose B is its own
-    from client.causal_lm_site import open_causal_lm_site
+    from client.causal_lm_site import LmCaches, open_causal_lm_site
+    from client.sites import SiteRequest
     from common.backbone import fingerprint
     from common.causal_lm_bench import CausalLMWorkbench
 
@@ -385,9 +386,16 @@ def test_a_sites_personal_perplexity_is_that_of_its_own_b_with_the_shared_a(
     config = lm_config(backbone, lm_corpus, tmp_path / "out", aggregation="fedsa")
     rows = evaluation_examples(config.data, config.seed)
     coordinator = CausalLMWorkbench.open(config, (), rows)
-    site = open_causal_lm_site(
-        config, backbone, fingerprint(backbone), config.lora, tmp_path / "cache"
+    request = SiteRequest(
+        config,
+        backbone,
+        fingerprint(backbone),
+        config.lora,
+        config.model.pooling,
+        (),
+        tmp_path / "cache",
     )
+    site = open_causal_lm_site(LmCaches(), request)
     shared = coordinator.state()
     rng = np.random.default_rng(0)
     personal = {

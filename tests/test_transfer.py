@@ -907,9 +907,10 @@ def test_a_client_does_not_reuse_features_pooled_another_way(
 ) -> None:
     # Prepare: the same head-only round under mean pooling, then under max pooling in
     # the same process, and under max pooling in a fresh one
-    import client.runtime as runtime
+    import client.client_app as client_app
+    from client.sites import SiteRuntime
 
-    monkeypatch.setattr(runtime, "_FEATURES", FeatureCache())
+    monkeypatch.setattr(client_app, "SITE_RUNTIME", SiteRuntime())
     overrides = {"train.mode": "head", "num-server-rounds": 1}
     federate(backbone, small_jsonl, tmp_path / "mean", **overrides)
 
@@ -917,7 +918,7 @@ def test_a_client_does_not_reuse_features_pooled_another_way(
     after_mean, _, _ = federate(
         backbone, small_jsonl, tmp_path / "max", **overrides, **{"model.pooling": "max"}
     )
-    monkeypatch.setattr(runtime, "_FEATURES", FeatureCache())
+    monkeypatch.setattr(client_app, "SITE_RUNTIME", SiteRuntime())
     fresh, _, _ = federate(
         backbone,
         small_jsonl,
