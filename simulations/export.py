@@ -1,6 +1,7 @@
 """``fedgraft export``: a run's merged model as a Hugging Face folder or as ONNX.
 
-Every task's ONNX export follows one path: its plan (:class:`OnnxPlan`) names the
+Every task's ONNX export follows one path: its plan
+(:class:`~common.tasks.export.OnnxPlan`, built by the task) names the
 module to trace, the batch to trace it on, another batch (of another shape) with the
 PyTorch logits the graph must reproduce on it, and the files that go beside
 ``model.onnx``; :func:`export_onnx` traces the plan, writes those files and checks the
@@ -22,43 +23,22 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common.outputs import MERGED_DIR
-from common.tasks import TASK_FILE, read_task
-from common.tasks.causal_lm import CAUSAL_LM
-from common.tasks.image_classification import IMAGE_CLASSIFICATION
-from common.tasks.text_classification import TEXT_CLASSIFICATION
-
-if TYPE_CHECKING:
-    from torch import nn
+from common.tasks import TASK_FILE, TASKS, read_task
+from common.tasks.export import ExportError, OnnxPlan
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 EXPORT_FORMATS = ("hf", "onnx")
-#: The graph is traced on one batch and checked on another of a different shape, so
-#: the check also covers the dynamic batch (and sequence) axes.
-_TRACE_TEXTS = ["a", "a longer sentence to make the batch need padding on one row"]
-_CHECK_TEXTS = [
-    "another sentence, of a third length",
-    "b",
-    "a row longer than the traced ones, so that the check batch has its own shape",
-]
-_TRACE_IMAGES, _CHECK_IMAGES = 2, 3
 _HEAD_META = "fedgraft_head.json"
-
-
-class ExportError(ValueError):
-    """The export cannot be made or does not reproduce the model's logits."""
-
-
 @dataclass(frozen=True)
 class OnnxCheck:
     """How the ONNX graph compared with PyTorch on the check batch.
@@ -89,43 +69,6 @@ class OnnxCheck:
         )
 
 
-@dataclass(frozen=True)
-class OnnxPlan:
-    """What one task's ONNX export traces, writes and checks.
-
-    Attributes
-    ----------
-    traced : nn.Module
-        In eval mode; ``forward`` takes the inputs in ``trace_inputs``' order and
-        returns the logits alone.
-    trace_inputs, check_inputs : Mapping[str, np.ndarray]
-        The graph's inputs by name: the batch to trace and the batch to check with.
-    expected : np.ndarray
-        The PyTorch logits on ``check_inputs`` of the model loaded as ``predict`` or
-        ``generate`` load the folder (computed before ``traced`` is loaded, so that
-        a large model is not held twice).
-    dynamic_axes : dict[str, dict[int, str]]
-        The axes left free in the graph, per input and for ``logits``.
-    write_files : Callable[[Path], None]
-        Writes what reads the graph's inputs and outputs (tokenizer, image processor,
-        labels) into the export folder.
-    model_type : str
-        The backbone's family (``config.model_type``), for error messages.
-    compare_where : str or None
-        An input whose zeros mark positions without meaning (padding): their logits
-        are not compared.
-    """
-
-    traced: nn.Module
-    trace_inputs: Mapping[str, np.ndarray]
-    check_inputs: Mapping[str, np.ndarray]
-    expected: np.ndarray
-    dynamic_axes: dict[str, dict[int, str]]
-    write_files: Callable[[Path], None]
-    model_type: str
-    compare_where: str | None = None
-
-
 def merged_dir(run_or_merged: Path) -> Path:
     """The ``merged/`` folder of a run, or the folder itself if it is one.
 
@@ -146,174 +89,6 @@ def export_hf(source: Path, out: Path) -> Path:
     causal LM, the merged ``AutoModelForCausalLM`` folder and its tokenizer)."""
     shutil.copytree(source, out, dirs_exist_ok=True)
     return out
-
-
-def _logits(model: nn.Module, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """``model``'s logits on ``inputs`` (passed in their order), as numpy."""
-    import torch
-
-    with torch.no_grad():
-        logits = model(*(torch.from_numpy(v) for v in inputs.values()))
-    return np.asarray(logits.numpy())
-
-
-def _text_classifier_plan(source: Path) -> OnnxPlan:
-    """A text classifier: ``input_ids, attention_mask -> logits (batch, labels)``."""
-    import torch
-    from transformers import AutoModel
-
-    from common.inference import HEAD_FILES, MergedClassifier
-    from common.model import TextClassifier
-
-    reference = MergedClassifier.load(source)
-    encoder = AutoModel.from_pretrained(
-        str(source), attn_implementation="eager", dtype=torch.float32
-    )
-    traced = TextClassifier(encoder, reference.model.pooling, len(reference.labels))
-    traced.head.load_state_dict(reference.model.head.state_dict())
-
-    def batch(texts: list[str]) -> dict[str, np.ndarray]:
-        encoded = reference.tokenizer(texts, return_tensors="np", padding=True)
-        return {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
-
-    check = batch(_CHECK_TEXTS)
-
-    def write_files(out: Path) -> None:
-        reference.tokenizer.save_pretrained(str(out))
-        for name in HEAD_FILES:
-            shutil.copy2(source / name, out / name)
-
-    axes = {0: "batch", 1: "sequence"}
-    return OnnxPlan(
-        traced=traced.float().eval(),
-        trace_inputs=batch(_TRACE_TEXTS),
-        check_inputs=check,
-        expected=_logits(reference.model.float().eval(), check),
-        dynamic_axes={
-            "input_ids": axes,
-            "attention_mask": axes,
-            "logits": {0: "batch"},
-        },
-        write_files=write_files,
-        model_type=str(encoder.config.model_type),
-    )
-
-
-def _next_token_logits(lm: nn.Module) -> nn.Module:
-    """``lm`` called without a KV cache, returning the logits alone (the ONNX graph's
-    one output)."""
-    import torch
-    from torch import nn
-
-    class NextTokenLogits(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lm = lm
-
-        def forward(
-            self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-        ) -> torch.Tensor:
-            """Logits ``(batch, seq, vocab)``."""
-            output = self.lm(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            )
-            return output.logits
-
-    return NextTokenLogits().eval()
-
-
-def _causal_lm_plan(source: Path) -> OnnxPlan:
-    """A causal LM: ``input_ids, attention_mask -> logits (batch, seq, vocab)``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from common.causal_lm import load_lm_tokenizer
-
-    if not (source / "config.json").exists():
-        raise ExportError(
-            f"{source}: no config.json; a causal-lm merged/ folder holds the merged "
-            "AutoModelForCausalLM"
-        )
-    tokenizer, pad_id = load_lm_tokenizer(source)
-
-    def batch(texts: list[str]) -> dict[str, np.ndarray]:
-        # Right-padded with the pad id the runs use: tokenizers without a pad token
-        # (GPT-2's) cannot pad by themselves.
-        rows = [tokenizer(text)["input_ids"] for text in texts]
-        width = max(len(row) for row in rows)
-        input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
-        for line, row in enumerate(rows):
-            input_ids[line, : len(row)] = row
-            attention_mask[line, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    check = batch(_CHECK_TEXTS)
-    # The reference loads as `fedgraft generate` loads it (the default attention).
-    reference = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
-    expected = _logits(_next_token_logits(reference), check)
-    del reference
-    traced = AutoModelForCausalLM.from_pretrained(
-        str(source), attn_implementation="eager", dtype=torch.float32
-    )
-    axes = {0: "batch", 1: "sequence"}
-    return OnnxPlan(
-        traced=_next_token_logits(traced),
-        trace_inputs=batch(_TRACE_TEXTS),
-        check_inputs=check,
-        expected=expected,
-        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes},
-        write_files=lambda out: tokenizer.save_pretrained(str(out)),
-        model_type=str(traced.config.model_type),
-        compare_where="attention_mask",
-    )
-
-
-def _image_classifier_plan(source: Path) -> OnnxPlan:
-    """An image classifier: ``pixel_values -> logits (batch, labels)``."""
-    from PIL import Image
-
-    from common.vision import MergedImageClassifier, load_image_processor
-
-    processor = load_image_processor(source)  # names the folder when it has none
-    # One module is traced and checked: without a padding mask, the attention path
-    # does not specialise on the example batch.
-    model = MergedImageClassifier.load(source).model.float().eval()
-
-    def batch(count: int, seed: int) -> dict[str, np.ndarray]:
-        # Noise images of mixed sizes: the processor resizes them to its own.
-        rng = np.random.default_rng(seed)
-        images = [
-            Image.fromarray(
-                rng.integers(0, 256, (24 + 8 * i, 40 - 4 * i, 3), dtype=np.uint8)
-            )
-            for i in range(count)
-        ]
-        pixels = processor(images=images, return_tensors="np")["pixel_values"]
-        return {"pixel_values": np.asarray(pixels, dtype=np.float32)}
-
-    def write_files(out: Path) -> None:
-        processor.save_pretrained(str(out))
-        shutil.copy2(source / _HEAD_META, out / _HEAD_META)
-
-    check = batch(_CHECK_IMAGES, seed=1)
-    return OnnxPlan(
-        traced=model,
-        trace_inputs=batch(_TRACE_IMAGES, seed=0),
-        check_inputs=check,
-        expected=_logits(model, check),
-        dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-        write_files=write_files,
-        model_type=str(getattr(model.encoder.config, "model_type", "")),
-    )
-
-
-#: task -> the plan of its ONNX export.
-ONNX_PLANS: dict[str, Callable[[Path], OnnxPlan]] = {
-    TEXT_CLASSIFICATION.name: _text_classifier_plan,
-    CAUSAL_LM.name: _causal_lm_plan,
-    IMAGE_CLASSIFICATION.name: _image_classifier_plan,
-}
 
 
 def check_onnx(
@@ -466,12 +241,12 @@ def export_onnx(source: Path, out: Path, tolerance: float = 1e-4) -> Path:
     """
     require_export_extra()
     task = read_task(source)
-    if task not in ONNX_PLANS:
+    if task not in TASKS:
         raise ExportError(
             f"{source / TASK_FILE}: task {task!r} has no ONNX export; "
-            f"--format onnx exports {', '.join(ONNX_PLANS)} (--format hf copies any)"
+            f"--format onnx exports {', '.join(TASKS)} (--format hf copies any)"
         )
-    plan = ONNX_PLANS[task](source)
+    plan = TASKS[task].onnx_plan(source)
     out.mkdir(parents=True, exist_ok=True)
     try:
         _trace(plan, out / ONNX_FILE, plan.model_type or task)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from common.evaluation import EvalResult
     from common.outputs import RunOutputs
     from common.reporting import RoundRecorder
+    from common.tasks.export import OnnxPlan
 
 #: Beside a saved adapter or merged model: which task wrote it.
 TASK_FILE = "fedgraft_task.json"
@@ -162,6 +163,17 @@ class Task(Protocol):
     ) -> RunBench:
         """The coordinator's model of the run, loaded with the seeded initial adapter
         and the evaluation rows."""
+        ...
+
+    def onnx_plan(self, source: Path) -> OnnxPlan:
+        """What ``fedgraft export --format onnx`` traces, writes and checks for the
+        merged model in ``source``.
+
+        Raises
+        ------
+        common.tasks.export.ExportError
+            When ``source`` does not hold what the plan needs.
+        """
         ...
 
     def open_classifier(self, folder: Path) -> Classifier | None:

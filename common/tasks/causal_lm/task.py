@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from common.config import DataConfig, RunConfig
     from common.data import Example
     from common.tasks.base import Classifier, ConfigRule, RunBench
+    from common.tasks.export import OnnxPlan
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class CausalLM:
         from common.causal_lm_bench import CausalLMWorkbench
 
         return CausalLMWorkbench.open(config, labels, test_examples)
+
+    def onnx_plan(self, source: Path) -> OnnxPlan:
+        from common.tasks.causal_lm.export import onnx_plan
+
+        return onnx_plan(source)
 
     def open_classifier(self, folder: Path) -> Classifier | None:
         return None

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from common.config import DataConfig, RunConfig
     from common.data import Example
     from common.tasks.base import Classifier, ConfigRule, RunBench
+    from common.tasks.export import OnnxPlan
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class ImageClassification:
         from common.vision_bench import VisionWorkbench
 
         return VisionWorkbench.open(config, labels, test_examples)
+
+    def onnx_plan(self, source: Path) -> OnnxPlan:
+        from common.tasks.image_classification.export import onnx_plan
+
+        return onnx_plan(source)
 
     def open_classifier(self, folder: Path) -> Classifier | None:
         from common.vision import MergedImageClassifier
