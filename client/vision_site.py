@@ -29,7 +29,7 @@ from common.data import Example
 from common.evaluation import EvalResult
 from common.features import FeatureCache
 from common.model import encoder_digest
-from common.vision import (
+from common.tasks.image_classification.model import (
     ImageClassifier,
     ImageEncoded,
     encode_images,

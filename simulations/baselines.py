@@ -26,7 +26,7 @@ from client.finetune import FinetuneResult, LocalTraining, train_phase
 from client.runtime import rows_key
 from client.sites import SiteModel, TextRows
 from client.vision_site import ImageCaches, VisionSite
-from common.causal_lm_bench import CausalLMWorkbench
+from common.tasks.causal_lm.bench import CausalLMWorkbench
 from common.codec import AdapterState
 from common.config import RunConfig
 from common.console import step_progress
@@ -44,7 +44,7 @@ from common.splits import (
 from common.tasks import RunBench, task_named
 from common.tracking.base import Tracker
 from common.tracking.setup import open_tracker
-from common.vision_bench import VisionWorkbench
+from common.tasks.image_classification.bench import VisionWorkbench
 from common.workbench import Workbench
 
 log = logging.getLogger(__name__)

@@ -327,7 +327,7 @@ def _predict(arguments: argparse.Namespace) -> None:
 
 
 def _generate(arguments: argparse.Namespace) -> None:
-    from common.causal_lm import generate
+    from common.tasks.causal_lm.model import generate
     from simulations.export import merged_dir
 
     folder = merged_dir(Path(arguments.model_dir))

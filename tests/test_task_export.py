@@ -42,7 +42,7 @@ def trained_state(state: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarr
 
 def write_merged_lm(backbone: Path, run_dir: Path) -> Path:
     """``run_dir/merged`` as a causal-lm run writes it."""
-    from common.causal_lm import (
+    from common.tasks.causal_lm.model import (
         lm_adapter_state,
         load_causal_lm,
         load_lm_adapter_state,
@@ -60,7 +60,7 @@ def write_merged_lm(backbone: Path, run_dir: Path) -> Path:
 
 def write_merged_image_classifier(backbone: Path, run_dir: Path) -> Path:
     """``run_dir/merged`` as an image-cls run writes it."""
-    from common.vision import (
+    from common.tasks.image_classification.model import (
         image_adapter_state,
         load_image_adapter_state,
         load_image_classifier,
@@ -247,7 +247,7 @@ def test_image_graph_reproduces_the_merged_classifier_on_new_images(
     # Prepare
     from PIL import Image
 
-    from common.vision import MergedImageClassifier
+    from common.tasks.image_classification.model import MergedImageClassifier
 
     merged = MergedImageClassifier.load(vision_runs[kind] / "merged")
     images = [Image.open(path).convert("RGB") for path in pictures]
@@ -394,7 +394,7 @@ def test_a_graph_that_differs_from_pytorch_is_refused(
     message: str,
 ) -> None:
     # Prepare
-    from common.vision import MergedImageClassifier
+    from common.tasks.image_classification.model import MergedImageClassifier
 
     model = MergedImageClassifier.load(vision_runs["resnet"] / "merged").model
     pixels = np.zeros((2, 3, 32, 32), dtype=np.float32)

@@ -131,8 +131,8 @@ def lora_names(state: dict[str, np.ndarray]) -> list[str]:
 
 def coordinator_state(config: RunConfig) -> dict[str, np.ndarray]:
     """The coordinator's full-precision initial adapter for ``config``."""
-    from common.causal_lm import lm_adapter_state, load_causal_lm
-    from common.vision import image_adapter_state, load_image_classifier
+    from common.tasks.causal_lm.model import lm_adapter_state, load_causal_lm
+    from common.tasks.image_classification.model import image_adapter_state, load_image_classifier
 
     backbone = Path(config.model.name)
     if config.model.task == "causal-lm":
@@ -406,7 +406,7 @@ def test_lora_layers_beyond_the_backbones_blocks_is_refused_naming_the_key(
 
 def test_sequence_losses_average_each_sequences_own_tokens() -> None:
     # Prepare
-    from common.causal_lm import IGNORE, sequence_losses, token_losses
+    from common.tasks.causal_lm.model import IGNORE, sequence_losses, token_losses
 
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 6)

@@ -19,7 +19,7 @@ from common import keys
 from common.config import ConfigError, RunConfig
 from common.data import DataError, Example
 from common.evaluation import EvalResult
-from common.lm_data import encode_lm, load_lm_examples
+from common.tasks.causal_lm.data import encode_lm, load_lm_examples
 from common.splits import evaluation_examples, site_evaluation_rows
 from server.checkpoint import load_checkpoint
 from simulations.inprocess_grid import InProcessGrid
@@ -40,7 +40,7 @@ def test_instruction_rows_carry_loss_on_the_response_only(
     causal_lms: dict[str, Path],
 ) -> None:
     # Prepare
-    from common.causal_lm import IGNORE, collate_lm
+    from common.tasks.causal_lm.model import IGNORE, collate_lm
 
     tokenizer = tokenizer_of(causal_lms["llama"])
     rows = [
@@ -68,7 +68,7 @@ def test_plain_text_carries_loss_on_every_token_but_the_first(
     causal_lms: dict[str, Path],
 ) -> None:
     # Prepare
-    from common.causal_lm import IGNORE, collate_lm
+    from common.tasks.causal_lm.model import IGNORE, collate_lm
 
     tokenizer = tokenizer_of(causal_lms["gpt2"])
     rows = [Example("the bank sends money today", "")]
@@ -85,7 +85,7 @@ def test_plain_text_carries_loss_on_every_token_but_the_first(
 
 def test_token_losses_average_over_the_tokens_that_carry_loss() -> None:
     # Prepare
-    from common.causal_lm import IGNORE, token_losses
+    from common.tasks.causal_lm.model import IGNORE, token_losses
 
     torch.manual_seed(0)
     logits = torch.randn(1, 4, 6)
@@ -167,7 +167,7 @@ def test_adapter_state_holds_lora_factors_and_no_head(
     causal_lms: dict[str, Path], targets: str
 ) -> None:
     # Prepare
-    from common.causal_lm import lm_adapter_state, load_causal_lm
+    from common.tasks.causal_lm.model import lm_adapter_state, load_causal_lm
 
     settings = RunConfig.from_flat({"lora.target-modules": targets}).lora
 
@@ -380,7 +380,7 @@ def test_a_sites_personal_perplexity_is_that_of_its_own_b_with_the_shared_a(
     from client.causal_lm_site import LmCaches, open_causal_lm_site
     from client.sites import SiteRequest
     from common.backbone import fingerprint
-    from common.causal_lm_bench import CausalLMWorkbench
+    from common.tasks.causal_lm.bench import CausalLMWorkbench
 
     backbone = causal_lms["llama"]
     config = lm_config(backbone, lm_corpus, tmp_path / "out", aggregation="fedsa")

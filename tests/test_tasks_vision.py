@@ -13,7 +13,7 @@ import torch
 
 from common.config import ConfigError, RunConfig
 from common.data import DataError
-from common.image_data import load_image_examples
+from common.tasks.image_classification.data import load_image_examples
 from common.splits import all_client_examples
 from server.checkpoint import load_checkpoint
 from simulations.task_demo import IMAGE_CLASSES
@@ -91,7 +91,7 @@ def test_image_data_errors_name_the_file_and_what_to_fix(
 
 def test_unreadable_image_is_named_when_encoded(tmp_path: Path) -> None:
     # Prepare
-    from common.image_data import read_image
+    from common.tasks.image_classification.data import read_image
 
     folder = tmp_path / "data" / "red"
     folder.mkdir(parents=True)
@@ -140,7 +140,7 @@ def test_lora_sits_on_attention_or_convolutions(
     vision_backbones: dict[str, Path], kind: str, pooling: str, factor_dims: int
 ) -> None:
     # Prepare
-    from common.vision import image_adapter_state, load_image_classifier
+    from common.tasks.image_classification.model import image_adapter_state, load_image_classifier
 
     settings = RunConfig.from_flat({}).lora
 
@@ -254,7 +254,7 @@ def test_merged_model_predicts_as_backbone_with_adapter(
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    from common.vision import ImageClassifier, MergedImageClassifier
+    from common.tasks.image_classification.model import ImageClassifier, MergedImageClassifier
     from simulations.cli import main
 
     config = image_config(

@@ -47,7 +47,7 @@ def onnx_plan(source: Path) -> OnnxPlan:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common.causal_lm import load_lm_tokenizer
+    from common.tasks.causal_lm.model import load_lm_tokenizer
 
     if not (source / "config.json").exists():
         raise ExportError(

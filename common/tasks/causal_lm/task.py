@@ -32,7 +32,7 @@ class CausalLM:
         return RULES
 
     def read_rows(self, path: str, data: DataConfig) -> list[Example]:
-        from common.lm_data import load_lm_examples
+        from common.tasks.causal_lm.data import load_lm_examples
         from common.row_cache import read_watched
 
         columns = (data.text_column, data.prompt_column, data.response_column)
@@ -50,7 +50,7 @@ class CausalLM:
     def open_bench(
         self, config: RunConfig, labels: tuple[str, ...], test_examples: list[Example]
     ) -> RunBench:
-        from common.causal_lm_bench import CausalLMWorkbench
+        from common.tasks.causal_lm.bench import CausalLMWorkbench
 
         return CausalLMWorkbench.open(config, labels, test_examples)
 

@@ -32,7 +32,7 @@ class ImageClassification:
         return RULES
 
     def read_rows(self, path: str, data: DataConfig) -> list[Example]:
-        from common.image_data import load_image_examples
+        from common.tasks.image_classification.data import load_image_examples
         from common.row_cache import read_watched
 
         return read_watched(
@@ -60,7 +60,7 @@ class ImageClassification:
     def open_bench(
         self, config: RunConfig, labels: tuple[str, ...], test_examples: list[Example]
     ) -> RunBench:
-        from common.vision_bench import VisionWorkbench
+        from common.tasks.image_classification.bench import VisionWorkbench
 
         return VisionWorkbench.open(config, labels, test_examples)
 
@@ -70,7 +70,7 @@ class ImageClassification:
         return onnx_plan(source)
 
     def open_classifier(self, folder: Path) -> Classifier | None:
-        from common.vision import MergedImageClassifier
+        from common.tasks.image_classification.model import MergedImageClassifier
 
         return MergedImageClassifier.load(folder)
 

@@ -25,7 +25,7 @@ from common.batching import sequential_batches
 from common.codec import AdapterState
 from common.config import LoraSettings
 from common.evaluation import EvalResult
-from common.lm_data import LmEncoded
+from common.tasks.causal_lm.data import LmEncoded
 from common.lora_targets import wrap_with_lora
 from common.quantised import load_frozen
 from common.tasks.base import write_task_file

@@ -29,7 +29,7 @@ from common.codec import AdapterState
 from common.config import LoraSettings
 from common.data import Example, encode_labels
 from common.evaluation import EvalResult, evaluate_head
-from common.image_data import read_image
+from common.tasks.image_classification.data import read_image
 from common.lora_targets import wrap_with_lora
 from common.quantised import load_frozen
 from common.sharing import HEAD_PREFIX

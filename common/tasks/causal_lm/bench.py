@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from common.backbone import coordinator_backbone_dir, fingerprint, name_adapter_base
-from common.causal_lm import (
+from common.tasks.causal_lm.model import (
     CausalLanguageModel,
     evaluate_lm,
     lm_adapter_state,
@@ -27,7 +27,7 @@ from common.codec import AdapterState
 from common.config import RunConfig
 from common.data import Example
 from common.evaluation import EvalResult
-from common.lm_data import LmEncoded, encode_lm
+from common.tasks.causal_lm.data import LmEncoded, encode_lm
 from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
 from common.reporting import RoundRecorder
 from common.workbench import backbone_facts, finish_run

@@ -23,7 +23,7 @@ from common.model import encoder_digest
 from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
 from common.quantised import require_quantisable
 from common.reporting import RoundRecorder
-from common.vision import (
+from common.tasks.image_classification.model import (
     ImageClassifier,
     ImageEncoded,
     encode_images,
