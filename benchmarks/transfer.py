@@ -17,6 +17,16 @@ Methods (each run is the real command a user would type, in its own process):
 ``central-recipe``
     The same recipe trained centrally on the union of the clients' rows
     (``fedgraft centralized``), with as many training samples per round.
+``fed-closed-form-lda``, ``-ridge``, ``-ncm``
+    ``head.init = closed-form``: the head solved from the sites' summed feature
+    statistics before any gradient step; its accuracy is round 0's (the run then
+    takes one head-only step, as a run needs a round).
+``central-closed-form-lda``, ``-ridge``, ``-ncm``
+    The same closed forms solved in this process on the union of the clients' rows
+    (one feature pass for all three).
+
+``--secure`` runs every federated method with ``secagg.enabled = true`` (each JSON
+line then says ``"secure": true``).
 
 Every federated method runs ``--rounds`` rounds of one local epoch on every client, so
 all of them process the same number of training samples (feature extraction's samples
@@ -34,6 +44,8 @@ object per dataset with the federated/centralised ratio. Run from the repository
 
     python benchmarks/transfer.py --quick
     python benchmarks/transfer.py --datasets clinc,sentiment,sst2
+    python benchmarks/transfer.py --datasets clinc --secure \
+        --methods fed-closed-form-lda,central-closed-form-lda
 """
 
 from __future__ import annotations
@@ -162,7 +174,34 @@ def methods(dataset: Dataset) -> dict[str, tuple[str, dict[str, Any]]]:
         ),
         "fed-recipe": ("simulate", recipe),
         "central-recipe": ("centralized", recipe),
+    } | {
+        f"fed-closed-form-{variant}": (
+            "simulate",
+            {
+                **dataset.base,
+                "head.init": "closed-form",
+                "head.closed-form": variant,
+                "num-server-rounds": 1,
+                # The one round a run needs: a head step at 3 of the sites.
+                "train.mode": "head",
+                "train.max-steps": 1,
+                "train.fraction": 0.3,
+                "aggregation": "fedavg",
+            },
+        )
+        for variant in CLOSED_FORM_VARIANTS
     }
+
+
+#: The closed-form heads measured (``head.closed-form``).
+CLOSED_FORM_VARIANTS = ("lda", "ridge", "ncm")
+
+
+def secured(kind: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A federated method's overrides behind secure aggregation (``--secure``)."""
+    if kind != "simulate":
+        return overrides
+    return {**overrides, "secagg.enabled": True}
 
 
 def _command(kind: str, overrides: dict[str, Any], output: Path) -> list[str]:
@@ -191,11 +230,18 @@ def run_method(
     wall = time.perf_counter() - started
     summary = json.loads((output / "summary.json").read_text())
     rows = [json.loads(line) for line in (output / "metrics.jsonl").open()]
+    # A closed-form head is measured before any gradient step: round 0.
+    before_training = overrides.get("head.init") == "closed-form"
     return {
         "benchmark": "transfer",
         "dataset": dataset,
         "method": method,
-        "accuracy": summary["final"]["eval_accuracy"],
+        "secure": bool(overrides.get("secagg.enabled", False)),
+        "accuracy": (
+            rows[0]["eval_accuracy"]
+            if before_training
+            else summary["final"]["eval_accuracy"]
+        ),
         "accuracy_per_round": [row["eval_accuracy"] for row in rows],
         "phases": [row.get("phase") for row in rows],
         "wall_seconds": round(wall, 1),
@@ -230,6 +276,52 @@ def zero_shot(dataset: Dataset) -> dict[str, Any]:
     }
 
 
+def central_closed_form(dataset: Dataset) -> list[dict[str, Any]]:
+    """Each closed-form head solved in this process on the union of the clients'
+    rows (the federated rows' centralised counterpart), one feature pass for all."""
+    from common.config import RunConfig
+    from common.splits import (
+        all_client_examples,
+        default_num_clients,
+        evaluation_examples,
+        run_labels,
+    )
+    from common.workbench import Workbench
+
+    started = time.perf_counter()
+    config = RunConfig.from_flat({**dataset.base, "head.init": "closed-form"})
+    labels = run_labels(config.data, config.seed)
+    clients = all_client_examples(
+        config.data,
+        config.seed,
+        default_num_clients(config.data, config.seed, config.sim.num_clients),
+    )
+    union = [row for part in clients for row in part]
+    bench = Workbench.open(
+        config, labels, evaluation_examples(config.data, config.seed)
+    )
+    encoded = bench.encode_examples(union)
+    results = []
+    for variant in CLOSED_FORM_VARIANTS:
+        bench.config = config.with_overrides(**{"head.closed-form": variant})
+        bench.solve_closed_form_head(encoded, "union")
+        results.append(
+            {
+                "benchmark": "transfer",
+                "dataset": dataset.name,
+                "method": f"central-closed-form-{variant}",
+                "accuracy": bench.evaluate().accuracy,
+                "train_rows": len(union),
+                # The first variant's time includes the one feature pass.
+                "wall_seconds": round(time.perf_counter() - started, 1),
+                "train_samples": 0,
+                "bytes_up": 0,
+            }
+        )
+        started = time.perf_counter()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -240,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--sst2-max-steps", type=int, default=100)
     parser.add_argument("--out", default="", help="folder for the runs' outputs")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="federated methods with secagg.enabled = true",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -259,9 +356,19 @@ def main(argv: list[str] | None = None) -> int:
             with redirect_stdout(sys.stderr):  # stdout carries only JSON
                 results["zero-shot"] = zero_shot(dataset)
             print(json.dumps(results["zero-shot"]), flush=True)
+        central_cf = [f"central-closed-form-{v}" for v in CLOSED_FORM_VARIANTS]
+        if wanted is None or wanted & set(central_cf):
+            with redirect_stdout(sys.stderr):
+                for row in central_closed_form(dataset):
+                    results[row["method"]] = row
+            for method in central_cf:
+                if wanted is None or method in wanted:
+                    print(json.dumps(results[method]), flush=True)
         for method, (kind, overrides) in methods(dataset).items():
             if wanted is not None and method not in wanted:
                 continue
+            if args.secure:
+                overrides = secured(kind, overrides)
             results[method] = run_method(
                 name, method, kind, overrides, out / f"{name}-{method}"
             )
@@ -273,6 +380,13 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": rounds,
             "accuracy": {m: r["accuracy"] for m, r in results.items()},
         }
+        for variant in CLOSED_FORM_VARIANTS:
+            fed = results.get(f"fed-closed-form-{variant}")
+            central = results.get(f"central-closed-form-{variant}")
+            if fed and central:
+                summary[f"closed_form_{variant}_federated_minus_centralised"] = round(
+                    fed["accuracy"] - central["accuracy"], 6
+                )
         if "fed-recipe" in results and "central-recipe" in results:
             summary["federated_over_centralised"] = round(
                 results["fed-recipe"]["accuracy"]

@@ -30,10 +30,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.config.head import CLOSED_FORMS
 from common.secagg.encoding import WIDE_RING_BITS, FixedPoint
 from common.sharing import HEAD_PREFIX
 
-CLOSED_FORMS = ("lda", "ridge", "ncm")
+__all__ = [
+    "CLOSED_FORMS",
+    "NEEDS_GRAM",
+    "ClassStatistics",
+    "clip_rows",
+    "head_tensors",
+    "solve_head",
+    "statistics_encoding",
+]
 #: The variants that read the Gram matrix (ncm needs counts and class sums only).
 NEEDS_GRAM = frozenset({"lda", "ridge"})
 #: How far below the lowest held label's bias an unheld label's bias goes.

@@ -173,11 +173,12 @@ class Workbench:
             lambda: pooled_features(self.model, encoded, self.pad_id),
         )
 
-    def solve_closed_form_head(self, encoded: Encoded) -> None:
+    def solve_closed_form_head(self, encoded: Encoded, rows_key: str) -> None:
         """Set the head to ``head.closed-form`` solved on ``encoded``'s rows, all
-        held here (the centralised counterpart of the sites' statistics round)."""
+        held here (the centralised counterpart of the sites' statistics round); their
+        features are cached under ``rows_key``, so another variant costs a solve."""
         head = self.config.head
-        features = pooled_features(self.model, encoded, self.pad_id)  # (n, d)
+        features = self.features_of(encoded, rows_key)  # (n, d)
         statistics = ClassStatistics.of(
             features.cpu().numpy(),
             np.asarray(encoded.labels),

@@ -212,7 +212,10 @@ def _train_centralized(config: RunConfig, target: Path, tracker: Tracker) -> Non
     encoded = model.encode(union)
     if config.head.init == "closed-form":  # a text classifier (the config checks)
         assert isinstance(bench, Workbench)
-        bench.solve_closed_form_head(encoded.encoded)
+        bench.solve_closed_form_head(
+            encoded.encoded,
+            rows_key(union, bench.labels, bench.fingerprint, config.model.max_length),
+        )
     per_round = federated_samples_per_round(config, [len(rows) for rows in clients])
     context = baseline_context(0)
     outputs = RunOutputs(target, tracker=tracker)

@@ -275,7 +275,7 @@ def test_real_sites_closed_form_head_equals_the_centralised_one(
         for part in all_client_examples(config.data, config.seed, len(nodes))
         for row in part
     ]
-    bench.solve_closed_form_head(bench.encode_examples(union_rows))
+    bench.solve_closed_form_head(bench.encode_examples(union_rows), "union")
     central = bench.state()
 
     # Assert: round 1's training messages carry the solved head; the statistics

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.closed_form import CLOSED_FORMS
 from common.config.errors import Refusal, refuse_if
 from common.config.keys import above, one_of, satisfies, setting
 
 HEAD_INITS = ("label-names", "random", "closed-form")
+#: ``head.closed-form``'s variants (solved in :mod:`common.closed_form`).
+CLOSED_FORMS = ("lda", "ridge", "ncm")
 
 
 @dataclass(frozen=True)
