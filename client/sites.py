@@ -193,6 +193,7 @@ class TextSite:
             rows.examples, self.labels, self.fingerprint, self.config.model.max_length
         )
         features = cached_features(
+            self.caches,
             backbone,
             rows.encoded,
             key,

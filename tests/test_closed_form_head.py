@@ -301,3 +301,23 @@ def test_real_sites_closed_form_head_equals_the_centralised_one(
     # ...and it is not the label-name start it replaced
     start = Workbench.open(config, labels, []).state()
     assert not np.allclose(sent[0]["head.weight"], start["head.weight"], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["common.closed_form", "common.secagg.label_sums", "server.head_statistics"],
+)
+def test_the_closed_form_modules_import_first_in_a_fresh_process(module: str) -> None:
+    # A circular import (closed_form -> sharing -> config -> head) shows only when
+    # the module is the first one a process imports.
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+
+    assert done.returncode == 0, done.stderr
