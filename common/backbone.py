@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.console import step_progress
+
 log = logging.getLogger(__name__)
 
 PACKAGED_MINILM = "minilm"
@@ -248,6 +250,10 @@ def bundle_files(directory: Path) -> dict[str, np.ndarray]:
     return files
 
 
+#: The live bar's name while a site writes the backbone files it received.
+BACKBONE_RECEIVED = "backbone received (files stored)"
+
+
 def store_bundle(
     files: dict[str, np.ndarray], expected_fingerprint: str, cache_dir: Path
 ) -> Path:
@@ -266,16 +272,18 @@ def store_bundle(
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=cache_dir))
     try:
-        for name, data in files.items():
-            destination = (staging / name).resolve()
-            if staging.resolve() not in destination.parents:
-                raise BackboneError(
-                    f"backbone file name {name!r} escapes the cache folder"
+        with step_progress(BACKBONE_RECEIVED, len(files)) as advance:
+            for name, data in files.items():
+                destination = (staging / name).resolve()
+                if staging.resolve() not in destination.parents:
+                    raise BackboneError(
+                        f"backbone file name {name!r} escapes the cache folder"
+                    )
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(
+                    np.ascontiguousarray(data, dtype=np.uint8).tobytes()
                 )
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_bytes(
-                np.ascontiguousarray(data, dtype=np.uint8).tobytes()
-            )
+                advance()
         received = fingerprint(staging)
         if received != expected_fingerprint:
             raise BackboneError(

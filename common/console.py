@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol, TextIO
 
+from rich import get_console
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -82,7 +85,9 @@ def quiet_library_noise(verbose: bool | None = None) -> None:
     let them through again when verbose.
 
     Called where a process imports fedgraft's apps, before they import peft (which
-    imports bitsandbytes), and again by :func:`configure_console`.
+    imports bitsandbytes), and again by :func:`configure_console`. Unless verbose,
+    the hub's progress bars (weights loading, shards writing) are off too, also in
+    the processes ``flwr run`` starts: fedgraft draws its own progress.
 
     Parameters
     ----------
@@ -90,6 +95,8 @@ def quiet_library_noise(verbose: bool | None = None) -> None:
         Default: :func:`is_verbose`.
     """
     verbose = is_verbose() if verbose is None else verbose
+    if not verbose:
+        _hub_progress_bars_off()
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
     for category, prefix in QUIET_WARNINGS:
@@ -102,6 +109,26 @@ def quiet_library_noise(verbose: bool | None = None) -> None:
         flower.addFilter(_DropFlowerNotices())
 
 
+def _hub_progress_bars_off() -> None:
+    """Turn off the tqdm bars of huggingface_hub and transformers.
+
+    Both read ``HF_HUB_DISABLE_PROGRESS_BARS`` when imported (here before they
+    are, and in every Ray worker, which inherits the variable); a library already
+    imported is told directly. Neither is imported here for this.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] != "1":
+        return  # the user asked for them
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 class _DropFlowerNotices(logging.Filter):
     """Drops the Flower records named in :data:`QUIET_FLOWER_NOTICES` alone."""
 
@@ -110,13 +137,31 @@ class _DropFlowerNotices(logging.Filter):
         return not any(notice in message for notice in QUIET_FLOWER_NOTICES)
 
 
+class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A log handler that writes to ``sys.stderr`` as it is when a record comes.
+
+    While a live bar is drawn, rich puts a proxy in ``sys.stderr`` that prints each
+    line above the bars; a handler holding the stream it was created with would
+    write into the bars' line instead.
+    """
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        del value  # always the current sys.stderr
+
+
 def configure_console(verbose: bool) -> None:
     """Set up the console of a ``fedgraft`` command.
 
     fedgraft's loggers print INFO (DEBUG with ``verbose``), other libraries WARNING
     and above. Flower's logger keeps its own handler and no longer propagates, so
     its records are printed once, without its DEBUG lines; the hub's progress bars
-    (weights loading, shards writing) are off, fedgraft shows its own progress.
+    (weights loading, shards writing) are off, fedgraft shows its own progress, and
+    log lines are printed above its live bars (:class:`CurrentStderrHandler`).
 
     Parameters
     ----------
@@ -125,11 +170,10 @@ def configure_console(verbose: bool) -> None:
         the quiet loggers and warnings.
     """
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
-    if not verbose:
-        # Read when huggingface_hub is imported, here and in the Ray workers.
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[CurrentStderrHandler()],
     )
     ours = logging.DEBUG if verbose else logging.INFO
     for name in ("fedgraft", "common", "client", "server", "simulations"):
@@ -154,14 +198,27 @@ def progress_bar(console: Console, transient: bool = False) -> Progress:
     )
 
 
+class Advance(Protocol):
+    """Counts finished items of a step: ``advance()`` one, ``advance(n)`` n."""
+
+    def __call__(self, done: int = 1) -> None: ...
+
+
+def _nothing(done: int = 1) -> None:
+    """The bar of a step not on a terminal: nothing to draw."""
+
+
 @contextmanager
 def step_progress(
     description: str, total: int, console: Console | None = None
-) -> Iterator[Callable[[], None]]:
+) -> Iterator[Advance]:
     """A live bar for a long step, shown only when ``console`` is a terminal.
 
-    Yields a function to call once per finished item. Piped or in CI nothing is
-    drawn: the step's log lines are the record.
+    Yields the function that counts finished items; each call redraws the bar, so
+    every count is shown. Piped or in CI nothing is drawn: the step's log lines are
+    the record. A step inside another live bar on the same console (the sites done
+    within the rounds' bar) is drawn beneath it; a step's bar vanishes when the
+    step is done.
 
     Parameters
     ----------
@@ -170,13 +227,18 @@ def step_progress(
     total : int
         Items in the step.
     console : Console, optional
-        Default: stdout.
+        Default: rich's console on stdout, which the rounds' bar also uses.
     """
-    console = console or Console()
+    console = console or get_console()
     if not console.is_terminal:
-        yield lambda: None
+        yield _nothing
         return
     progress = progress_bar(console, transient=True)
+
+    def advance(done: int = 1) -> None:
+        progress.advance(task, done)
+        progress.refresh()
+
     with progress:
         task = progress.add_task(description, total=total)
-        yield lambda: progress.advance(task)
+        yield advance

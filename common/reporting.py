@@ -6,10 +6,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rich import get_console
 from rich.console import Console
-from rich.progress import (
-    Progress,
-)
+from rich.progress import Progress
 from rich.table import Table
 
 from common.console import progress_bar
@@ -71,8 +70,9 @@ class RoundRecorder:
     rows : Sequence[Mapping], optional
         Rounds already done (a resumed run).
     console : Console, optional
-        Where the live display goes; it is shown only when this is a terminal, so
-        logs and CI output stay free of it.
+        Where the live display goes (default: rich's console on stdout, which the
+        steps within a round draw on too); it is shown only when this is a
+        terminal, so logs and CI output stay free of it.
     """
 
     def __init__(
@@ -85,7 +85,7 @@ class RoundRecorder:
         self.outputs = outputs
         self.total_rounds = total_rounds
         self.rows: list[dict[str, Any]] = [dict(row) for row in rows]
-        console = console or Console()
+        console = console or get_console()
         self._progress: Progress | None = None
         if console.is_terminal:
             self._progress = progress_bar(console)

@@ -38,6 +38,7 @@ from common.evaluation import EvalResult
 from common.sharing import shared_subset
 from common.wire import to_array_record
 from server.head_statistics import STATISTICS_MESSAGE, HeadStatistics, feature_width
+from server.messaging import send_and_receive
 from server.privacy import BudgetExhausted, ClientLevelDP
 from server.sampling import Cohort, CohortSampler, SeededSampler
 from server.site_evaluation import SiteEvaluator, SitesEvaluation, empty_sites_metrics
@@ -546,7 +547,9 @@ class FederatedLoRA:
         ]
         report.bytes_backbone += self._bundle.count_bytes() * len(messages)
         stored = []
-        for reply in grid.send_and_receive(messages, timeout=self.config.train.timeout):
+        for reply in send_and_receive(
+            grid, messages, self.config.train.timeout, "backbone sent to sites"
+        ):
             if reply.has_error():
                 log.warning(
                     "node %d could not store the backbone: %s",
@@ -623,8 +626,12 @@ class FederatedLoRA:
                 content[keys.SECAGG_RECORD] = extra
             messages.append(Message(content, node, message_type))
         report.bytes_down += adapter.count_bytes() * len(messages)
-        replies = list(
-            grid.send_and_receive(messages, timeout=self.config.train.timeout)
+        done = "trained" if message_type == MessageType.TRAIN else "evaluated"
+        replies = send_and_receive(
+            grid,
+            messages,
+            self.config.train.timeout,
+            f"round {instructions[keys.CFG_ROUND]}: sites {done}",
         )
         missing = set(extras) - {r.metadata.src_node_id for r in replies}
         report.failed += len(missing)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -14,6 +16,7 @@ from rich.console import Console
 from common.console import (
     QUIET_LOGGERS,
     VERBOSE_ENV,
+    CurrentStderrHandler,
     configure_console,
     quiet_library_noise,
     step_progress,
@@ -131,3 +134,52 @@ def test_torch_threads_applies_inside_the_block_and_restores_after() -> None:
 
     # Assert
     assert inside == 1 and torch.get_num_threads() == before
+
+
+def test_log_lines_go_to_the_stderr_in_effect_when_they_are_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: the handler is made first, then a live bar swaps sys.stderr
+    handler = CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    swapped = io.StringIO()
+    monkeypatch.setattr("sys.stderr", swapped)
+
+    # Execute
+    handler.emit(logging.makeLogRecord({"msg": "round 1/3", "levelno": logging.INFO}))
+
+    # Assert: printed above the bars, not into the line they are drawn on
+    assert swapped.getvalue() == "round 1/3\n"
+
+
+def test_the_command_console_logs_through_the_current_stderr() -> None:
+    # Execute: a fresh process, as a `fedgraft` command starts
+    code = (
+        "import logging; from common.console import configure_console; "
+        "configure_console(False); "
+        "print(type(logging.getLogger().handlers[0]).__name__)"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    # Assert
+    assert shown.stdout.strip() == "CurrentStderrHandler"
+
+
+@pytest.mark.usefixtures("console_state")
+def test_the_hubs_progress_bars_are_off_unless_verbose() -> None:
+    # Prepare: transformers already imported, as in a process that loaded a model
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    try:
+        # Execute
+        quiet_library_noise(False)
+
+        # Assert: weights loading and shard writing print no tqdm bar
+        assert not transformers_logging.is_progress_bar_enabled()
+        assert are_progress_bars_disabled()
+    finally:
+        transformers_logging.enable_progress_bar()
+        enable_progress_bars()

@@ -27,8 +27,10 @@ from transformers import AutoImageProcessor, AutoModel
 
 from common.codec import AdapterState
 from common.config import LoraSettings
+from common.console import step_progress
 from common.data import Example, encode_labels
 from common.evaluation import EvalResult, evaluate_head
+from common.features import FEATURE_PASS
 from common.tasks.image_classification.data import read_image
 from common.lora_targets import wrap_with_lora
 from common.quantised import load_frozen
@@ -264,17 +266,20 @@ def image_features(
     model: ImageClassifier, encoded: ImageEncoded, batch_size: int = 64
 ) -> torch.Tensor:
     """Pooled features of every image, in row order: ``(n, features) float32`` on
-    the model's device (eval mode, so LoRA dropout is off)."""
+    the model's device (eval mode, so LoRA dropout is off). On a terminal a live
+    bar counts the images done."""
     device = model.head.weight.device
     was_training = model.training
     model.eval()
     parts = []
-    for start in range(0, len(encoded), batch_size):
-        pixels = encoded.pixels[start : start + batch_size].to(device)
-        with torch.autocast(
-            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-        ):
-            parts.append(model.embed(pixels).float())
+    with step_progress(FEATURE_PASS, len(encoded)) as advance:
+        for start in range(0, len(encoded), batch_size):
+            pixels = encoded.pixels[start : start + batch_size].to(device)
+            with torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+            ):
+                parts.append(model.embed(pixels).float())
+            advance(len(pixels))
     model.train(was_training)
     return torch.cat(parts)
 
