@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +39,39 @@ def local_flower_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def stop_local_superlinks(home: str) -> None:
-    """SIGTERM the detached simulation SuperLinks that ``flwr run`` started for
-    ``home``."""
+def flower_processes(home: str) -> dict[int, str]:
+    """pid -> command line of the live Flower processes started with ``home`` as
+    FLWR_HOME (the SuperLink ``flwr run`` starts and the processes it starts)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             environ = (proc / "environ").read_bytes()
-            command = (proc / "cmdline").read_bytes()
-        except OSError:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
-        if b"flower-superlink" in command and f"FLWR_HOME={home}".encode() in environ:
-            os.kill(int(proc.name), signal.SIGTERM)
+        if state != "Z" and f"FLWR_HOME={home}".encode() in environ.split(b"\0"):
+            if "flower-" in command or "flwr-" in command:
+                found[int(proc.name)] = command
+    return found
+
+
+def stop_local_superlinks(home: str) -> None:
+    """SIGTERM the detached simulation SuperLinks that ``flwr run`` started for
+    ``home`` (README's ``pkill`` line, limited to this test's processes)."""
+    for pid, command in flower_processes(home).items():
+        if "flower-superlink --insecure --simulation" in command:
+            os.kill(pid, signal.SIGTERM)
+
+
+def wait_until_gone(home: str, seconds: float = 20.0) -> dict[int, str]:
+    """The Flower processes of ``home`` still alive after up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (alive := flower_processes(home)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return alive
 
 
 def test_fedgraft_simulate_runs_secure_rounds_and_compares_with_clients_alone(
@@ -182,8 +203,10 @@ def test_flwr_run_dot_runs_the_app_on_the_local_simulation_engine(
             timeout=60,
             cwd=REPO_ROOT,
         )
+        left_running = flower_processes(env["FLWR_HOME"])
     finally:
         stop_local_superlinks(env["FLWR_HOME"])
+    after_stop = wait_until_gone(env["FLWR_HOME"])
 
     # Assert: flwr exits 0 even for a failed run, so read the run's status
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
@@ -194,3 +217,11 @@ def test_flwr_run_dot_runs_the_app_on_the_local_simulation_engine(
         json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows[-1]["round"] == 1 and rows[-1]["clients"] == 2
+    # What README says of the processes: a SuperLink and its SuperExec stay up,
+    # the SuperExec installs nothing (the variable was set when the SuperLink
+    # started), and stopping the SuperLink stops both
+    commands = " | ".join(left_running.values())
+    assert "flower-superlink --insecure --simulation" in commands
+    assert "flower-superexec" in commands
+    assert "--allow-runtime-dependency-installation" not in commands
+    assert after_stop == {}
