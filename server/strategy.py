@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 
 BACKBONE_MESSAGE = f"{MessageType.QUERY}.{keys.ACTION_BACKBONE}"
 _NODE_POLL_SECONDS = 1.0
+#: What the live count of a round's replies says the sites did.
+_SITES_DONE = {
+    MessageType.TRAIN: "trained",
+    MessageType.EVALUATE: "evaluated",
+    STATISTICS_MESSAGE: "sent their feature sums",
+}
 #: Personalised models (FedSA): the column of a site's evaluation row, the metrics
 #: line's columns for the sites' mean and for the worst site, and how the worst is
 #: picked (the lowest accuracy, the highest perplexity).
@@ -626,12 +632,12 @@ class FederatedLoRA:
                 content[keys.SECAGG_RECORD] = extra
             messages.append(Message(content, node, message_type))
         report.bytes_down += adapter.count_bytes() * len(messages)
-        done = "trained" if message_type == MessageType.TRAIN else "evaluated"
         replies = send_and_receive(
             grid,
             messages,
             self.config.train.timeout,
-            f"round {instructions[keys.CFG_ROUND]}: sites {done}",
+            f"round {instructions[keys.CFG_ROUND]}: sites "
+            + _SITES_DONE.get(message_type, "replied"),
         )
         missing = set(extras) - {r.metadata.src_node_id for r in replies}
         report.failed += len(missing)
