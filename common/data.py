@@ -350,6 +350,19 @@ def label_set(examples: Sequence[Example]) -> tuple[str, ...]:
     return tuple(sorted(labels))
 
 
+def untrained_labels(
+    evaluation: Sequence[Example], train: Iterable[Example]
+) -> dict[str, str]:
+    """Labels of the evaluation rows that no training row has, each with where it
+    first appears (``file:line``), in label order: no client can learn them."""
+    trained = {example.label for example in train}
+    first: dict[str, str] = {}
+    for example in evaluation:
+        if example.label not in trained:
+            first.setdefault(example.label, example.where)
+    return {label: first[label] for label in label_set(evaluation) if label in first}
+
+
 def encode_labels(examples: Sequence[Example], labels: Sequence[str]) -> list[int]:
     """Map each example's label to its index in ``labels``.
 

@@ -19,7 +19,7 @@ from typing import Any
 from common.backbone import BackboneError, coordinator_backbone_dir
 from common.config import DEFAULTS, ConfigError, RunConfig, load_config
 from common.console import configure_console
-from common.data import DataError
+from common.data import DataError, Example, untrained_labels
 from common.outputs import SUMMARY_FILE, default_output_dir
 from common.secagg.encoding import HeadroomError, round_encoding
 from common.secagg.identity import IdentityError, write_site_keys
@@ -69,8 +69,9 @@ def check_data(config: RunConfig) -> int:
     clients = all_client_examples(config.data, config.seed, num_clients)
     labels = run_labels(config.data, config.seed)
     if task.has_labels:  # a language model's rows have none to check
-        rows = [*clients, evaluation_examples(config.data, config.seed)]
-        task.check_rows(config, labels, rows)
+        evaluation = evaluation_examples(config.data, config.seed)
+        task.check_rows(config, labels, [*clients, evaluation])
+        _warn_of_untrained_labels(evaluation, clients)
     if config.secagg.enabled:
         round_encoding(
             num_clients,
@@ -85,6 +86,22 @@ def check_data(config: RunConfig) -> int:
         len(labels),
     )
     return num_clients
+
+
+def _warn_of_untrained_labels(
+    evaluation: Sequence[Example], clients: Sequence[Sequence[Example]]
+) -> None:
+    """Warn of evaluation labels no client trains on, naming where each is."""
+    untrained = untrained_labels(evaluation, (e for rows in clients for e in rows))
+    if untrained:
+        shown = [f"'{label}' ({where})" for label, where in untrained.items()]
+        log.warning(
+            "%d label(s) appear only in the evaluation rows, in no client's "
+            "training rows: %s. No client can learn them, so their rows count as "
+            "errors; add training rows with them, or drop those evaluation rows",
+            len(untrained),
+            ", ".join(shown[:10]) + (" ..." if len(shown) > 10 else ""),
+        )
 
 
 def _prepare_environment(output_dir: Path) -> None:

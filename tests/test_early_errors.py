@@ -131,6 +131,43 @@ def test_default_partition_on_a_file_without_domains_splits_iid_and_says_so(
     assert "split iid over sim.num-clients = 3" in caplog.text
 
 
+def test_a_label_only_in_the_test_file_is_warned_of_naming_its_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: 'maybe' is in the test file alone (no data.labels, so the map has it)
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    test = write_jsonl(
+        tmp_path / "test.jsonl", [*ROWS[:2], {"text": "odd one", "label": "maybe"}]
+    )
+    settings = [f"data.path={train}", f"data.test-path={test}", "data.partition=iid"]
+    config = load_config(None, [*settings, "sim.num-clients=2"])
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedgraft"):
+        check_data(config)
+
+    # Assert
+    assert "1 label(s) appear only in the evaluation rows" in caplog.text
+    assert re.search(r"'maybe' \(\S*test\.jsonl:3\)", caplog.text)
+
+
+def test_labels_every_client_set_trains_on_are_not_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    test = write_jsonl(tmp_path / "test.jsonl", ROWS[:4])
+    settings = [f"data.path={train}", f"data.test-path={test}", "data.partition=iid"]
+    config = load_config(None, [*settings, "sim.num-clients=2"])
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedgraft"):
+        check_data(config)
+
+    # Assert
+    assert "appear only in the evaluation rows" not in caplog.text
+
+
 def test_default_partition_keeps_one_client_per_domain_on_the_demo() -> None:
     # Prepare
     config = load_config(None, [])
