@@ -41,6 +41,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import adapters, secagg
+from client.coordinator_request import (
+    MAX_CLIENTS,
+    CoordinatorRequest,
+    MalformedRequest,
+)
 from client.site_privacy import (
     admit_round,
     admit_sample_round,
@@ -75,6 +80,10 @@ app = ClientApp()
 #: What this process keeps between messages: each task's loaded model and rows.
 SITE_RUNTIME = SiteRuntime()
 
+#: The largest clip norm, noise multiplier or count std a site accepts (finite
+#: values far beyond any useful setting; NaN and infinity never pass).
+_DP_LIMIT = 1e12
+
 
 @dataclass(frozen=True)
 class Instructions:
@@ -98,26 +107,58 @@ class Instructions:
     dp_count_stddev: float = 0.0
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> Instructions:
-        """Decode and validate (the run config is re-validated on this side)."""
+    def from_message(cls, message: Message) -> Instructions:
+        """Decode and validate every field (the run config is re-validated on this
+        side; client.coordinator_request checks the rest).
+
+        Raises
+        ------
+        MalformedRequest
+            Naming a field of the wrong type or out of range.
+        """
+        request = CoordinatorRequest.of(
+            message, keys.CONFIG_RECORD, message.metadata.message_type
+        )
+        record = request.record
         config = RunConfig.from_flat(json_field(record, keys.CFG_RUN_CONFIG))
+        labels = json_field(record, keys.CFG_LABELS)
+        if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+            raise MalformedRequest(
+                f"the coordinator's '{keys.CFG_LABELS}' must be a JSON list of label "
+                "names; refusing the message"
+            )
+        expected_clients = request.integer(
+            keys.CFG_EXPECTED_CLIENTS, 0, MAX_CLIENTS, 0
+        )
+        if config.dp.client_level and config.dp.mode == "distributed":
+            if expected_clients < 1:
+                raise MalformedRequest(
+                    "the coordinator asks for distributed DP without the number of "
+                    f"sites m that share the noise ('{keys.CFG_EXPECTED_CLIENTS}' = "
+                    f"{expected_clients}); refusing the message"
+                )
         return cls(
             config=config,
-            backbone_ref=str(record[keys.CFG_BACKBONE_REF]),
-            fingerprint=str(record[keys.CFG_BACKBONE_FINGERPRINT]),
-            pooling=str(record[keys.CFG_POOLING]),
-            labels=tuple(json_field(record, keys.CFG_LABELS)),
-            server_round=int(record[keys.CFG_ROUND]),  # type: ignore[arg-type]
-            expected_clients=int(record.get(keys.CFG_EXPECTED_CLIENTS, 0)),  # type: ignore[arg-type]
-            run_identity=str(record.get(keys.CFG_RUN_IDENTITY, "")),
-            sites_evaluate=bool(record.get(keys.CFG_SITES_EVALUATE, False)),
-            dp_clip_norm=float(
-                record.get(keys.CFG_DP_CLIP_NORM, config.dp.clip_norm)  # type: ignore[arg-type]
+            backbone_ref=request.text(keys.CFG_BACKBONE_REF),
+            fingerprint=request.text(keys.CFG_BACKBONE_FINGERPRINT),
+            pooling=request.text(keys.CFG_POOLING),
+            labels=tuple(labels),
+            server_round=request.server_round(keys.CFG_ROUND),
+            expected_clients=expected_clients,
+            run_identity=request.text(keys.CFG_RUN_IDENTITY, ""),
+            sites_evaluate=request.flag(keys.CFG_SITES_EVALUATE, False),
+            dp_clip_norm=request.number(
+                keys.CFG_DP_CLIP_NORM, 0.0, _DP_LIMIT, config.dp.clip_norm
             ),
-            dp_noise_multiplier=float(
-                record.get(keys.CFG_DP_NOISE_MULTIPLIER, config.dp.noise_multiplier)  # type: ignore[arg-type]
+            dp_noise_multiplier=request.number(
+                keys.CFG_DP_NOISE_MULTIPLIER,
+                0.0,
+                _DP_LIMIT,
+                config.dp.noise_multiplier,
             ),
-            dp_count_stddev=float(record.get(keys.CFG_DP_COUNT_STDDEV, 0.0)),  # type: ignore[arg-type]
+            dp_count_stddev=request.number(
+                keys.CFG_DP_COUNT_STDDEV, 0.0, _DP_LIMIT, 0.0
+            ),
         )
 
 
@@ -168,7 +209,11 @@ def _open_site(
     """The message's instructions, the task's site model and the received global
     adapter; or, when the site has no copy of the backbone, the reply that asks
     for it."""
-    task = Instructions.from_record(message.content.config_records[keys.CONFIG_RECORD])
+    try:
+        task = Instructions.from_message(message)
+    except MalformedRequest as refusal:
+        log.error("refused by this site: %s", refusal)
+        raise
     config = task.config
     cache_dir = _cache_dir(context)
     site_backbone = _node_path(context, "backbone-path")
@@ -304,18 +349,20 @@ def train(message: Message, context: Context) -> Message:
         # client weighs the same (max-weight encodes as weight 1), so not even the
         # sum of the row counts comes out.
         flat = flatten(change)
+        noise = _distributed_noise(task, flat.size)
         masked, notes = secagg.masked_update(
             context,
             message.content.config_records[keys.SECAGG_RECORD],
             task.server_round,
             flat,
             config.secagg.max_weight if config.dp.enabled else result.num_examples,
-            noise=_distributed_noise(task, flat.size),
+            noise=noise,
             tail=_unclipped_bit(task, unclipped),
             model_hash=secagg.received_model_hash(message),
             label_counts=counts,
             # The round may share no head (a phase that trains none).
             head=change if all(k in change for k in HEAD_TENSORS) else None,
+            noise_shares=task.expected_clients if noise is not None else 0,
         )
         content = RecordDict(
             {

@@ -9,6 +9,10 @@ Before each stage the site checks the coordinator's request against its own poli
 log line saying why, a round that falls short. In ``secagg.mode = malicious`` it also
 signs its key advertisement, verifies its neighbours' against its roster, and signs
 and checks the survivor set and model hash before it helps unmask anyone.
+
+Every field of a coordinator's request is read through
+``client.coordinator_request`` (its type and range checked: a crafted integer
+never reaches ``bytes()``), so a malformed message is a logged refusal.
 """
 
 from __future__ import annotations
@@ -21,10 +25,20 @@ from typing import Any, TypeVar, cast
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from client.coordinator_request import (
+    MAX_CLIENTS,
+    CoordinatorRequest,
+    MalformedRequest,
+)
 from client.site_policy import SitePolicy, SiteRefusal
 from common import keys
 from common.secagg import crypto, identity
-from common.secagg.encoding import RING_BITS, FixedPoint
+from common.secagg.encoding import (
+    NARROW_RING_BITS,
+    RING_BITS,
+    WIDE_RING_BITS,
+    FixedPoint,
+)
 from common.secagg.label_sums import site_label_sums
 from common.secagg.protocol import (
     HONEST_BUT_CURIOUS,
@@ -34,7 +48,7 @@ from common.secagg.protocol import (
 )
 from common.secagg.rotation import rotate
 from common.secagg.totals import EVAL_FRACTIONAL, encode_totals
-from common.wire import to_array_record, wire_bytes
+from common.wire import to_array_record
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +87,7 @@ def _save(context: Context, state: ClientRound, server_round: int) -> None:
             "identities": list(state.identities.values()),
             "model-hash": state.model_hash,
             "signed-survivors": [str(n) for n in state.signed_survivors],
+            "noise-shares": state.noise_shares,
             "cipher-key": state.cipher_key,
             "mask-key": state.mask_key,
             "self-seed": state.self_seed,
@@ -109,6 +124,7 @@ def _load(context: Context, server_round: int) -> ClientRound:
     }
     state.model_hash = bytes(record["model-hash"])  # type: ignore[arg-type]
     state.signed_survivors = _ids(record["signed-survivors"])
+    state.noise_shares = int(record.get("noise-shares", 0))  # type: ignore[arg-type]
     state.cipher_key, state.mask_key = (
         bytes(record["cipher-key"]),
         bytes(record["mask-key"]),
@@ -137,10 +153,10 @@ def _reply(message: Message, record: ConfigRecord) -> Message:
 def advertise(message: Message, context: Context) -> Message:
     """Stage 1: fresh key pairs for this round; reply with the public halves (signed
     with the site's long-term key in malicious mode)."""
-    request = message.content.config_records[keys.SECAGG_RECORD]
-    server_round = int(request[keys.CFG_ROUND])  # type: ignore[arg-type]
-    mode = str(request.get(keys.SECAGG_MODE, HONEST_BUT_CURIOUS))
-    threshold = int(request[keys.SECAGG_THRESHOLD])  # type: ignore[arg-type]
+    request = CoordinatorRequest.of(message, keys.SECAGG_RECORD, "advertise")
+    server_round = request.server_round(keys.CFG_ROUND)
+    mode = request.text(keys.SECAGG_MODE, default=HONEST_BUT_CURIOUS)
+    threshold = request.integer(keys.SECAGG_THRESHOLD, 1, MAX_CLIENTS)
     policy = SitePolicy.from_node_config(context.node_config)
     policy.check_mode(mode)
     policy.check_threshold(threshold)
@@ -163,22 +179,25 @@ def share_keys(message: Message, context: Context) -> Message:
     """Stage 2: check the round against the site's floors (and, in malicious mode,
     every neighbour's signed advertisement against the roster), then secret-share
     the self-mask seed and the mask key among the live neighbours."""
-    request = message.content.config_records[keys.SECAGG_RECORD]
-    server_round = int(request[keys.CFG_ROUND])  # type: ignore[arg-type]
+    request = CoordinatorRequest.of(message, keys.SECAGG_RECORD, "share keys")
+    server_round = request.server_round(keys.CFG_ROUND)
     state = _load(context, server_round)
-    peers = {
-        peer: (bytes(c), bytes(m))
-        for peer, c, m in zip(
-            _ids(request[keys.SECAGG_PEERS]),
-            request[keys.SECAGG_PEER_CIPHER_PKS],  # type: ignore[arg-type]
-            request[keys.SECAGG_PEER_MASK_PKS],  # type: ignore[arg-type]
+    ids = request.node_ids(keys.SECAGG_PEERS)
+    peers = dict(
+        zip(
+            ids,
+            zip(
+                request.blobs(keys.SECAGG_PEER_CIPHER_PKS, len(ids)),
+                request.blobs(keys.SECAGG_PEER_MASK_PKS, len(ids)),
+                strict=True,
+            ),
             strict=True,
         )
-    }
+    )
     policy = SitePolicy.from_node_config(context.node_config)
     policy.check_threshold(state.threshold)
     policy.check_neighbours(state.threshold, len(peers))
-    policy.check_cohort(int(request.get(keys.SECAGG_COHORT, 0)))  # type: ignore[arg-type]
+    policy.check_cohort(request.integer(keys.SECAGG_COHORT, 0, MAX_CLIENTS, 0))
     if state.mode == MALICIOUS:
         state.identities = _verified_advertisements(policy, state, request, peers)
     sealed = state.share_keys(peers)
@@ -197,15 +216,15 @@ def share_keys(message: Message, context: Context) -> Message:
 
 
 def _sender_commitments(
-    request: ConfigRecord, senders: list[int]
+    request: CoordinatorRequest, senders: list[int]
 ) -> dict[int, tuple[bytes, bytes]] | None:
     """Each sender's commitments to the (seed, key) shares it sent this site, when
     the coordinator relayed them."""
     if keys.SECAGG_SEED_COMMITMENTS not in request:
         return None
     pairs = zip(
-        (wire_bytes(c, "commitment") for c in request[keys.SECAGG_SEED_COMMITMENTS]),  # type: ignore[union-attr]
-        (wire_bytes(c, "commitment") for c in request[keys.SECAGG_KEY_COMMITMENTS]),  # type: ignore[union-attr]
+        request.blobs(keys.SECAGG_SEED_COMMITMENTS, len(senders)),
+        request.blobs(keys.SECAGG_KEY_COMMITMENTS, len(senders)),
         strict=True,
     )
     return dict(zip(senders, pairs, strict=True))
@@ -214,7 +233,7 @@ def _sender_commitments(
 def _verified_advertisements(
     policy: SitePolicy,
     state: ClientRound,
-    request: ConfigRecord,
+    request: CoordinatorRequest,
     peers: dict[int, tuple[bytes, bytes]],
 ) -> dict[int, bytes]:
     """Each neighbour's identity, after checking that a distinct site of the roster
@@ -228,13 +247,16 @@ def _verified_advertisements(
     """
     assert policy.roster is not None and policy.signing_key is not None
     own = identity.public_raw(policy.signing_key)
-    identities = [bytes(i) for i in request.get(keys.SECAGG_PEER_IDENTITIES, [])]  # type: ignore[union-attr]
-    signatures = [bytes(s) for s in request.get(keys.SECAGG_PEER_SIGNATURES, [])]  # type: ignore[union-attr]
-    if len(identities) != len(peers) or len(signatures) != len(peers):
+    if (
+        keys.SECAGG_PEER_IDENTITIES not in request
+        or keys.SECAGG_PEER_SIGNATURES not in request
+    ):
         raise SiteRefusal(
             "the coordinator relayed neighbours' keys without their signatures "
             "(secagg.mode = malicious needs one per neighbour)"
         )
+    identities = request.blobs(keys.SECAGG_PEER_IDENTITIES, len(peers))
+    signatures = request.blobs(keys.SECAGG_PEER_SIGNATURES, len(peers))
     verified: dict[int, bytes] = {}
     for (peer, (cipher_pk, mask_pk)), who, signature in zip(
         peers.items(), identities, signatures, strict=True
@@ -270,12 +292,16 @@ def masked_update(
     model_hash: bytes = b"",
     label_counts: np.ndarray | None = None,
     head: Mapping[str, np.ndarray] | None = None,
+    noise_shares: int = 0,
 ) -> tuple[ArrayRecord, ConfigRecord]:
     """Stage 3: encode the delta with its weight, add the noise and the masks, once
     per round (the site records the masking in its state folder first).
 
     ``noise`` (``(P,) float64``, distributed DP) is added in the ring after the
-    encoding has clipped the delta, so the clip cannot shrink it. ``tail`` (``(T,)
+    encoding has clipped the delta, so the clip cannot shrink it. It is this site's
+    share for ``noise_shares`` (``m``) sites: the site refuses an ``m`` larger than
+    the cohort it can see (:meth:`SitePolicy.check_noise_shares`) and, later,
+    helps unmask only a sum of at least ``m`` survivors. ``tail`` (``(T,)
     float64``: adaptive clipping's unclipped bit, with its noise share) goes after
     the weight, neither clipped nor weighted.
 
@@ -294,16 +320,15 @@ def masked_update(
     Raises
     ------
     SiteRefusal
-        When the round falls below the site's floors or the site already masked an
-        update for this round.
+        When the round falls below the site's floors, the site already masked an
+        update for this round, or a field of the request is malformed.
     """
-    encoding = FixedPoint(
-        scale=float(request[keys.SECAGG_SCALE]),  # type: ignore[arg-type]
-        clip_norm=float(request[keys.SECAGG_CLIP]),  # type: ignore[arg-type]
-        max_weight=float(request[keys.SECAGG_MAX_WEIGHT]),  # type: ignore[arg-type]
-        ring_bits=int(request.get(keys.SECAGG_RING_BITS, RING_BITS)),  # type: ignore[arg-type]
-        coordinate_bound=float(request.get(keys.SECAGG_COORDINATE_BOUND, 0.0)),  # type: ignore[arg-type]
-    )
+    inbox = CoordinatorRequest(request, "train")
+    encoding = _round_encoding(inbox)
+    if noise is not None:
+        SitePolicy.from_node_config(context.node_config).check_noise_shares(
+            noise_shares, inbox.integer(keys.SECAGG_COHORT, 0, MAX_CLIENTS, 0)
+        )
     label_sums = None
     if label_counts is not None and head is not None:
         if encoding.ring_bits < RING_BITS:
@@ -319,13 +344,12 @@ def masked_update(
         )  # (L * (d + 2),) float64
     if encoding.ring_bits < RING_BITS:
         if noise is not None:
-            raise ValueError(
+            raise SiteRefusal(
                 "distributed DP noise does not fit the 16-bit ring; the coordinator "
                 "should have refused codec != fp32 with dp.mode = distributed"
             )
         # The narrow ring holds a rotated delta: (P',) with P' = P padded to blocks.
-        seed = bytes(request[keys.SECAGG_ROTATION_SEED])  # type: ignore[arg-type]
-        flat_delta = rotate(flat_delta, seed)
+        flat_delta = rotate(flat_delta, inbox.blob(keys.SECAGG_ROTATION_SEED, 32))
     encoded = encoding.encode(flat_delta, num_examples)  # (P + 1,) in the ring
     if noise is not None:
         # Two's complement in the ring: negative steps wrap, as in the encoding.
@@ -335,9 +359,48 @@ def masked_update(
         encoded = np.concatenate([encoded, encoding.to_ring(tail)])
     if label_sums is not None:
         encoded = np.concatenate([encoded, encoding.to_ring(label_sums)])
-    return _masked(context, request, server_round, encoded, server_round, model_hash)
+    return _masked(
+        context,
+        inbox,
+        server_round,
+        encoded,
+        server_round,
+        model_hash,
+        noise_shares if noise is not None else 0,
+    )
 
 
+def _round_encoding(inbox: CoordinatorRequest) -> FixedPoint:
+    """The round's fixed-point encoding as the coordinator announced it, each
+    parameter checked: a ring the site knows, a finite clip and weight cap, and a
+    scale at which one site's clipped update fits the ring (so no value the site
+    encodes can wrap around or overflow the int64 on the way)."""
+    ring_bits = inbox.integer(keys.SECAGG_RING_BITS, 1, WIDE_RING_BITS, RING_BITS)
+    if ring_bits not in (NARROW_RING_BITS, RING_BITS, WIDE_RING_BITS):
+        raise MalformedRequest(
+            f"the coordinator's train message asks for a {ring_bits}-bit ring; this "
+            f"site masks in {NARROW_RING_BITS}, {RING_BITS} or {WIDE_RING_BITS} bits"
+        )
+    clip = inbox.number(keys.SECAGG_CLIP, 0.0, 1e12)
+    bound = inbox.number(keys.SECAGG_COORDINATE_BOUND, 0.0, 1e12, 0.0)
+    top = 2.0 ** (ring_bits - 1)
+    scale = inbox.number(keys.SECAGG_SCALE, 1.0, top)
+    if clip <= 0 or scale * max(bound or clip, 1.0) > top:
+        raise MalformedRequest(
+            f"the coordinator's train message has secure-aggregation scale {scale:g} "
+            f"and clip norm {clip:g}: one site's update would not fit the "
+            f"{ring_bits}-bit ring; refusing it"
+        )
+    return FixedPoint(
+        scale=scale,
+        clip_norm=clip,
+        max_weight=inbox.number(keys.SECAGG_MAX_WEIGHT, 1.0, 1e15),
+        ring_bits=ring_bits,
+        coordinate_bound=bound,
+    )
+
+
+@refusals_logged
 def masked_totals(
     context: Context,
     request: ConfigRecord,
@@ -352,7 +415,8 @@ def masked_totals(
     # Its own key stages, so its own masks: it claims the masking of an evaluation
     # (-(round + 1)), apart from the round's update.
     claim = -(server_round + 1)
-    return _masked(context, request, server_round, encoded, claim, model_hash)
+    inbox = CoordinatorRequest(request, "evaluate")
+    return _masked(context, inbox, server_round, encoded, claim, model_hash)
 
 
 #: The masking a statistics round claims: training rounds claim their round (>= 1)
@@ -385,32 +449,32 @@ def masked_statistics(
 
 def _masked(
     context: Context,
-    request: ConfigRecord,
+    inbox: CoordinatorRequest,
     server_round: int,
     encoded: np.ndarray,
     claim: int,
     model_hash: bytes,
+    noise_shares: int = 0,
 ) -> tuple[ArrayRecord, ConfigRecord]:
     """Check the site's floors, receive the neighbours' shares, claim the masking
     ``claim`` (once per run) and mask ``encoded`` (in the ring); the upload and the
     senders whose shares failed authentication or their commitments."""
     state = _load(context, server_round)
-    live = _ids(request[keys.SECAGG_PEERS])
+    live = inbox.node_ids(keys.SECAGG_PEERS)
     policy = SitePolicy.from_node_config(context.node_config)
     policy.check_neighbours(state.threshold, len(live))
-    policy.check_cohort(int(request.get(keys.SECAGG_COHORT, 0)))  # type: ignore[arg-type]
-    senders = _ids(request[keys.SECAGG_SENDERS])
+    policy.check_cohort(inbox.integer(keys.SECAGG_COHORT, 0, MAX_CLIENTS, 0))
+    senders = inbox.node_ids(keys.SECAGG_SENDERS)
     failed = state.receive_shares(
-        dict(
-            zip(senders, (bytes(b) for b in request[keys.SECAGG_SEALED]), strict=True)
-        ),  # type: ignore[union-attr]
-        _sender_commitments(request, senders),
+        dict(zip(senders, inbox.blobs(keys.SECAGG_SEALED, len(senders)), strict=True)),
+        _sender_commitments(inbox, senders),
     )
     policy.claim_masking(context.run_id, context.node_id, claim)
     # No pairwise mask with a sender whose shares failed: the coordinator drops it,
     # and could not rebuild its half of that mask from shares nobody holds.
     masked = state.mask(encoded, [p for p in live if p not in failed])
     state.model_hash = model_hash
+    state.noise_shares = noise_shares
     _save(context, state, server_round)
     return (
         to_array_record({"update": masked}),
@@ -433,9 +497,9 @@ def consistency(message: Message, context: Context) -> Message:
     """Malicious mode, after the masked uploads: sign the survivor set the
     coordinator announces together with the hash of the model this site trained on.
     A site signs one survivor set per round."""
-    request = message.content.config_records[keys.SECAGG_RECORD]
+    request = CoordinatorRequest.of(message, keys.SECAGG_RECORD, "consistency")
     state = _current_round(context)
-    survivors = sorted(_ids(request[keys.SECAGG_SURVIVORS]))
+    survivors = sorted(request.node_ids(keys.SECAGG_SURVIVORS))
     policy = SitePolicy.from_node_config(context.node_config)
     if state.mode != MALICIOUS or policy.signing_key is None:
         raise SiteRefusal("a consistency check outside secagg.mode = malicious")
@@ -466,7 +530,10 @@ def consistency(message: Message, context: Context) -> Message:
 
 
 def _verify_consistency(
-    policy: SitePolicy, state: ClientRound, request: ConfigRecord, survivors: list[int]
+    policy: SitePolicy,
+    state: ClientRound,
+    request: CoordinatorRequest,
+    survivors: list[int],
 ) -> None:
     """Every survivor, as a distinct site of the roster, signed the survivor set this
     site signed and the model hash this site trained on.
@@ -484,15 +551,18 @@ def _verify_consistency(
             f"the coordinator now lists survivors {survivors}, not the set "
             f"{state.signed_survivors} this site signed; refusing to unmask"
         )
-    signed = {
-        signer: (bytes(who), bytes(signature))
-        for signer, who, signature in zip(
-            _ids(request.get(keys.SECAGG_SIGNERS, [])),
-            request.get(keys.SECAGG_SIGNER_IDENTITIES, []),  # type: ignore[arg-type]
-            request.get(keys.SECAGG_SIGNATURES, []),  # type: ignore[arg-type]
+    signers = request.node_ids(keys.SECAGG_SIGNERS, [])
+    signed = dict(
+        zip(
+            signers,
+            zip(
+                request.blobs(keys.SECAGG_SIGNER_IDENTITIES, len(signers), None, []),
+                request.blobs(keys.SECAGG_SIGNATURES, len(signers), None, []),
+                strict=True,
+            ),
             strict=True,
         )
-    }
+    )
     seen: set[bytes] = set()
     for node in survivors:
         who, signature = signed.get(node, (b"", b""))
@@ -519,14 +589,16 @@ def unmask(message: Message, context: Context) -> Message:
     """Stage 4: shares of survivors' seeds and dropped nodes' mask keys, never both,
     and only for a cohort of at least ``secagg-min-cohort`` (in malicious mode, one
     every survivor signed)."""
-    request = message.content.config_records[keys.SECAGG_RECORD]
+    request = CoordinatorRequest.of(message, keys.SECAGG_RECORD, "unmask")
     state = _current_round(context)
-    survivors = sorted(_ids(request[keys.SECAGG_SURVIVORS]))
+    survivors = sorted(request.node_ids(keys.SECAGG_SURVIVORS))
     policy = SitePolicy.from_node_config(context.node_config)
     policy.check_cohort(len(survivors))
     if state.mode == MALICIOUS:
         _verify_consistency(policy, state, request, survivors)
-    seeds, mask_keys = state.unmask(survivors, _ids(request[keys.SECAGG_DROPPED]))
+    policy.check_noise_survivors(state.noise_shares, len(survivors))
+    dropped = request.node_ids(keys.SECAGG_DROPPED)
+    seeds, mask_keys = state.unmask(survivors, dropped)
     del context.state[keys.SECAGG_STATE]  # this round's secrets are spent
     return _reply(
         message,

@@ -9,6 +9,11 @@ says why in its log, when a round falls below its floors, and records each maski
 in its state folder before the masked vector leaves, so a second one is refused even
 after a SuperNode restart.
 
+With distributed DP the site adds ``1 / m`` of the round's noise, ``m`` as the
+coordinator says; it refuses an ``m`` above the cohort announced for the masked
+input or the sites on its roster, and helps unmask only a sum of at least ``m``
+survivors (in malicious mode, each a distinct roster site that signed the set).
+
 Node config keys (``--node-config``), all optional:
 
 ``state-dir``
@@ -160,6 +165,54 @@ class SitePolicy:
                 f"the round has {cohort} client(s), below this site's "
                 f"secagg-min-cohort = {self.min_cohort}: the sum would say too much "
                 "about each of them"
+            )
+
+    def check_noise_shares(self, shares: int, cohort: int) -> None:
+        """Distributed DP: refuse to add ``1 / shares`` of the round's noise when
+        the site can see that fewer than ``shares`` sites take part (the cohort
+        the coordinator announced for the masked input, and with a roster the
+        sites on it). A coordinator that inflated ``m`` would otherwise have every
+        site add too little noise.
+
+        Raises
+        ------
+        SiteRefusal
+            Naming ``m`` and the bound it exceeds.
+        """
+        if shares < 1:
+            raise SiteRefusal(
+                f"the coordinator asks for distributed DP noise shared among "
+                f"m = {shares} sites; m must be at least 1"
+            )
+        if shares > cohort:
+            raise SiteRefusal(
+                f"the coordinator asks this site to add 1/{shares} of the round's DP "
+                f"noise but announces a cohort of {cohort}: fewer than m = {shares} "
+                "shares would leave the sum with too little noise"
+            )
+        if self.roster is not None and shares > len(self.roster):
+            raise SiteRefusal(
+                f"the coordinator asks this site to add 1/{shares} of the round's DP "
+                f"noise, but its roster (secagg-roster) lists only "
+                f"{len(self.roster)} sites"
+            )
+
+    def check_noise_survivors(self, shares: int, survivors: int) -> None:
+        """Distributed DP, before unmasking: refuse a sum of fewer than ``shares``
+        survivors (in malicious mode each one a distinct site of the roster that
+        signed the survivor set), since it would carry less noise than the
+        ``1 / shares`` this site added assumed.
+
+        Raises
+        ------
+        SiteRefusal
+            Naming both counts.
+        """
+        if shares and survivors < shares:
+            raise SiteRefusal(
+                f"this site added 1/{shares} of the round's DP noise, but the sum to "
+                f"unmask holds only {survivors} survivors' shares: it would carry "
+                "too little noise; refusing to unmask"
             )
 
     def claim_masking(self, run_id: int, node: int, server_round: int) -> None:

@@ -22,9 +22,10 @@ With ``dp.level = sample`` the site keeps a second ledger,
 step it takes at its Poisson rate, checked against the same ``dp-max-epsilon``
 with the round's planned steps before it trains.
 
-In distributed mode the noise is the sum of the ``m`` sampled sites' shares; the
-account assumes they are added (as the secure sum's floors and consistency checks
-make the cohort real), not that the coordinator is honest about sigma or C.
+In distributed mode the noise is the sum of ``m`` sites' shares; the account assumes
+they are added, not that the coordinator is honest about sigma, C or ``m``: the site
+refuses an ``m`` above the cohort it can see and unmasks only a sum of at least ``m``
+survivors (client.site_policy, ``check_noise_shares`` and ``check_noise_survivors``).
 """
 
 from __future__ import annotations

@@ -131,9 +131,10 @@ class ClientLevelDP:
                 settings.clipped_count_stddev or dp.count_stddev_from_rows(rows)
             )
         self._charge: dp.RoundCharge | None = None
-        # The round's cohort: its size (the noise shares) and its expected size q n
-        # (the mean's denominator and the unclipped share's).
-        self._sampled = 0
+        # The round's cohort: the clients sent a training message (m, the noise
+        # shares) and its expected size q n (the mean's denominator and the
+        # unclipped share's).
+        self._shares = 0
         self._expected = 0.0
         self._epsilon = self.accountant.epsilon()
 
@@ -194,7 +195,7 @@ class ClientLevelDP:
             When the default ``sigma_b = m / 20`` is too small for
             ``dp.noise-multiplier``; nothing has been sent yet.
         """
-        self._sampled, self._expected = len(cohort.nodes), cohort.expected
+        self._shares, self._expected = len(cohort.nodes), cohort.expected
         self._charge = None
         if cohort.available < 1:
             return
@@ -209,6 +210,13 @@ class ClientLevelDP:
             )
         self._charge = charge
 
+    def expect_shares(self, count: int) -> None:
+        """The round's training message goes to ``count`` clients (after secure
+        aggregation's key stages, which may leave some sampled nodes out): the
+        ``m`` they are told, each adding ``1 / m`` of the noise in distributed
+        mode, and against which a shortfall of survivors is measured."""
+        self._shares = count
+
     def release(self, summed: RoundSum | None, stats: PrivacyStats) -> RoundSum | None:
         """Charge the round and turn its sum into what the rule may see: clipped,
         unweighted, noised (central mode) and with weight ``m``.
@@ -222,7 +230,7 @@ class ClientLevelDP:
         shortfall = 0.0
         charge = self._charge
         if self.settings.mode == "distributed":
-            shortfall = dp.noise_shortfall(survivors, self._sampled)
+            shortfall = dp.noise_shortfall(survivors, self._shares)
             # With no survivor nothing is released: the nominal charge stands.
             if 0 < shortfall < 1:
                 charge = dataclasses.replace(
@@ -234,7 +242,7 @@ class ClientLevelDP:
                     "noise variance is missing; the round is charged at noise "
                     "multiplier %.3g",
                     survivors,
-                    self._sampled,
+                    self._shares,
                     100 * shortfall,
                     charge.noise_multiplier,
                 )

@@ -417,6 +417,8 @@ class FederatedLoRA:
             )
             return state
         extras = self.summer.prepare(grid, nodes, server_round, report)
+        if self.privacy is not None:
+            self.privacy.expect_shares(len(extras))
         replies = self.deliver(
             grid, extras, server_round, state, report, MessageType.TRAIN
         )
@@ -470,7 +472,7 @@ class FederatedLoRA:
 
     def instructions(self, server_round: int, expected_clients: int) -> ConfigRecord:
         """The round's instructions: backbone identity, label map, run config,
-        ``m``, the clients sampled (each adds 1/m of the noise in distributed DP),
+        ``m``, the clients sent it (each adds 1/m of the noise in distributed DP),
         and with client-level DP the round's clip norm and noise."""
         return ConfigRecord(
             {
@@ -504,7 +506,9 @@ class FederatedLoRA:
         consumed here).
         """
         adapter = to_array_record(self.downlink(server_round).encode(state))
-        instructions = self.instructions(server_round, report.sampled)
+        # m: the nodes sent this message (after secure aggregation's key stages
+        # the cohort a site can see), each adding 1/m of distributed DP's noise.
+        instructions = self.instructions(server_round, len(extras))
         replies = self._send(grid, extras, adapter, instructions, report, message_type)
         needing = [
             r.metadata.src_node_id

@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from client.client_app import app as client_app
 from client.site_policy import SitePolicy, SiteRefusal
-from common import keys
+from common import dp, keys
 from common.config import RunConfig
 from common.secagg import crypto, identity
 from common.secagg.protocol import MALICIOUS
@@ -150,6 +150,7 @@ def run_round(
     output: Path,
     grid: MaliciousGrid,
     mode: str = MALICIOUS,
+    **overrides: object,
 ) -> list[dict]:  # type: ignore[type-arg]
     config = RunConfig.from_flat(
         {
@@ -165,6 +166,7 @@ def run_round(
             "secagg.enabled": True,
             "secagg.max-weight": 10.0,
             "secagg.mode": mode,
+            **overrides,
         }
     )
     coordinate(grid, config)  # type: ignore[arg-type]
@@ -549,3 +551,338 @@ def test_a_bad_site_policy_names_the_node_config_key_or_roster_line(
         (SiteRefusal, identity.IdentityError), match=re.escape(expected)
     ):
         SitePolicy.from_node_config(config)
+
+
+# ------------------------------------- malformed fields: every one a clear refusal
+def with_instructions(message: Message, **changes: object) -> Message:
+    """A copy of ``message`` whose instructions record has ``changes``."""
+    content = RecordDict(dict(message.content.items()))
+    record = dict(content.config_records[keys.CONFIG_RECORD])
+    record.update({k.replace("_", "-"): v for k, v in changes.items()})
+    content[keys.CONFIG_RECORD] = ConfigRecord(record)  # type: ignore[arg-type]
+    return Message(content, message.metadata.dst_node_id, message.metadata.message_type)
+
+
+def crafted(at: str, **changes: object) -> Rewrite:
+    """Send every ``at`` message with its secure-aggregation fields changed."""
+    return lambda m: [with_secagg(m, **changes) if stage(m) == at else m]
+
+
+def crafted_instructions(**changes: object) -> Rewrite:
+    """Send every training message with its instructions changed."""
+    return lambda m: [with_instructions(m, **changes) if stage(m) == "train" else m]
+
+
+def replaced(at: str, field: str, value: object, first_only: bool = False) -> Rewrite:
+    """Replace every entry (or the first) of the list ``field`` of every ``at``
+    message (a record's list holds one type, so an attacker replaces them all)."""
+
+    def rewrite(message: Message) -> list[Message]:
+        if stage(message) != at:
+            return [message]
+        record = message.content.config_records[keys.SECAGG_RECORD]
+        entries = list(record[field])  # type: ignore[arg-type]
+        new = [value, *entries[1:]] if first_only else [value] * len(entries)
+        return [with_secagg(message, **{field: new})]
+
+    return rewrite
+
+
+# A crafted integer where bytes belong used to reach bytes(n): MemoryError for
+# 2**62, OverflowError for 2**63, n zero bytes for anything smaller.
+MALFORMED_FIELDS = {
+    "huge threshold": (
+        crafted("advertise", threshold=2**62),
+        "advertise",
+        "'threshold' must be in [1, 1048576], got 4611686018427387904",
+    ),
+    "threshold as text": (
+        crafted("advertise", threshold="2"),
+        "advertise",
+        "'threshold' must be an integer, got '2'",
+    ),
+    "negative round": (
+        crafted("advertise", server_round=-1),
+        "advertise",
+        "'server-round' must be in [0, 2147483647], got -1",
+    ),
+    "integer as a mask key": (
+        replaced("share", "peer-mask-pks", 2**62),
+        "share",
+        "'peer-mask-pks'[0] must be bytes, got 4611686018427387904",
+    ),
+    "negative integer as a cipher key": (
+        replaced("share", "peer-cipher-pks", -1),
+        "share",
+        "'peer-cipher-pks'[0] must be bytes, got -1",
+    ),
+    "peers as a text of digits": (
+        crafted("share", peers="101202"),
+        "share",
+        "'peers' must be a list, got '101202'",
+    ),
+    "negative node id": (
+        replaced("share", "peers", "-5", first_only=True),
+        "share",
+        "'peers'[0] must be a node id in decimal, got '-5'",
+    ),
+    "node id beyond 64 bits": (
+        replaced("share", "peers", str(2**64), first_only=True),
+        "share",
+        "'peers'[0] must be in [0, 18446744073709551615], got a 65-bit integer",
+    ),
+    "fewer keys than peers": (
+        lambda m: [
+            with_secagg(
+                m,
+                peer_mask_pks=m.content.config_records[keys.SECAGG_RECORD][
+                    "peer-mask-pks"
+                ][:1],
+            )
+            if stage(m) == "share"
+            else m
+        ],
+        "share",
+        "'peer-mask-pks' holds 1 entries for 2 node(s)",
+    ),
+    "cohort as a float": (
+        crafted("share", cohort=1e300),
+        "share",
+        "'cohort' must be an integer, got 1e+300",
+    ),
+    "integer as a sealed share": (
+        replaced("train", "sealed", 2**63 - 1),
+        "train",
+        "'sealed'[0] must be bytes, got 9223372036854775807",
+    ),
+    "senders listed twice": (
+        replaced("train", "senders", str(NODES[0])),
+        "train",
+        "'senders' lists node",
+    ),
+    "NaN scale": (
+        crafted("train", scale=float("nan")),
+        "train",
+        "'scale' must be a finite number",
+    ),
+    "unknown ring": (
+        crafted("train", ring_bits=128),
+        "train",
+        "'ring-bits' must be in [1, 64], got 128",
+    ),
+    "scale past the ring": (
+        crafted("train", scale=2.0**31),
+        "train",
+        "one site's update would not fit the 32-bit ring",
+    ),
+    "huge m": (
+        crafted_instructions(expected_clients=2**40),
+        "train",
+        "'expected-clients' must be in [0, 1048576], got 1099511627776",
+    ),
+    "survivor beyond 64 bits": (
+        crafted("unmask", survivors=[str(n) for n in NODES] + ["9" * 30]),
+        "unmask",
+        "must be a node id in decimal",
+    ),
+    "dropped as an integer": (
+        crafted("unmask", dropped=12),
+        "unmask",
+        "'dropped' must be a list, got 12",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("attack", "at", "refusal"),
+    list(MALFORMED_FIELDS.values()),
+    ids=list(MALFORMED_FIELDS),
+)
+def test_a_malformed_field_from_the_coordinator_is_refused_naming_it(
+    attack: Rewrite,
+    at: str,
+    refusal: str,
+    tiny_backbone: Path,
+    site_data: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare
+    grid = MaliciousGrid(node_configs(tmp_path, None), attack)
+
+    # Execute
+    with caplog.at_level(logging.ERROR):
+        rows = run_round(
+            tiny_backbone, site_data, tmp_path / "out", grid, "honest-but-curious"
+        )
+
+    # Assert: every site refused that stage with a MalformedRequest naming the
+    # field (no OverflowError, MemoryError, TypeError), logged it, and the
+    # coordinator finished the run without a sum
+    refused = errors(grid, at)
+    assert set(refused) == set(NODES)
+    assert all(r.startswith("MalformedRequest: ") for r in refused.values()), refused
+    assert all(refusal in r for r in refused.values()), refused
+    assert caplog.text.count("refused by this site") >= len(NODES)
+    assert rows[1]["clients"] == 0 and not unmasked(grid)
+
+
+def test_a_malformed_signature_list_in_the_consistency_stage_is_refused(
+    tiny_backbone: Path,
+    site_data: Path,
+    tmp_path: Path,
+    roster: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: malicious mode; the unmask request's signatures are integers
+    def attack(message: Message) -> list[Message]:
+        if stage(message) != "unmask":
+            return [message]
+        record = message.content.config_records[keys.SECAGG_RECORD]
+        count = len(record[keys.SECAGG_SIGNATURES])  # type: ignore[arg-type]
+        return [with_secagg(message, signatures=[2**62] * count)]
+
+    grid = MaliciousGrid(node_configs(tmp_path, roster), attack)
+
+    # Execute
+    with caplog.at_level(logging.ERROR, logger="client.secagg"):
+        rows = run_round(tiny_backbone, site_data, tmp_path / "out", grid)
+
+    # Assert
+    refused = errors(grid, "unmask")
+    assert set(refused) == set(NODES)
+    assert all("'signatures'[0] must be bytes" in r for r in refused.values())
+    assert "refused by this site" in caplog.text
+    assert rows[1]["clients"] == 0
+
+
+# ------------------------------------------ distributed DP: the m of the noise shares
+DISTRIBUTED_DP = {
+    "dp.enabled": True,
+    "dp.mode": "distributed",
+    "dp.noise-multiplier": 0.01,
+    "dp.clip-norm": 1.0,
+}
+
+
+def inflated_m(m: int, cohort: int | None = None) -> Rewrite:
+    """Tell every site to add 1/m of the noise (and, if given, announce ``cohort``
+    in the masked-input stage to match)."""
+
+    def rewrite(message: Message) -> list[Message]:
+        if stage(message) != "train":
+            return [message]
+        changed = with_instructions(message, expected_clients=m)
+        return [changed if cohort is None else with_secagg(changed, cohort=cohort)]
+
+    return rewrite
+
+
+@pytest.mark.parametrize(
+    ("with_roster", "attack", "refusal"),
+    [
+        (False, inflated_m(30), "announces a cohort of 3: fewer than m = 30"),
+        (True, inflated_m(30, cohort=30), "its roster (secagg-roster) lists only 3"),
+    ],
+    ids=["m-above-the-cohort", "m-and-cohort-above-the-roster"],
+)
+def test_sites_refuse_to_add_noise_for_an_inflated_m(
+    with_roster: bool,
+    attack: Rewrite,
+    refusal: str,
+    tiny_backbone: Path,
+    site_data: Path,
+    tmp_path: Path,
+    roster: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each site adds N(0, (sigma C)^2 / m): a coordinator that says m = 30 to a
+    cohort of 3 would get a sum with a tenth of the noise variance."""
+    # Prepare
+    configs = node_configs(tmp_path, roster if with_roster else None)
+    grid = MaliciousGrid(configs, attack)
+    mode = MALICIOUS if with_roster else "honest-but-curious"
+
+    # Execute
+    with caplog.at_level(logging.ERROR, logger="client.secagg"):
+        rows = run_round(
+            tiny_backbone, site_data, tmp_path / "out", grid, mode, **DISTRIBUTED_DP
+        )
+
+    # Assert: no site masked an update with the small noise share
+    refused = errors(grid, "train")
+    assert set(refused) == set(NODES)
+    assert all(refusal in r for r in refused.values()), refused
+    assert refusal in caplog.text
+    assert not masked_uploads(grid) and rows[1]["clients"] == 0
+
+
+def test_sites_refuse_to_unmask_a_sum_with_fewer_noise_shares_than_m(
+    tiny_backbone: Path,
+    site_data: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """m = 3 sites each add a third of the noise; one masked upload never arrives,
+    so a sum of the other two would carry two thirds of it."""
+    # Prepare: floors that let a two-site sum through, so the m check must stop it
+    lost = NODES[2]
+    grid = MaliciousGrid(node_configs(tmp_path, None, min_cohort=2), honest)
+    grid.tamper = lambda node, reply: (
+        None if node == lost and stage(reply) == "train" else reply
+    )
+
+    # Execute
+    with caplog.at_level(logging.ERROR, logger="client.secagg"):
+        rows = run_round(
+            tiny_backbone,
+            site_data,
+            tmp_path / "out",
+            grid,
+            "honest-but-curious",
+            **DISTRIBUTED_DP,
+        )
+
+    # Assert
+    refused = errors(grid, "unmask")
+    assert set(refused) == set(NODES) - {lost}
+    assert all(
+        "holds only 2 survivors' shares" in r for r in refused.values()
+    ), refused
+    assert not unmasked(grid) and rows[1]["clients"] == 0
+
+
+def test_m_counts_the_sites_that_passed_the_key_stages(
+    tiny_backbone: Path,
+    site_data: Path,
+    tmp_path: Path,
+) -> None:
+    """A sampled site that fails the key stages adds no noise: the others are told
+    m = 3, not the 4 sampled, and the round completes with the full noise."""
+    # Prepare: a fourth site whose key advertisement is lost
+    configs = node_configs(tmp_path, None)
+    configs[404] = {**configs[NODES[0]], "state-dir": str(tmp_path / "state-404")}
+    grid = MaliciousGrid(configs, honest)
+    grid.tamper = lambda node, reply: (
+        None if node == 404 and stage(reply) == "advertise" else reply
+    )
+
+    # Execute
+    rows = run_round(
+        tiny_backbone,
+        site_data,
+        tmp_path / "out",
+        grid,
+        "honest-but-curious",
+        **DISTRIBUTED_DP,
+    )
+
+    # Assert
+    told = {
+        m.content.config_records[keys.CONFIG_RECORD][keys.CFG_EXPECTED_CLIENTS]
+        for m in grid.sent
+        if stage(m) == "train"
+    }
+    assert told == {len(NODES)}
+    assert rows[1]["clients"] == len(NODES)
+    assert rows[1][dp.NOISE_SHORTFALL] == 0.0

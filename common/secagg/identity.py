@@ -128,6 +128,9 @@ class Roster:
     def __contains__(self, identity: object) -> bool:
         return identity in self.names
 
+    def __len__(self) -> int:
+        return len(self.names)
+
     def name(self, identity: bytes) -> str:
         """The roster name of ``identity`` (``?`` for a key not in the roster)."""
         return self.names.get(identity, "?")

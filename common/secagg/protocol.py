@@ -135,6 +135,8 @@ class ClientRound:
     identities: dict[int, bytes] = field(default_factory=dict)
     model_hash: bytes = b""
     signed_survivors: list[int] = field(default_factory=list)
+    # Distributed DP: the m whose 1/m share of the noise this client added (0: none).
+    noise_shares: int = 0
 
     def advertise(self) -> tuple[bytes, bytes]:
         """Fresh key pairs for this round; returns the public keys (c, s)."""
