@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the library warnings fedgraft's console keeps quiet
+    (``common.console.QUIET_WARNINGS``, each named there with its reason) out of
+    pytest's warnings summary too: README's test command prints no warning."""
+    from common.console import QUIET_WARNINGS
+
+    for category, prefix in QUIET_WARNINGS:
+        # pytest splits a filter at ':'; '.' matches it in the message pattern.
+        message = re.escape(prefix).replace(":", ".")
+        config.addinivalue_line(
+            "filterwarnings", f"ignore:{message}:{category.__name__}"
+        )
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 _WORDS = [
