@@ -189,3 +189,25 @@ def test_the_hubs_progress_bars_are_off_unless_verbose(
 
     # Assert: weights loading and shard writing print no tqdm bar unless verbose
     assert shown.stdout.strip() == bars, shown.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("verbose", "shown"), [(False, False), (True, True)])
+def test_flowers_debug_lines_reach_the_console_only_when_verbose(
+    verbose: bool, shown: bool
+) -> None:
+    # Prepare: a fresh process set up as a `fedgraft` command, then Flower loaded
+    code = (
+        "import logging; from common.console import configure_console; "
+        f"configure_console({verbose}); import flwr.app; "
+        "logging.getLogger('flwr').debug('a flower debug line')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_LOG_LEVEL"}
+
+    # Execute
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env
+    )
+
+    # Assert
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("a flower debug line" in done.stdout + done.stderr) is shown
