@@ -217,6 +217,8 @@ def test_flwr_run_dot_runs_the_app_on_the_local_simulation_engine(
         json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows[-1]["round"] == 1 and rows[-1]["clients"] == 2
+    # The apps keep the hub's progress bars off under flwr run too
+    assert "Loading weights" not in finished.stdout + finished.stderr
     # What README says of the processes: a SuperLink and its SuperExec stay up,
     # the SuperExec installs nothing (the variable was set when the SuperLink
     # started), and stopping the SuperLink stops both
