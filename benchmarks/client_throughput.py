@@ -61,7 +61,7 @@ from common.backbone import coordinator_backbone_dir, pooling_mode  # noqa: E402
 from common.batching import encode  # noqa: E402
 from common.config import LoraSettings  # noqa: E402
 from common.data import encode_labels, label_set, load_examples  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
+from common.text_evaluation import evaluate  # noqa: E402
 from common.frozen_prefix import prefix_states  # noqa: E402
 from common.label_head import init_head_from_texts, label_texts  # noqa: E402
 from common.model import (  # noqa: E402

@@ -23,7 +23,8 @@ from client.caches import BoundedCache
 from common.batching import Encoded, encode
 from common.config import LoraSettings
 from common.data import Example, encode_labels
-from common.features import FeatureCache, pooled_features
+from common.feature_cache import FeatureCache
+from common.features import pooled_features
 from common.frozen_prefix import PrefixStates, prefix_states
 from common.model import TextClassifier, attach_lora, load_encoder
 

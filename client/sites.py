@@ -136,7 +136,7 @@ class TextSite:
         from client import private_training
         from client.finetune import train_phase
         from client.runtime import cached_features, cached_prefix, rows_key
-        from common.model import encoder_digest
+        from common.sharing import encoder_digest
 
         backbone, encoded = self.backbone, rows.encoded
         if self.config.dp.sample_level:
@@ -172,7 +172,7 @@ class TextSite:
         return adapter_state(self.backbone.model)
 
     def evaluate(self, examples: list[Example]) -> EvalResult:
-        from common.evaluation import evaluate
+        from common.text_evaluation import evaluate
 
         rows = self.encode(examples)
         return evaluate(self.backbone.model, rows.encoded, self.backbone.pad_id)
@@ -186,7 +186,8 @@ class TextSite:
         rounds' are, so a following head round reuses them."""
         from client.runtime import cached_features, rows_key
         from common.closed_form import NEEDS_GRAM, ClassStatistics
-        from common.model import adapter_state, encoder_digest
+        from common.model import adapter_state
+        from common.sharing import encoder_digest
 
         backbone, head = self.backbone, self.config.head
         key = rows_key(

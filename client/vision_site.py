@@ -27,8 +27,8 @@ from common.codec import AdapterState
 from common.config import LoraSettings, RunConfig
 from common.data import Example
 from common.evaluation import EvalResult
-from common.features import FeatureCache
-from common.model import encoder_digest
+from common.feature_cache import FeatureCache
+from common.sharing import encoder_digest
 from common.tasks.image_classification.model import (
     ImageClassifier,
     ImageEncoded,

@@ -11,9 +11,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.batching import Encoded
-from common.features import pooled_features
-from common.model import TextClassifier
 
 
 @dataclass(frozen=True)
@@ -125,11 +122,4 @@ def evaluate_head(
         loss=F.cross_entropy(logits, targets).item(),
         accuracy=(logits.argmax(-1) == targets).sum().item() / count,
         num_examples=count,
-    )
-
-
-def evaluate(model: TextClassifier, encoded: Encoded, pad_id: int) -> EvalResult:
-    """Evaluate ``model`` on every row of ``encoded`` (eval mode, no gradients)."""
-    return evaluate_head(
-        model.head, pooled_features(model, encoded, pad_id), encoded.labels
     )

@@ -1,10 +1,5 @@
-"""Pooled sentence features: computed once per encoder state and reused.
-
-While only the head trains (feature extraction, the linear-probe rounds of lp-ft, or
-the coordinator evaluating a new head on unchanged adapters) the pooled features of a
-row cannot change, so each party computes them once and keys them by
-:func:`common.model.encoder_digest`.
-"""
+"""The text classifier's pooled sentence features: the encoder's output pooled per
+row, what a head-only round trains on (cached by :mod:`common.feature_cache`)."""
 
 from __future__ import annotations
 
@@ -49,34 +44,3 @@ def pooled_features(
             advance(len(rows))
     model.train(was_training)
     return features
-
-
-class FeatureCache:
-    """A few feature matrices keyed by ``(rows key, encoder digest)``.
-
-    Parameters
-    ----------
-    capacity : int
-        Matrices kept; the least recently used goes first.
-    """
-
-    def __init__(self, capacity: int = 8) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-
-    def get(
-        self, rows_key: str, digest: str, compute: Callable[[], torch.Tensor]
-    ) -> torch.Tensor:
-        """The cached features, or ``compute()`` stored under the key."""
-        key = (rows_key, digest)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        features = compute()
-        self._entries[key] = features
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-        return features
-
-    def __len__(self) -> int:
-        return len(self._entries)

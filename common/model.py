@@ -231,26 +231,6 @@ def load_adapter_state(model: TextClassifier, state: Mapping[str, np.ndarray]) -
     model.head.load_state_dict(head)
 
 
-def encoder_digest(state: Mapping[str, np.ndarray]) -> str:
-    """A digest of every tensor that shapes the pooled features (all but the head).
-
-    Equal digests mean equal features, so features cached under one digest can be
-    reused while only the head changes.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        if not name.startswith(HEAD_PREFIX):
-            array = np.ascontiguousarray(state[name], dtype=np.float32)
-            digest.update(name.encode() + b"\0" + str(array.shape).encode())
-            digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def trainable_parameter_count(model: TextClassifier) -> int:
-    """Number of trainable scalars (LoRA and head)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def save_head(model: TextClassifier, directory: Path, labels: tuple[str, ...]) -> None:
     """Write the head, its pooling mode and the label map beside a saved encoder."""
     from safetensors.torch import save_file

@@ -9,7 +9,6 @@ name and renamed into place. What is written also goes to the run's trackers
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -17,15 +16,9 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from common.backbone import write_pooling_mode
 from common.tracking.base import Tracker, Trackers
-
-if TYPE_CHECKING:  # torch and transformers load only when a model is written
-    from transformers import PreTrainedTokenizerBase
-
-    from common.model import TextClassifier
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -33,11 +26,6 @@ ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 #: Folders a tracker keeps a copy of (``merged/`` holds a whole backbone).
 TRACKED_FOLDERS = (ADAPTER_DIR,)
-# sentence-transformers files that make ``merged/`` loadable by that library too.
-_SENTENCE_TRANSFORMERS_FILES = (
-    "config_sentence_transformers.json",
-    "sentence_bert_config.json",
-)
 
 
 def default_output_dir(kind: str) -> Path:
@@ -58,25 +46,6 @@ def _replace_dir(staging: Path, target: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
-
-
-def write_sentence_modules(backbone_dir: Path, staging: Path) -> None:
-    """The backbone's sentence-transformers modules up to its pooling, with their
-    folders: the features the head was trained on.
-
-    Later modules (all-MiniLM-L6-v2's ``2_Normalize``) are left out: the head reads
-    the pooled features unnormalised, so a sentence-transformers user of ``merged/``
-    gets those same features.
-    """
-    modules = json.loads((backbone_dir / "modules.json").read_text())
-    kept = []
-    for module in modules:
-        kept.append(module)
-        if module.get("path") and (backbone_dir / module["path"]).is_dir():
-            shutil.copytree(backbone_dir / module["path"], staging / module["path"])
-        if module.get("type", "").endswith("Pooling"):
-            break
-    (staging / "modules.json").write_text(json.dumps(kept, indent=2) + "\n")
 
 
 class RunOutputs:
@@ -138,37 +107,3 @@ class RunOutputs:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.directory))
         write(staging)
         return self._publish(staging, name)
-
-    def save_adapter(self, model: TextClassifier, labels: tuple[str, ...]) -> Path:
-        """PEFT-format adapter (``PeftModel.from_pretrained(backbone, dir)`` loads it)
-        with the head, pooling mode and label map beside it."""
-        from common.model import save_head
-
-        staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=self.directory))
-        model.encoder.save_pretrained(str(staging))
-        save_head(model, staging, labels)
-        return self._publish(staging, ADAPTER_DIR)
-
-    def save_merged(
-        self,
-        model: TextClassifier,
-        tokenizer: PreTrainedTokenizerBase,
-        labels: tuple[str, ...],
-        backbone_dir: Path,
-    ) -> Path:
-        """The backbone with the adapter merged in (``AutoModel`` loads it), the head,
-        the pooling config, the tokenizer and the label map."""
-        from common.model import save_head
-
-        staging = Path(tempfile.mkdtemp(prefix=".merged-", dir=self.directory))
-        merged = copy.deepcopy(model.encoder).merge_and_unload()
-        merged.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        save_head(model, staging, labels)
-        for name in _SENTENCE_TRANSFORMERS_FILES:
-            if (backbone_dir / name).exists():
-                shutil.copy2(backbone_dir / name, staging / name)
-        if (backbone_dir / "modules.json").exists():
-            write_sentence_modules(backbone_dir, staging)
-        write_pooling_mode(staging, model.pooling)
-        return self._publish(staging, MERGED_DIR)

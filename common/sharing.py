@@ -18,6 +18,7 @@ never leaves it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -66,3 +67,18 @@ def kept_local(names: Iterable[str], rule: str) -> list[str]:
     """The tensors among ``names`` a site keeps between rounds under ``rule``."""
     factor = local_factor(rule)
     return [name for name in names if factor and factor in name]
+
+
+def encoder_digest(state: Mapping[str, np.ndarray]) -> str:
+    """A digest of every tensor that shapes the pooled features (all but the head).
+
+    Equal digests mean equal features, so features cached under one digest can be
+    reused while only the head changes.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        if not name.startswith(HEAD_PREFIX):
+            array = np.ascontiguousarray(state[name], dtype=np.float32)
+            digest.update(name.encode() + b"\0" + str(array.shape).encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()

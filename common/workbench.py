@@ -4,7 +4,6 @@ initial adapter, evaluate and export) and the centralised baseline (to train too
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,26 +24,22 @@ from common.closed_form import NEEDS_GRAM, ClassStatistics, head_tensors, solve_
 from common.config import RunConfig
 from common.data import Example, encode_labels
 from common.evaluation import EvalResult, evaluate_head
-from common.features import FeatureCache, pooled_features
+from common.feature_cache import FeatureCache
+from common.features import pooled_features
 from common.label_head import init_head_from_texts, label_texts
 from common.model import (
     AdapterState,
     TextClassifier,
     adapter_state,
     attach_lora,
-    encoder_digest,
     load_adapter_state,
     load_encoder,
-    trainable_parameter_count,
 )
 from common.outputs import RunOutputs
-from common.reporting import (
-    RoundRecorder,
-    best_round,
-    print_table,
-    summary_table,
-    totals,
-)
+from common.reporting import RoundRecorder
+from common.sharing import encoder_digest
+from common.text_saving import save_adapter, save_merged
+from common.tasks.finish import backbone_facts, finish_run, trainable_parameter_count
 
 if TYPE_CHECKING:
     from common.tasks import RunBench
@@ -204,9 +199,9 @@ class Workbench:
         """Write ``adapter/`` and ``merged/`` for ``state``."""
         load_adapter_state(self.model, state)
         name_adapter_base(
-            outputs.save_adapter(self.model, self.labels), self.config.model.name
+            save_adapter(outputs, self.model, self.labels), self.config.model.name
         )
-        outputs.save_merged(self.model, self.tokenizer, self.labels, self.backbone_dir)
+        save_merged(outputs, self.model, self.tokenizer, self.labels, self.backbone_dir)
 
     def finish_run(
         self,
@@ -233,48 +228,3 @@ class Workbench:
     def backbone_facts(self) -> dict[str, object]:
         """Name, fingerprint, pooling and sizes for ``summary.json``."""
         return backbone_facts(self, self.model.encoder)
-
-
-def backbone_facts(bench: Any, backbone: torch.nn.Module) -> dict[str, object]:
-    """What ``summary.json`` says of a run's backbone, for every task's bench: its
-    name, folder, fingerprint and pooling, the frozen parameters of ``backbone`` (all
-    but the LoRA factors) and the trainable ones of ``bench.model``."""
-    frozen = sum(p.numel() for n, p in backbone.named_parameters() if "lora_" not in n)
-    return {
-        "name": bench.config.model.name,
-        "dir": str(bench.backbone_dir),
-        "fingerprint": bench.fingerprint,
-        "pooling": bench.pooling,
-        "parameters": frozen,
-        "float32_bytes": frozen * 4,
-        "trainable_parameters": trainable_parameter_count(bench.model),
-    }
-
-
-def finish_run(
-    bench: RunBench,
-    kind: str,
-    outputs: RunOutputs,
-    recorder: RoundRecorder,
-    state: AdapterState,
-    started: float,
-    extra: Mapping[str, Any] | None = None,
-) -> None:
-    """Export ``state`` with ``bench``, write ``summary.json`` and print the
-    per-round table (any task's workbench; see :meth:`Workbench.finish_run`)."""
-    recorder.close()
-    bench.export(outputs, state)
-    outputs.write_summary(
-        {
-            "kind": kind,
-            "config": bench.config.as_dict(),
-            "backbone": bench.backbone_facts(),
-            "labels": list(bench.labels),
-            "final": recorder.rows[-1],
-            "best": best_round(recorder.rows),
-            "totals": totals(recorder.rows),
-            "wall_seconds": round(time.perf_counter() - started, 2),
-        }
-        | dict(extra or {})
-    )
-    print_table(summary_table(f"{kind} run: {outputs.directory}", recorder.rows))

@@ -31,7 +31,8 @@ from common.codec import AdapterState
 from common.config import RunConfig
 from common.console import step_progress
 from common.data import Example
-from common.evaluation import EvalResult, evaluate
+from common.evaluation import EvalResult
+from common.text_evaluation import evaluate
 from common.model import load_adapter_state
 from common.outputs import RunOutputs, default_output_dir
 from common.reporting import LOWER_IS_BETTER, RoundRecorder, main_metric

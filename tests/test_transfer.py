@@ -20,8 +20,10 @@ from common.batching import Encoded, encode
 from common.codec import apply_delta
 from common.config import ConfigError, LoraSettings, RunConfig
 from common.data import Example
-from common.evaluation import evaluate, evaluate_head
-from common.features import FeatureCache, pooled_features
+from common.evaluation import evaluate_head
+from common.text_evaluation import evaluate
+from common.feature_cache import FeatureCache
+from common.features import pooled_features
 from common.label_head import (
     LOGIT_SCALE,
     LabelDescriptionError,
@@ -34,11 +36,10 @@ from common.model import (
     TextClassifier,
     adapter_state,
     attach_lora,
-    encoder_digest,
     load_adapter_state,
     load_encoder,
 )
-from common.sharing import shared_subset
+from common.sharing import encoder_digest, shared_subset
 from common.wire import from_array_record
 from common.workbench import Workbench
 from simulations.inprocess_grid import Tamper

@@ -30,7 +30,7 @@ from common.evaluation import EvalResult
 from common.tasks.causal_lm.data import LmEncoded, encode_lm
 from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
 from common.reporting import RoundRecorder
-from common.workbench import backbone_facts, finish_run
+from common.tasks.finish import backbone_facts, finish_run
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from common.codec import AdapterState
 from common.config import RunConfig
 from common.data import Example
 from common.evaluation import EvalResult, evaluate_head
-from common.features import FeatureCache
-from common.model import encoder_digest
+from common.feature_cache import FeatureCache
+from common.sharing import encoder_digest
 from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
 from common.quantised import require_quantisable
 from common.reporting import RoundRecorder
@@ -35,7 +35,7 @@ from common.tasks.image_classification.model import (
     save_image_adapter,
     save_merged_image_classifier,
 )
-from common.workbench import backbone_facts, finish_run
+from common.tasks.finish import backbone_facts, finish_run
 
 log = logging.getLogger(__name__)
 
