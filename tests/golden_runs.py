@@ -13,6 +13,12 @@ draws come from a seeded generator instead, so that the runs repeat exactly.
 Re-record only when a change alters results on purpose, and say why in the commit::
 
     .venv/bin/python -m tests.golden_runs --record
+
+The records are bit for bit, so they hold on one machine and one set of installed
+packages: a CPU with other vector units (AVX-512 against AVX2) or another build of
+torch moves the last bits of a float. On a new machine, record at the last commit
+whose records held (a ``git worktree`` of it, with this environment), then compare
+the newer commits against that; never re-record over an unexplained difference.
 """
 
 from __future__ import annotations
