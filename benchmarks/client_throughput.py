@@ -13,8 +13,9 @@ previous round ended with, as a client sampled every round would:
 ``fedgraft-top-layers``
     The same with LoRA on the top ``--top-layers`` layers only (``lora.layers``): the
     frozen layers below run once per row, before the first round, and every step
-    starts from their cached output (``common.frozen_prefix``). A different model
-    (fewer adapted layers), so its accuracy is reported beside its speed.
+    starts from their cached output
+    (:mod:`common.tasks.text_classification.frozen_prefix`). A different model (fewer
+    adapted layers), so its accuracy is reported beside its speed.
 ``baseline``
     What common examples do (a plain loop, as in Flower's and PEFT's text examples):
     every round reloads the backbone from disk and wraps it with LoRA again, tokenises
@@ -61,10 +62,13 @@ from common.backbone import coordinator_backbone_dir, pooling_mode  # noqa: E402
 from common.batching import encode  # noqa: E402
 from common.config import LoraSettings  # noqa: E402
 from common.data import encode_labels, label_set, load_examples  # noqa: E402
-from common.text_evaluation import evaluate  # noqa: E402
-from common.frozen_prefix import prefix_states  # noqa: E402
-from common.label_head import init_head_from_texts, label_texts  # noqa: E402
-from common.model import (  # noqa: E402
+from common.tasks.text_classification.evaluation import evaluate  # noqa: E402
+from common.tasks.text_classification.frozen_prefix import prefix_states  # noqa: E402
+from common.tasks.text_classification.label_head import (  # noqa: E402
+    init_head_from_texts,
+    label_texts,
+)
+from common.tasks.text_classification.model import (  # noqa: E402
     TextClassifier,
     adapter_state,
     attach_lora,

@@ -276,7 +276,7 @@ class CoordinatorProbes:
 
         import server.server_app as server_app
         from common import keys
-        from common.workbench import Workbench
+        from common.tasks.text_classification.bench import Workbench
         from server.strategy import FederatedLoRA
 
         probes = self

@@ -76,7 +76,7 @@ def _timed(
 
 def measure(mode: str, flat: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """One run with ``eval.where = both``; the per-round costs of each side."""
-    from common.workbench import Workbench
+    from common.tasks.text_classification.bench import Workbench
     from server.strategy import FederatedLoRA
 
     probe = Probe()

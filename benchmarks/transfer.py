@@ -256,7 +256,7 @@ def zero_shot(dataset: Dataset) -> dict[str, Any]:
     """Accuracy of the label-name head before any training, in this process."""
     from common.config import RunConfig
     from common.splits import evaluation_examples, run_labels
-    from common.workbench import Workbench
+    from common.tasks.text_classification.bench import Workbench
 
     started = time.perf_counter()
     config = RunConfig.from_flat({**dataset.base, "head.init": "label-names"})
@@ -286,7 +286,7 @@ def central_closed_form(dataset: Dataset) -> list[dict[str, Any]]:
         evaluation_examples,
         run_labels,
     )
-    from common.workbench import Workbench
+    from common.tasks.text_classification.bench import Workbench
 
     started = time.perf_counter()
     config = RunConfig.from_flat({**dataset.base, "head.init": "closed-form"})

@@ -21,6 +21,16 @@ from client.caches import BoundedCache
 from client.finetune import FinetuneResult, LocalTraining, train_steps
 from client.runtime import pick_device
 from client.sites import SiteRequest
+from common.codec import AdapterState
+from common.config import LoraSettings, RunConfig
+from common.data import Example
+from common.evaluation import EvalResult
+from common.tasks.causal_lm.data import (
+    LmEncoded,
+    encode_lm,
+    load_lm_encoded,
+    save_lm_encoded,
+)
 from common.tasks.causal_lm.model import (
     CausalLanguageModel,
     collate_lm,
@@ -32,11 +42,6 @@ from common.tasks.causal_lm.model import (
     sequence_losses,
     token_losses,
 )
-from common.codec import AdapterState
-from common.config import LoraSettings, RunConfig
-from common.data import Example
-from common.evaluation import EvalResult
-from common.tasks.causal_lm.data import LmEncoded, encode_lm, load_lm_encoded, save_lm_encoded
 
 log = logging.getLogger(__name__)
 

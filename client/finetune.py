@@ -19,9 +19,9 @@ from torch.nn import functional as F
 
 from common.batching import Encoded, bucketed_order, collate
 from common.config import AGGREGATION_RULES, RunConfig
-from common.frozen_prefix import PrefixStates, prefix_states
-from common.model import TextClassifier
 from common.sharing import frozen_factor, is_head
+from common.tasks.text_classification.frozen_prefix import PrefixStates, prefix_states
+from common.tasks.text_classification.model import TextClassifier
 
 
 @dataclass(frozen=True)

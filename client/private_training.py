@@ -40,8 +40,8 @@ from common import dp
 from common.batching import Encoded, collate
 from common.config import DpConfig
 from common.dp import dp_sgd_sample_rate as sample_rate
-from common.model import TextClassifier
 from common.sharing import is_head
+from common.tasks.text_classification.model import TextClassifier
 
 if TYPE_CHECKING:  # opacus loads only when a site trains with DP-SGD
     from opacus.optimizers import DPOptimizer

@@ -24,9 +24,13 @@ from common.batching import Encoded, encode
 from common.config import LoraSettings
 from common.data import Example, encode_labels
 from common.feature_cache import FeatureCache
-from common.features import pooled_features
-from common.frozen_prefix import PrefixStates, prefix_states
-from common.model import TextClassifier, attach_lora, load_encoder
+from common.tasks.text_classification.features import pooled_features
+from common.tasks.text_classification.frozen_prefix import PrefixStates, prefix_states
+from common.tasks.text_classification.model import (
+    TextClassifier,
+    attach_lora,
+    load_encoder,
+)
 
 log = logging.getLogger(__name__)
 

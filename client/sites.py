@@ -121,7 +121,7 @@ class TextSite:
         return TextRows(examples, encoded)
 
     def load_state(self, state: AdapterState) -> None:
-        from common.model import load_adapter_state
+        from common.tasks.text_classification.model import load_adapter_state
 
         load_adapter_state(self.backbone.model, state)
 
@@ -167,12 +167,12 @@ class TextSite:
         return result, None
 
     def state(self) -> AdapterState:
-        from common.model import adapter_state
+        from common.tasks.text_classification.model import adapter_state
 
         return adapter_state(self.backbone.model)
 
     def evaluate(self, examples: list[Example]) -> EvalResult:
-        from common.text_evaluation import evaluate
+        from common.tasks.text_classification.evaluation import evaluate
 
         rows = self.encode(examples)
         return evaluate(self.backbone.model, rows.encoded, self.backbone.pad_id)
@@ -186,8 +186,8 @@ class TextSite:
         rounds' are, so a following head round reuses them."""
         from client.runtime import cached_features, rows_key
         from common.closed_form import NEEDS_GRAM, ClassStatistics
-        from common.model import adapter_state
         from common.sharing import encoder_digest
+        from common.tasks.text_classification.model import adapter_state
 
         backbone, head = self.backbone, self.config.head
         key = rows_key(
@@ -269,7 +269,8 @@ def _open_causal_lm_site(request: SiteRequest, runtime: SiteRuntime) -> SiteMode
 def _open_image_site(request: SiteRequest, runtime: SiteRuntime) -> SiteModel:
     from client.vision_site import ImageCaches, open_vision_site
 
-    return open_vision_site(runtime.caches_of(IMAGE_CLASSIFICATION, ImageCaches), request)
+    caches = runtime.caches_of(IMAGE_CLASSIFICATION, ImageCaches)
+    return open_vision_site(caches, request)
 
 
 #: Each task's site side: the site code trains with :mod:`client.finetune` and

@@ -168,7 +168,11 @@ def open_vision_site(caches: ImageCaches, request: SiteRequest) -> VisionSite:
     count and precision (``model.quantize``), loaded once (only the latest is kept,
     to bound memory)."""
     config, fingerprint, lora = request.config, request.fingerprint, request.lora
-    backbone_dir, pooling, labels = request.backbone_dir, request.pooling, request.labels
+    backbone_dir, pooling, labels = (
+        request.backbone_dir,
+        request.pooling,
+        request.labels,
+    )
     quantize = config.model.quantize
 
     def load() -> tuple[ImageClassifier, Any]:

@@ -12,7 +12,6 @@ from torch import nn
 from torch.nn import functional as F
 
 
-
 @dataclass(frozen=True)
 class EvalResult:
     """Mean cross-entropy and accuracy over ``num_examples`` rows.

@@ -13,6 +13,9 @@ from collections.abc import Callable
 
 import torch
 
+#: The live bar's name while pooled features are computed (rows done / rows).
+FEATURE_PASS = "feature pass (rows)"
+
 
 class FeatureCache:
     """A few feature matrices keyed by ``(rows key, encoder digest)``.

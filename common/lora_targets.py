@@ -22,7 +22,8 @@ transformer's layers (``model.layers`` of Llama, ``transformer.h`` of GPT-2,
 ``layers`` of a ViT) and a CNN's stages (``encoder.stages`` of ResNet and
 ConvNeXt). Targets outside the stack (a ResNet's stem, a pooler) then get none, and
 ``all-linear`` means every linear layer inside the chosen blocks. Only the text
-classifier also caches the output of the blocks below (``common.frozen_prefix``).
+classifier also caches the output of the blocks below
+(:mod:`common.tasks.text_classification.frozen_prefix`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 
 from common.config import DEFAULTS, ConfigError, LoraSettings
-from common.frozen_prefix import adapted_layers
 
 #: ``lora.target-modules`` at its default: resolved per backbone for new tasks.
 DEFAULT_TARGETS = tuple(str(DEFAULTS["lora.target-modules"]).split(","))
@@ -197,3 +197,19 @@ def wrap_with_lora(
         ) from None
     finally:
         torch.random.set_rng_state(generator_state)
+
+
+def adapted_layers(num_layers: int, top: int) -> list[int]:
+    """Indices of the top ``top`` layers out of ``num_layers`` (all for ``top = 0``).
+
+    Raises
+    ------
+    ValueError
+        When ``top`` exceeds the number of layers, naming ``lora.layers``.
+    """
+    if top > num_layers:
+        raise ValueError(
+            f"lora.layers = {top} but this backbone has {num_layers} layers; "
+            f"use 1 to {num_layers}, or 0 to adapt every layer"
+        )
+    return list(range(num_layers - top if top else 0, num_layers))

@@ -9,7 +9,7 @@ quantised; the coordinator keeps it in full precision, and the adapters (LoRA
 factors, head) stay float32 on both sides, so the adapter state is the same.
 
 The text classifier's encoder loads through :func:`load_frozen` too
-(``common.model.load_encoder``).
+(``common.tasks.text_classification.model.load_encoder``).
 """
 
 from __future__ import annotations

@@ -26,14 +26,11 @@ from client.finetune import FinetuneResult, LocalTraining, train_phase
 from client.runtime import rows_key
 from client.sites import SiteModel, TextRows
 from client.vision_site import ImageCaches, VisionSite
-from common.tasks.causal_lm.bench import CausalLMWorkbench
 from common.codec import AdapterState
 from common.config import RunConfig
 from common.console import step_progress
 from common.data import Example
 from common.evaluation import EvalResult
-from common.text_evaluation import evaluate
-from common.model import load_adapter_state
 from common.outputs import RunOutputs, default_output_dir
 from common.reporting import LOWER_IS_BETTER, RoundRecorder, main_metric
 from common.splits import (
@@ -43,10 +40,13 @@ from common.splits import (
     run_labels,
 )
 from common.tasks import RunBench, task_named
+from common.tasks.causal_lm.bench import CausalLMWorkbench
+from common.tasks.image_classification.bench import VisionWorkbench
+from common.tasks.text_classification.bench import Workbench
+from common.tasks.text_classification.evaluation import evaluate
+from common.tasks.text_classification.model import load_adapter_state
 from common.tracking.base import Tracker
 from common.tracking.setup import open_tracker
-from common.tasks.image_classification.bench import VisionWorkbench
-from common.workbench import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ SUMMARISED = ("eval_accuracy", "own_domain_accuracy", "eval_perplexity")
 
 @dataclass
 class WorkbenchText:
-    """The text classifier of a :class:`~common.workbench.Workbench` as a
+    """The text classifier of a
+    :class:`~common.tasks.text_classification.bench.Workbench` as a
     :class:`~client.sites.SiteModel`: trained with :func:`client.finetune.train_phase`
     as a site trains it, head-only rounds on the bench's cached features. No DP-SGD:
     the baselines are the non-private reference."""

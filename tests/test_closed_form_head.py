@@ -266,7 +266,7 @@ def test_real_sites_closed_form_head_equals_the_centralised_one(
 
     # Execute: the federated run, and the closed form solved on the union centrally
     coordinate(grid, config)  # type: ignore[arg-type]
-    from common.workbench import Workbench
+    from common.tasks.text_classification.bench import Workbench
 
     labels = run_labels(config.data, config.seed)
     bench = Workbench.open(config, labels, [])

@@ -411,7 +411,7 @@ def tiny_lora_classifier(backbone: Path, num_labels: int = 3) -> Any:
     import torch
 
     from common.config import LoraSettings
-    from common.model import attach_lora, load_encoder
+    from common.tasks.text_classification.model import attach_lora, load_encoder
 
     model = attach_lora(
         load_encoder(backbone),
@@ -482,7 +482,7 @@ def test_dp_sgd_steps_are_accounted_by_opacus_and_the_site_keeps_its_history(
     from client.finetune import LocalTraining
     from client.private_training import dp_sgd, sample_rate
     from common.batching import encode
-    from common.model import adapter_state
+    from common.tasks.text_classification.model import adapter_state
 
     model = tiny_lora_classifier(tiny_backbone)
     texts = ["send money to my account", "book flight", "lights on please"] * 4
@@ -1036,7 +1036,7 @@ def test_dp_sgd_draws_its_noise_from_the_sites_noise_source(
     from client import private_training
     from client.finetune import LocalTraining
     from common.batching import encode
-    from common.model import adapter_state
+    from common.tasks.text_classification.model import adapter_state
 
     texts = [f"row number {i}" for i in range(12)]
     encoded = encode(

@@ -13,8 +13,12 @@ import pytest
 from client.client_app import app as client_app
 from common.backbone import portable_name
 from common.config import RunConfig
-from common.inference import MergedClassifier, OnnxClassifier, load_classifier
-from common.text_saving import write_sentence_modules
+from common.tasks.text_classification.inference import (
+    MergedClassifier,
+    OnnxClassifier,
+    load_classifier,
+)
+from common.tasks.text_classification.saving import write_sentence_modules
 from server.server_app import coordinate
 from simulations.cli import main
 from simulations.export import ExportError, export_run

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, Message
 from client.client_app import app as client_app
 from common import keys
 from common.config import RunConfig
-from common.model import HEAD_PREFIX
+from common.tasks.text_classification.model import HEAD_PREFIX
 from server.server_app import coordinate
 from tests.conftest import InProcessGrid, build_tiny_backbone
 
@@ -103,8 +103,8 @@ def test_exported_adapter_loads_with_peft_and_matches_the_merged_model(
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
-    from common.inference import MergedClassifier
-    from common.model import TextClassifier
+    from common.tasks.text_classification.inference import MergedClassifier
+    from common.tasks.text_classification.model import TextClassifier
 
     output = tmp_path / "out"
     coordinate(

@@ -15,8 +15,8 @@ from client import runtime
 from client.finetune import LocalTraining, finetune
 from common.batching import Encoded, collate
 from common.config import ConfigError, LoraSettings, RunConfig
-from common.frozen_prefix import encoder_parts, prefix_states
-from common.model import adapter_state, attach_lora
+from common.tasks.text_classification.frozen_prefix import encoder_parts, prefix_states
+from common.tasks.text_classification.model import adapter_state, attach_lora
 from tests.test_rules import corpus, federate  # noqa: F401  (corpus is a fixture)
 
 

@@ -20,7 +20,7 @@ from common.backbone import (
 from common.batching import bucketed_order, collate, encode
 from common.codec import Float32Codec, apply_delta, delta, l2_norm
 from common.config import LoraSettings
-from common.model import (
+from common.tasks.text_classification.model import (
     HEAD_PREFIX,
     adapter_state,
     attach_lora,

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import rich
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from rich.console import Console
 
 from client.client_app import app as client_app
 from common.backbone import BACKBONE_RECEIVED, bundle_files
-from common.features import FEATURE_PASS
+from common.feature_cache import FEATURE_PASS
 from common.outputs import RunOutputs
 from common.reporting import RoundRecorder
 from server.messaging import send_and_receive

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from common.config import ConfigError, RunConfig
-from common.model import load_encoder
 from common.quantised import QuantisationUnavailable, quantisation_config
+from common.tasks.text_classification.model import load_encoder
 
 
 def test_full_precision_needs_neither_cuda_nor_bitsandbytes(
@@ -90,7 +90,7 @@ def _train_tiny_classifier(backbone: Path, device: str, mode: str) -> tuple:
     from client.finetune import LocalTraining, finetune
     from common.batching import encode
     from common.config import LoraSettings
-    from common.model import adapter_state, attach_lora
+    from common.tasks.text_classification.model import adapter_state, attach_lora
 
     encoder = load_encoder(backbone, device, mode)
     model = attach_lora(

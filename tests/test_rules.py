@@ -33,14 +33,14 @@ from common.config import (
     RunConfig,
 )
 from common.low_rank import at_rank, factor_pairs, product, rank_of
-from common.model import (
+from common.sharing import LORA_A, LORA_B, is_head
+from common.tasks.text_classification.model import (
     TextClassifier,
     adapter_state,
     attach_lora,
     load_adapter_state,
     load_encoder,
 )
-from common.sharing import LORA_A, LORA_B, is_head
 from common.wire import from_array_record, to_array_record
 from server.aggregation import FedAvgM, FlexLoRA, build_rule
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

@@ -16,9 +16,9 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
+from client.client_app import SITE_RUNTIME
 from client.client_app import app as client_app
 from client.finetune import FinetuneResult, LocalTraining
-from client.client_app import SITE_RUNTIME
 from client.sites import SiteModel, SiteRequest
 from common import keys
 from common.backbone import fingerprint
@@ -132,7 +132,10 @@ def lora_names(state: dict[str, np.ndarray]) -> list[str]:
 def coordinator_state(config: RunConfig) -> dict[str, np.ndarray]:
     """The coordinator's full-precision initial adapter for ``config``."""
     from common.tasks.causal_lm.model import lm_adapter_state, load_causal_lm
-    from common.tasks.image_classification.model import image_adapter_state, load_image_classifier
+    from common.tasks.image_classification.model import (
+        image_adapter_state,
+        load_image_classifier,
+    )
 
     backbone = Path(config.model.name)
     if config.model.task == "causal-lm":

@@ -19,8 +19,8 @@ from common import keys
 from common.config import ConfigError, RunConfig
 from common.data import DataError, Example
 from common.evaluation import EvalResult
-from common.tasks.causal_lm.data import encode_lm, load_lm_examples
 from common.splits import evaluation_examples, site_evaluation_rows
+from common.tasks.causal_lm.data import encode_lm, load_lm_examples
 from server.checkpoint import load_checkpoint
 from simulations.inprocess_grid import InProcessGrid
 from simulations.task_demo import domain_sentences, instruction_rows, write_jsonl

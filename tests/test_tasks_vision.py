@@ -13,8 +13,8 @@ import torch
 
 from common.config import ConfigError, RunConfig
 from common.data import DataError
-from common.tasks.image_classification.data import load_image_examples
 from common.splits import all_client_examples
+from common.tasks.image_classification.data import load_image_examples
 from server.checkpoint import load_checkpoint
 from simulations.task_demo import IMAGE_CLASSES
 from tests.task_runs import IMAGE_CLIENTS, image_config, run
@@ -140,7 +140,10 @@ def test_lora_sits_on_attention_or_convolutions(
     vision_backbones: dict[str, Path], kind: str, pooling: str, factor_dims: int
 ) -> None:
     # Prepare
-    from common.tasks.image_classification.model import image_adapter_state, load_image_classifier
+    from common.tasks.image_classification.model import (
+        image_adapter_state,
+        load_image_classifier,
+    )
 
     settings = RunConfig.from_flat({}).lora
 
@@ -254,7 +257,10 @@ def test_merged_model_predicts_as_backbone_with_adapter(
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    from common.tasks.image_classification.model import ImageClassifier, MergedImageClassifier
+    from common.tasks.image_classification.model import (
+        ImageClassifier,
+        MergedImageClassifier,
+    )
     from simulations.cli import main
 
     config = image_config(

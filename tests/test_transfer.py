@@ -21,17 +21,19 @@ from common.codec import apply_delta
 from common.config import ConfigError, LoraSettings, RunConfig
 from common.data import Example
 from common.evaluation import evaluate_head
-from common.text_evaluation import evaluate
 from common.feature_cache import FeatureCache
-from common.features import pooled_features
-from common.label_head import (
+from common.sharing import encoder_digest, shared_subset
+from common.tasks.text_classification.bench import Workbench
+from common.tasks.text_classification.evaluation import evaluate
+from common.tasks.text_classification.features import pooled_features
+from common.tasks.text_classification.label_head import (
     LOGIT_SCALE,
     LabelDescriptionError,
     humanise,
     init_head_from_texts,
     label_texts,
 )
-from common.model import (
+from common.tasks.text_classification.model import (
     HEAD_PREFIX,
     TextClassifier,
     adapter_state,
@@ -39,9 +41,7 @@ from common.model import (
     load_adapter_state,
     load_encoder,
 )
-from common.sharing import encoder_digest, shared_subset
 from common.wire import from_array_record
-from common.workbench import Workbench
 from simulations.inprocess_grid import Tamper
 from tests.conftest import InProcessGrid, build_tiny_backbone, write_jsonl
 
@@ -763,8 +763,8 @@ def test_the_merged_export_pools_as_the_model_was_trained(
     backbone: Path, tmp_path: Path
 ) -> None:
     # Prepare: the backbone says mean; the run overrides it with max
-    from common.inference import MergedClassifier
     from common.outputs import RunOutputs
+    from common.tasks.text_classification.inference import MergedClassifier
 
     assert pooling_mode(backbone) == "mean"
     bench = open_bench(backbone, [Example("send", "send")], **{"model.pooling": "max"})

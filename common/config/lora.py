@@ -13,7 +13,7 @@ class LoraSettings:
 
     ``layers`` limits the adapters to the top blocks of the backbone's stack of
     blocks (0: every block); a text encoder then also caches the frozen layers'
-    output (:mod:`common.frozen_prefix`).
+    output (:mod:`common.tasks.text_classification.frozen_prefix`).
     """
 
     r: int = setting(

@@ -1,9 +1,10 @@
 """The causal language model (``model.task = causal-lm``): no head, evaluated by
 perplexity.
 
-Its parts: :mod:`common.tasks.causal_lm.model` (the model, its saved form and generation),
-:mod:`common.tasks.causal_lm.data` (plain text and instruction rows) and
-:mod:`common.tasks.causal_lm.bench` (the coordinator's model of a run).
+Its parts, as modules of this package: ``model`` (the model, its saved form and
+generation), ``data`` (plain text and instruction rows), ``bench`` (the
+coordinator's model of a run), ``checks`` (its config rules), ``export`` (its ONNX
+plan), ``task`` (its Task).
 """
 
 from common.tasks.causal_lm.task import CAUSAL_LM, CausalLM

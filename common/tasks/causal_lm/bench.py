@@ -13,6 +13,13 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from common.backbone import coordinator_backbone_dir, fingerprint, name_adapter_base
+from common.codec import AdapterState
+from common.config import RunConfig
+from common.data import Example
+from common.evaluation import EvalResult
+from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
+from common.reporting import RoundRecorder
+from common.tasks.causal_lm.data import LmEncoded, encode_lm
 from common.tasks.causal_lm.model import (
     CausalLanguageModel,
     evaluate_lm,
@@ -23,13 +30,6 @@ from common.tasks.causal_lm.model import (
     save_lm_adapter,
     save_merged_lm,
 )
-from common.codec import AdapterState
-from common.config import RunConfig
-from common.data import Example
-from common.evaluation import EvalResult
-from common.tasks.causal_lm.data import LmEncoded, encode_lm
-from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
-from common.reporting import RoundRecorder
 from common.tasks.finish import backbone_facts, finish_run
 
 log = logging.getLogger(__name__)
@@ -159,5 +159,5 @@ class CausalLMWorkbench:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         """Export, write ``summary.json`` and print the table
-        (:func:`common.workbench.finish_run`)."""
+        (:func:`common.tasks.text_classification.bench.finish_run`)."""
         finish_run(self, kind, outputs, recorder, state, started, extra)

@@ -25,11 +25,11 @@ from common.batching import sequential_batches
 from common.codec import AdapterState
 from common.config import LoraSettings
 from common.evaluation import EvalResult
-from common.tasks.causal_lm.data import LmEncoded
 from common.lora_targets import wrap_with_lora
 from common.quantised import load_frozen
 from common.tasks.base import write_task_file
 from common.tasks.causal_lm import CAUSAL_LM
+from common.tasks.causal_lm.data import LmEncoded
 
 IGNORE = -100  # the label of tokens without loss (PyTorch's ignore_index)
 

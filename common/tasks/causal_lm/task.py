@@ -32,8 +32,8 @@ class CausalLM:
         return RULES
 
     def read_rows(self, path: str, data: DataConfig) -> list[Example]:
-        from common.tasks.causal_lm.data import load_lm_examples
         from common.row_cache import read_watched
+        from common.tasks.causal_lm.data import load_lm_examples
 
         columns = (data.text_column, data.prompt_column, data.response_column)
         return read_watched(path, load_lm_examples, columns)

@@ -19,10 +19,11 @@ from common.config import RunConfig
 from common.data import Example
 from common.evaluation import EvalResult, evaluate_head
 from common.feature_cache import FeatureCache
-from common.sharing import encoder_digest
 from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
 from common.quantised import require_quantisable
 from common.reporting import RoundRecorder
+from common.sharing import encoder_digest
+from common.tasks.finish import backbone_facts, finish_run
 from common.tasks.image_classification.model import (
     ImageClassifier,
     ImageEncoded,
@@ -35,7 +36,6 @@ from common.tasks.image_classification.model import (
     save_image_adapter,
     save_merged_image_classifier,
 )
-from common.tasks.finish import backbone_facts, finish_run
 
 log = logging.getLogger(__name__)
 
@@ -166,5 +166,5 @@ class VisionWorkbench:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         """Export, write ``summary.json`` and print the table
-        (:func:`common.workbench.finish_run`)."""
+        (:func:`common.tasks.text_classification.bench.finish_run`)."""
         finish_run(self, kind, outputs, recorder, state, started, extra)

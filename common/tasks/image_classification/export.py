@@ -14,7 +14,11 @@ def onnx_plan(source: Path) -> OnnxPlan:
     """An image classifier: ``pixel_values -> logits (batch, labels)``."""
     from PIL import Image
 
-    from common.tasks.image_classification.model import HEAD_FILE, MergedImageClassifier, load_image_processor
+    from common.tasks.image_classification.model import (
+        HEAD_FILE,
+        MergedImageClassifier,
+        load_image_processor,
+    )
 
     processor = load_image_processor(source)  # names the folder when it has none
     # One module is traced and checked: without a padding mask, the attention path

@@ -30,13 +30,13 @@ from common.config import LoraSettings
 from common.console import step_progress
 from common.data import Example, encode_labels
 from common.evaluation import EvalResult, evaluate_head
-from common.features import FEATURE_PASS
-from common.tasks.image_classification.data import read_image
+from common.feature_cache import FEATURE_PASS
 from common.lora_targets import wrap_with_lora
 from common.quantised import load_frozen
 from common.sharing import HEAD_PREFIX
 from common.tasks.base import write_task_file
 from common.tasks.image_classification import IMAGE_CLASSIFICATION
+from common.tasks.image_classification.data import read_image
 
 #: Model types whose own classifier reads the class token.
 CLASS_TOKEN_MODELS = (

@@ -32,8 +32,8 @@ class ImageClassification:
         return RULES
 
     def read_rows(self, path: str, data: DataConfig) -> list[Example]:
-        from common.tasks.image_classification.data import load_image_examples
         from common.row_cache import read_watched
+        from common.tasks.image_classification.data import load_image_examples
 
         return read_watched(
             path, load_image_examples, (data.image_column, data.label_column)

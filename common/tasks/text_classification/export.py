@@ -15,8 +15,8 @@ def onnx_plan(source: Path) -> OnnxPlan:
     import torch
     from transformers import AutoModel
 
-    from common.inference import HEAD_FILES, MergedClassifier
-    from common.model import TextClassifier
+    from common.tasks.text_classification.inference import HEAD_FILES, MergedClassifier
+    from common.tasks.text_classification.model import TextClassifier
 
     reference = MergedClassifier.load(source)
     encoder = AutoModel.from_pretrained(

@@ -41,7 +41,9 @@ class TextClassification:
         for part in rows:
             encode_labels(part, labels)
         if config.head.init != "random":  # closed-form starts from the label names
-            from common.label_head import label_texts  # loads torch: only when needed
+            from common.tasks.text_classification.label_head import (
+                label_texts,  # loads torch: only when needed
+            )
 
             label_texts(labels, config.head.label_descriptions)
 
@@ -51,7 +53,7 @@ class TextClassification:
     def open_bench(
         self, config: RunConfig, labels: tuple[str, ...], test_examples: list[Example]
     ) -> RunBench:
-        from common.workbench import Workbench
+        from common.tasks.text_classification.bench import Workbench
 
         return Workbench.open(config, labels, test_examples)
 
@@ -61,7 +63,7 @@ class TextClassification:
         return onnx_plan(source)
 
     def open_classifier(self, folder: Path) -> Classifier | None:
-        from common.inference import load_classifier
+        from common.tasks.text_classification.inference import load_classifier
 
         return load_classifier(folder)
 

@@ -5,7 +5,6 @@ and a linear classification head; and the adapter state that travels between par
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,10 +18,13 @@ from transformers import AutoModel, PreTrainedModel
 
 from common.codec import AdapterState
 from common.config import LoraSettings
-from common.frozen_prefix import adapted_layers, hidden_from_prefix, layer_count
-from common.lora_targets import block_stack, linear_inside
+from common.lora_targets import adapted_layers, block_stack, linear_inside
 from common.quantised import load_frozen
 from common.sharing import HEAD_PREFIX
+from common.tasks.text_classification.frozen_prefix import (
+    hidden_from_prefix,
+    layer_count,
+)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -56,7 +58,8 @@ class TextClassifier(nn.Module):
         Size of the head's output.
     prefix_depth : int
         Number of lowest encoder layers that carry no adapter (``lora.layers``): their
-        output can be cached (``common.frozen_prefix``); 0 when every layer adapts.
+        output can be cached (:mod:`~common.tasks.text_classification.frozen_prefix`);
+        0 when every layer adapts.
     """
 
     def __init__(

@@ -12,8 +12,8 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from common.backbone import write_pooling_mode
-from common.model import TextClassifier, save_head
 from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
+from common.tasks.text_classification.model import TextClassifier, save_head
 
 # sentence-transformers files that make ``merged/`` loadable by that library too.
 _SENTENCE_TRANSFORMERS_FILES = (

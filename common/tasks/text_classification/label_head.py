@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerBase
 
 from common.batching import encode
 from common.data import DataError
-from common.features import pooled_features
-from common.model import TextClassifier
+from common.tasks.text_classification.features import pooled_features
+from common.tasks.text_classification.model import TextClassifier
 
 #: Logit scale of the label-name head: a cosine of 1 against a text of typical norm
 #: gives this logit. It sets how soft the starting softmax is, not the zero-shot

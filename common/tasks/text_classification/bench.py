@@ -7,7 +7,7 @@ import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +25,16 @@ from common.config import RunConfig
 from common.data import Example, encode_labels
 from common.evaluation import EvalResult, evaluate_head
 from common.feature_cache import FeatureCache
-from common.features import pooled_features
-from common.label_head import init_head_from_texts, label_texts
-from common.model import (
+from common.outputs import RunOutputs
+from common.reporting import RoundRecorder
+from common.sharing import encoder_digest
+from common.tasks.finish import backbone_facts, finish_run, trainable_parameter_count
+from common.tasks.text_classification.features import pooled_features
+from common.tasks.text_classification.label_head import (
+    init_head_from_texts,
+    label_texts,
+)
+from common.tasks.text_classification.model import (
     AdapterState,
     TextClassifier,
     adapter_state,
@@ -35,14 +42,7 @@ from common.model import (
     load_adapter_state,
     load_encoder,
 )
-from common.outputs import RunOutputs
-from common.reporting import RoundRecorder
-from common.sharing import encoder_digest
-from common.text_saving import save_adapter, save_merged
-from common.tasks.finish import backbone_facts, finish_run, trainable_parameter_count
-
-if TYPE_CHECKING:
-    from common.tasks import RunBench
+from common.tasks.text_classification.saving import save_adapter, save_merged
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Workbench:
             When the backbone cannot be found.
         common.data.DataError
             When a test label is outside ``labels``.
-        common.label_head.LabelDescriptionError
+        common.tasks.text_classification.label_head.LabelDescriptionError
             When ``head.label-descriptions`` cannot be read.
         """
         backbone_dir = coordinator_backbone_dir(config.model.name)

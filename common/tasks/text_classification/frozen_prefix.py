@@ -90,22 +90,6 @@ def layer_count(encoder: nn.Module) -> int:
     return len(encoder_parts(encoder)[2])
 
 
-def adapted_layers(num_layers: int, top: int) -> list[int]:
-    """Indices of the top ``top`` layers out of ``num_layers`` (all for ``top = 0``).
-
-    Raises
-    ------
-    ValueError
-        When ``top`` exceeds the number of layers, naming ``lora.layers``.
-    """
-    if top > num_layers:
-        raise ValueError(
-            f"lora.layers = {top} but this backbone has {num_layers} layers; "
-            f"use 1 to {num_layers}, or 0 to adapt every layer"
-        )
-    return list(range(num_layers - top if top else 0, num_layers))
-
-
 def _mask(
     base: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor | None:

@@ -3,18 +3,12 @@ row, what a head-only round trains on (cached by :mod:`common.feature_cache`).""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
-
 import torch
 
 from common.batching import Encoded, collate, sequential_batches
 from common.console import step_progress
-from common.model import TextClassifier
-
-
-#: The live bar's name while pooled features are computed (rows done / rows).
-FEATURE_PASS = "feature pass (rows)"
+from common.feature_cache import FEATURE_PASS
+from common.tasks.text_classification.model import TextClassifier
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from common.batching import Encoded
 from common.evaluation import EvalResult, evaluate_head
-from common.features import pooled_features
-from common.model import TextClassifier
+from common.tasks.text_classification.features import pooled_features
+from common.tasks.text_classification.model import TextClassifier
 
 
 def evaluate(model: TextClassifier, encoded: Encoded, pad_id: int) -> EvalResult:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from common.inference import MergedClassifier
+    from common.tasks.text_classification.inference import MergedClassifier
     classifier = MergedClassifier.load("runs/demo/merged")
     classifier.predict(["send money to my savings account"])
     # [("transfer_money", 0.97)]
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from common.model import TextClassifier
+from common.tasks.text_classification.model import TextClassifier
 
 #: Files beside an exported encoder that describe the head.
 HEAD_FILES = ("head.safetensors", "fedgraft_head.json")
