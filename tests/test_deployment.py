@@ -335,7 +335,7 @@ def wait_for_run(env: dict[str, str], run_id: int) -> str:
 
     wait_until(
         lambda: status().startswith("finished"),
-        420,
+        900,  # a loaded 2-core machine: a secure round with site evaluation can take minutes
         f"run {run_id} to finish",
         interval=3.0,
     )
