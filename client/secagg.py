@@ -424,6 +424,7 @@ def masked_totals(
 STATISTICS_CLAIM = 0
 
 
+@refusals_logged
 def masked_statistics(
     context: Context,
     request: ConfigRecord,
@@ -439,12 +440,12 @@ def masked_statistics(
     (:func:`common.closed_form.statistics_encoding`), masked like an update."""
     from common.closed_form import statistics_encoding
 
-    cohort = int(request[keys.SECAGG_COHORT])  # type: ignore[arg-type]
+    inbox = CoordinatorRequest(request, "head statistics")
+    # The encoding is the site's own, from the cohort it checks against its floors.
+    cohort = inbox.integer(keys.SECAGG_COHORT, 1, MAX_CLIENTS)
     encoding = statistics_encoding(cohort, clip, max_rows)
     encoded = encoding.to_ring(values)  # (V,) uint64
-    return _masked(
-        context, request, server_round, encoded, STATISTICS_CLAIM, model_hash
-    )
+    return _masked(context, inbox, server_round, encoded, STATISTICS_CLAIM, model_hash)
 
 
 def _masked(
