@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -39,9 +40,10 @@ from common.splits import (
     evaluation_examples,
     run_labels,
 )
-from common.tasks import RunBench, task_named
-from common.tasks.causal_lm.bench import CausalLMWorkbench
-from common.tasks.image_classification.bench import VisionWorkbench
+from common.tasks import RunBench, Task, task_named
+from common.tasks.causal_lm import CAUSAL_LM
+from common.tasks.image_classification import IMAGE_CLASSIFICATION
+from common.tasks.text_classification import TEXT_CLASSIFICATION
 from common.tasks.text_classification.bench import Workbench
 from common.tasks.text_classification.evaluation import evaluate
 from common.tasks.text_classification.model import load_adapter_state
@@ -107,42 +109,52 @@ class WorkbenchText:
         return np.bincount(rows.encoded.labels, minlength=num_labels)
 
 
+def _causal_lm_trainee(bench: Any, config: RunConfig) -> SiteModel:
+    return CausalLMSite(
+        config,
+        bench.model,
+        bench.tokenizer,
+        bench.pad_id,
+        bench.fingerprint,
+        cache_dir=None,
+        caches=LmCaches(),
+    )
+
+
+def _image_trainee(bench: Any, config: RunConfig) -> SiteModel:
+    return VisionSite(
+        config,
+        bench.model,
+        bench.processor,
+        bench.labels,
+        bench.fingerprint,
+        ImageCaches(),
+    )
+
+
+def _text_trainee(bench: Any, config: RunConfig) -> SiteModel:
+    del config  # the bench's own configuration (DP-SGD is never used here)
+    return WorkbenchText(bench)
+
+
+#: Each task's workbench as a site model (the bench's model, trained in place).
+TRAINEES: Mapping[Task, Callable[[Any, RunConfig], SiteModel]] = MappingProxyType(
+    {
+        TEXT_CLASSIFICATION: _text_trainee,
+        CAUSAL_LM: _causal_lm_trainee,
+        IMAGE_CLASSIFICATION: _image_trainee,
+    }
+)
+
+
 def trainable(bench: RunBench) -> SiteModel:
     """The model of ``bench``, trained in place as a site of the run's task trains
-    it, without DP (the non-private reference): the one place the baselines tell the
-    tasks apart.
-
-    Raises
-    ------
-    TypeError
-        For a workbench of no known task.
-    """
+    it, without DP (the non-private reference)."""
     # The baselines are the non-private reference for every task: no DP-SGD.
     config = dataclasses.replace(
         bench.config, dp=dataclasses.replace(bench.config.dp, enabled=False)
     )
-    if isinstance(bench, CausalLMWorkbench):
-        return CausalLMSite(
-            config,
-            bench.model,
-            bench.tokenizer,
-            bench.pad_id,
-            bench.fingerprint,
-            cache_dir=None,
-            caches=LmCaches(),
-        )
-    if isinstance(bench, VisionWorkbench):
-        return VisionSite(
-            config,
-            bench.model,
-            bench.processor,
-            bench.labels,
-            bench.fingerprint,
-            ImageCaches(),
-        )
-    if isinstance(bench, Workbench):
-        return WorkbenchText(bench)
-    raise TypeError(f"no baseline training for a {type(bench).__name__}")
+    return TRAINEES[task_named(config.model.task)](bench, config)
 
 
 def baseline_context(client: int) -> Context:

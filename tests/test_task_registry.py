@@ -147,3 +147,11 @@ def test_a_saved_model_is_used_only_as_its_task_allows(
 
     # Assert
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_every_registered_task_has_a_baseline_trainee() -> None:
+    # Prepare
+    from simulations.baselines import TRAINEES
+
+    # Assert
+    assert set(TRAINEES) == set(REGISTERED.values())
