@@ -34,6 +34,7 @@ from common.outputs import RunOutputs, default_output_dir
 from common.reporting import RoundRecorder
 from common.splits import coordinator_holds_data, evaluation_examples, run_labels
 from common.tasks import task_named
+from common.tasks.finish import finish_run
 from common.tracking.base import Tracker
 from common.tracking.setup import open_tracker
 from server.aggregation import build_rule
@@ -250,7 +251,7 @@ def _coordinate(
     }
     if config.dp.enabled:
         extra["privacy"] = privacy_summary(config.dp, privacy, recorder.rows)
-    bench.finish_run("federated", outputs, recorder, final, started, extra)
+    finish_run(bench, "federated", outputs, recorder, final, started, extra)
     if strategy.stop_reason is not None:
         print(strategy.stop_reason)
 

@@ -42,6 +42,7 @@ from common.splits import (
 )
 from common.tasks import RunBench, Task, task_named
 from common.tasks.causal_lm import CAUSAL_LM
+from common.tasks.finish import finish_run
 from common.tasks.image_classification import IMAGE_CLASSIFICATION
 from common.tasks.text_classification import TEXT_CLASSIFICATION
 from common.tasks.text_classification.bench import Workbench
@@ -266,7 +267,7 @@ def _train_centralized(config: RunConfig, target: Path, tracker: Tracker) -> Non
                 "seconds": round(time.perf_counter() - round_started, 3),
             }
         )
-    bench.finish_run("centralized", outputs, recorder, bench.state(), started)
+    finish_run(bench, "centralized", outputs, recorder, bench.state(), started)
 
 
 @contextmanager

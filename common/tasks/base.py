@@ -14,9 +14,9 @@ can read the registry cheaply.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from common.codec import AdapterState
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from common.data import Example
     from common.evaluation import EvalResult
     from common.outputs import RunOutputs
-    from common.reporting import RoundRecorder
     from common.tasks.export import OnnxPlan
 
 #: Beside a saved adapter or merged model: which task wrote it.
@@ -64,18 +63,6 @@ class RunBench(Protocol):
 
     def backbone_facts(self) -> dict[str, object]:
         """The backbone's name, fingerprint and sizes for ``summary.json``."""
-        ...
-
-    def finish_run(
-        self,
-        kind: str,
-        outputs: RunOutputs,
-        recorder: RoundRecorder,
-        state: AdapterState,
-        started: float,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Export ``state``, write ``summary.json`` and print the per-round table."""
         ...
 
 

@@ -54,7 +54,17 @@ def finish_run(
     extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Export ``state`` with ``bench``, write ``summary.json`` and print the
-    per-round table (any task's workbench; see :meth:`Workbench.finish_run`)."""
+    per-round table (any task's workbench).
+
+    Parameters
+    ----------
+    kind : str
+        ``federated`` or ``centralized``.
+    started : float
+        ``time.perf_counter()`` at the start of the run.
+    extra : Mapping, optional
+        More top-level entries for ``summary.json`` (how the run ended, privacy).
+    """
     recorder.close()
     bench.export(outputs, state)
     outputs.write_summary(

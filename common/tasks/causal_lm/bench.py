@@ -5,10 +5,9 @@ adapter, perplexity on the held-out rows, and the exported ``adapter/`` and
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -18,7 +17,6 @@ from common.config import RunConfig
 from common.data import Example
 from common.evaluation import EvalResult
 from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
-from common.reporting import RoundRecorder
 from common.tasks.causal_lm.data import LmEncoded, encode_lm
 from common.tasks.causal_lm.model import (
     CausalLanguageModel,
@@ -30,7 +28,7 @@ from common.tasks.causal_lm.model import (
     save_lm_adapter,
     save_merged_lm,
 )
-from common.tasks.finish import backbone_facts, finish_run
+from common.tasks.finish import backbone_facts
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +147,3 @@ class CausalLMWorkbench:
         """Name, fingerprint and sizes for ``summary.json``."""
         return backbone_facts(self, self.model)
 
-    def finish_run(
-        self,
-        kind: str,
-        outputs: RunOutputs,
-        recorder: RoundRecorder,
-        state: AdapterState,
-        started: float,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Export, write ``summary.json`` and print the table
-        (:func:`common.tasks.text_classification.bench.finish_run`)."""
-        finish_run(self, kind, outputs, recorder, state, started, extra)

@@ -5,7 +5,7 @@ adapter and head, accuracy on the held-out images, and the exported ``adapter/``
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,8 @@ from common.evaluation import EvalResult, evaluate_head
 from common.feature_cache import FeatureCache
 from common.outputs import ADAPTER_DIR, MERGED_DIR, RunOutputs
 from common.quantised import require_quantisable
-from common.reporting import RoundRecorder
 from common.sharing import encoder_digest
-from common.tasks.finish import backbone_facts, finish_run
+from common.tasks.finish import backbone_facts
 from common.tasks.image_classification.model import (
     ImageClassifier,
     ImageEncoded,
@@ -156,15 +155,3 @@ class VisionWorkbench:
         """Name, fingerprint, pooling and sizes for ``summary.json``."""
         return backbone_facts(self, self.model.encoder)
 
-    def finish_run(
-        self,
-        kind: str,
-        outputs: RunOutputs,
-        recorder: RoundRecorder,
-        state: AdapterState,
-        started: float,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Export, write ``summary.json`` and print the table
-        (:func:`common.tasks.text_classification.bench.finish_run`)."""
-        finish_run(self, kind, outputs, recorder, state, started, extra)

@@ -4,10 +4,9 @@ initial adapter, evaluate and export) and the centralised baseline (to train too
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,9 +25,8 @@ from common.data import Example, encode_labels
 from common.evaluation import EvalResult, evaluate_head
 from common.feature_cache import FeatureCache
 from common.outputs import RunOutputs
-from common.reporting import RoundRecorder
 from common.sharing import encoder_digest
-from common.tasks.finish import backbone_facts, finish_run, trainable_parameter_count
+from common.tasks.finish import backbone_facts, trainable_parameter_count
 from common.tasks.text_classification.features import pooled_features
 from common.tasks.text_classification.label_head import (
     init_head_from_texts,
@@ -202,28 +200,6 @@ class Workbench:
             save_adapter(outputs, self.model, self.labels), self.config.model.name
         )
         save_merged(outputs, self.model, self.tokenizer, self.labels, self.backbone_dir)
-
-    def finish_run(
-        self,
-        kind: str,
-        outputs: RunOutputs,
-        recorder: RoundRecorder,
-        state: AdapterState,
-        started: float,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Export ``state``, write ``summary.json`` and print the per-round table.
-
-        Parameters
-        ----------
-        kind : str
-            ``federated`` or ``centralized``.
-        started : float
-            ``time.perf_counter()`` at the start of the run.
-        extra : Mapping, optional
-            More top-level entries for ``summary.json`` (how the run ended, privacy).
-        """
-        finish_run(self, kind, outputs, recorder, state, started, extra)
 
     def backbone_facts(self) -> dict[str, object]:
         """Name, fingerprint, pooling and sizes for ``summary.json``."""
