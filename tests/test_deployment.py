@@ -7,12 +7,11 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,11 @@ import pytest
 from common.demo import demo_test_examples, demo_train_examples
 from simulations import cli
 from tests.conftest import REPO_ROOT, build_tiny_backbone, flower_env, write_jsonl
+from tests.loopback_ports import PortLease
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_until(
@@ -61,12 +54,29 @@ def healthy(port: int) -> bool:
         return False
 
 
-class Processes:
-    """Subprocesses started by a test, all stopped at the end."""
+def serving(process: subprocess.Popen[bytes], port: int) -> Callable[[], bool]:
+    """A check for :func:`wait_until`: ``process`` answers /health on ``port``; it
+    fails at once, rather than at the deadline, when the process has exited."""
 
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
+    def check() -> bool:
+        if process.poll() is not None:
+            pytest.fail(
+                f"{Path(str(process.args[0])).name} exited with code "
+                f"{process.returncode} before serving port {port} (its log follows)"
+            )
+        return healthy(port)
+
+    return check
+
+
+class Processes:
+    """Subprocesses started by a test, all stopped at the end, and the loopback
+    ports leased for them (tests.loopback_ports), given back after the stop."""
+
+    def __init__(self, env: dict[str, str], logs: Path, ports: PortLease) -> None:
         self.env = env
         self.logs = logs
+        self.ports = ports
         self.started: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, *command: str) -> subprocess.Popen[bytes]:
@@ -82,16 +92,23 @@ class Processes:
         self.started.append(process)
         return process
 
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        """Stop ``process`` (and its children) with SIGTERM, SIGKILL after 15 s."""
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
     def stop_all(self) -> None:
         for process in self.started:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
         for process in self.started:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            self.stop(process)
+        self.ports.release()
 
 
 @pytest.fixture()
@@ -99,7 +116,8 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]
     """Environment for Flower processes with a private FLWR_HOME and ports."""
     home = tmp_path / "flwr-home"
     home.mkdir()
-    port = free_port()
+    ports = PortLease()
+    port = ports.take()
     env = flower_env(
         home,
         '[superlink]\ndefault = "deploy"\n\n'
@@ -107,7 +125,7 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]
     )
     logs = tmp_path / "logs"
     logs.mkdir()
-    processes = Processes(env, logs)
+    processes = Processes(env, logs, ports)
     try:
         yield processes, env, port
     finally:
@@ -124,8 +142,9 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, dict[str, str], int]
 # a roster and floors at each site, the consistency round) across processes, a
 # coordinator that holds only the label map while the sites evaluate on their own rows
 # (secure totals), and rounds that find the backbone already handed over; a submission
-# without a label map is refused before any site sees it; a short last run shows a
-# site refusing a key its roster does not vouch for. Plain aggregation across
+# without a label map is refused before any site sees it; a short run shows a site
+# refusing a key its roster does not vouch for, and a last one a site, restarted with
+# its default threshold floor, refusing the coordinator's too-low threshold. Plain aggregation across
 # processes runs in tests/test_secure_deployment.py (TLS and node authentication).
 def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
     deployment: tuple[Processes, dict[str, str], int],
@@ -161,7 +180,7 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
         "".join(f"{x}\n" for x in sorted({r["label"] for r in test_rows}))
     )
     rosters = site_keys(tmp_path / "site-keys", len(sites))
-    processes.start(
+    superlink = processes.start(
         "superlink",
         str(BIN / "flower-superlink"),
         "--insecure",
@@ -173,20 +192,25 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
         str(tmp_path / "state.db"),
         "--disable-runtime-dependency-installation",
     )
-    wait_until(lambda: healthy(port), 60, "the SuperLink")
-    for index, site in enumerate(sites):
-        node_port = free_port()
-        # Two sites: each knowingly lowers its secure-aggregation floors (the
-        # defaults refuse a round of fewer than three clients).
+    wait_until(serving(superlink, port), 60, "the SuperLink")
+
+    def start_site(
+        index: int, log_name: str, min_threshold: int = 1
+    ) -> subprocess.Popen[bytes]:
+        """Site ``index``'s SuperNode. Two sites: each knowingly lowers its
+        secure-aggregation floors (the defaults refuse a round of fewer than three
+        clients); ``min_threshold`` is its secagg-min-threshold."""
+        node_port = processes.ports.take()
+        key = tmp_path / "site-keys" / f"site{index}.ed25519"
         node_config = (
-            f'data-path="{site}" eval-path="{site_tests[index]}" '
+            f'data-path="{sites[index]}" eval-path="{site_tests[index]}" '
             f'cache-dir="{tmp_path / f"cache{index}"}" '
-            f'secagg-roster="{rosters[index]}" '
-            f'secagg-signing-key="{tmp_path / "site-keys" / f"site{index}.ed25519"}" '
-            "secagg-min-threshold=1 secagg-min-neighbours=1 secagg-min-cohort=2"
+            f'secagg-roster="{rosters[index]}" secagg-signing-key="{key}" '
+            f"secagg-min-threshold={min_threshold} secagg-min-neighbours=1 "
+            "secagg-min-cohort=2"
         )
-        processes.start(
-            f"supernode{index}",
+        process = processes.start(
+            log_name,
             str(BIN / "flower-supernode"),
             "--insecure",
             "--superlink",
@@ -198,7 +222,10 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
             "--node-config",
             node_config,
         )
-        wait_until(lambda p=node_port: healthy(p), 60, f"SuperNode {index}")  # type: ignore[misc]
+        wait_until(serving(process, node_port), 60, f"SuperNode {log_name}")
+        return process
+
+    supernodes = [start_site(i, f"supernode{i}") for i in range(len(sites))]
 
     def online_nodes() -> int:
         listing = subprocess.run(
@@ -211,7 +238,7 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
         )
         return listing.stdout.count('"online"')
 
-    wait_until(lambda: online_nodes() >= 2, 90, "two SuperNodes online", interval=2.0)
+    wait_until(lambda: online_nodes() == 2, 90, "two SuperNodes online", interval=2.0)
 
     def submit_run(
         rounds: int, output: Path, *, labels: bool = True
@@ -286,6 +313,23 @@ def test_two_sites_train_secure_rounds_over_a_loopback_deployment(
     site1_log = (processes.logs / "supernode1.log").read_text(errors="replace")
     assert "secure aggregation refused by this site" in site1_log, site1_log[-3000:]
     assert "not another site of this site's roster" in site1_log
+
+    # Execute: site 1's roster restored; site 0 restarted with its default
+    # secagg-min-threshold (2), while two sites leave the coordinator no threshold
+    # but t = 1 (k = 1 neighbour): a threshold too low for site 0
+    rosters[1].write_text(rosters[0].read_text())
+    processes.stop(supernodes[0])
+    start_site(0, "supernode0-floor", min_threshold=2)
+    wait_until(lambda: online_nodes() == 2, 120, "the restarted site", interval=2.0)
+    too_low = run(1, tmp_path / "low-threshold-output")
+
+    # Assert: site 0 refused to take part, saying why; nothing was summed
+    assert too_low[1]["clients"] == 0
+    site0_log = (processes.logs / "supernode0-floor.log").read_text(errors="replace")
+    assert (
+        "secure aggregation refused by this site: the coordinator asks for "
+        "threshold 1, below this site's secagg-min-threshold = 2"
+    ) in site0_log, site0_log[-3000:]
 
 
 def site_keys(directory: Path, count: int) -> list[Path]:

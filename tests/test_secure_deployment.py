@@ -31,7 +31,8 @@ from common.config import RunConfig
 from common.demo import demo_test_examples, demo_train_examples
 from common.splits import site_evaluation_rows
 from tests.conftest import REPO_ROOT, build_tiny_backbone, flower_env, write_jsonl
-from tests.test_deployment import BIN, Processes, free_port, healthy, wait_until
+from tests.loopback_ports import PortLease
+from tests.test_deployment import BIN, Processes, serving, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -199,7 +200,8 @@ def secure_deployment(tmp_path: Path) -> Iterator[SecureDeployment]:
         write_supernode_keys(pki, name)
     home = tmp_path / "flwr-home"
     home.mkdir()
-    port = free_port()
+    ports = PortLease()
+    port = ports.take()
     env = flower_env(
         home,
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
@@ -208,7 +210,7 @@ def secure_deployment(tmp_path: Path) -> Iterator[SecureDeployment]:
     )
     logs = tmp_path / "logs"
     logs.mkdir()
-    processes = Processes(env, logs)
+    processes = Processes(env, logs, ports)
     try:
         yield SecureDeployment(processes, env, port, pki)
     finally:
@@ -266,7 +268,7 @@ def test_registered_supernode_trains_and_unregistered_is_refused(
     )
 
     def start_supernode(index: int) -> tuple[subprocess.Popen[bytes], int]:
-        node_port = free_port()
+        node_port = deployment.processes.ports.take()
         node_config = f'data-path="{site}" cache-dir="{tmp_path / f"cache{index}"}"'
         process = deployment.processes.start(
             f"supernode{index}",
@@ -300,7 +302,7 @@ def test_registered_supernode_trains_and_unregistered_is_refused(
     assert registered.returncode == 0, registered.stdout + registered.stderr
     assert node_statuses() == ["registered"]
     sn0, sn0_port = start_supernode(0)
-    wait_until(lambda: healthy(sn0_port), 60, "SuperNode sn0's runtime API")
+    wait_until(serving(sn0, sn0_port), 60, "SuperNode sn0's runtime API")
     wait_until(lambda: "online" in node_statuses(), 90, "sn0 online", interval=2.0)
 
     # sn1's key was never registered: the SuperLink refuses it and it exits by itself
