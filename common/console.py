@@ -62,6 +62,19 @@ QUIET_WARNINGS: dict[tuple[type[Warning], str], str] = {
     (DeprecationWarning, "The ``noload`` loader strategy is deprecated"): (
         "MLflow internal"
     ),
+    # Opacus asks for its secure_mode (torchcsprng, which no longer builds);
+    # fedgraft's DP-SGD draws its noise from the OS's CSPRNG itself (common/dp.py).
+    (UserWarning, "Secure RNG turned off"): "DP-SGD noise is CSPRNG already",
+    # Opacus' hooks fire on a frozen embedding's output: the per-sample gradients of
+    # the trainable layers are computed all the same (tests/test_dp.py checks them).
+    (UserWarning, "Full backward hook is firing when gradients are computed"): (
+        "Opacus hooks, frozen inputs"
+    ),
+    # Flower Datasets' shard partitioner sorts with a pyarrow option pyarrow 25
+    # deprecates.
+    (FutureWarning, "Specifying null_placement in SortOptions is deprecated"): (
+        "Flower Datasets internal"
+    ),
 }
 
 #: Flower's records kept off the console -> why.

@@ -167,8 +167,10 @@ class PlainSum:
                 total[k] += contribution.weight * contribution.change[k].astype(
                     np.float64
                 )
+        with np.errstate(over="ignore"):  # beyond float32 is inf: not applied
+            total32 = {k: v.astype(np.float32) for k, v in total.items()}
         return RoundSum(
-            total={k: v.astype(np.float32) for k, v in total.items()},
+            total=total32,
             weight=float(sum(c.weight for c in contributions)),
             count=len(contributions),
             client_metrics=[c.metrics for c in contributions],

@@ -80,7 +80,8 @@ def plot_accuracy_loss(
     loss_axes.set_ylabel("loss")
     loss_axes.set_xlabel("round")
     loss_axes.grid(alpha=0.3)
-    loss_axes.legend()
+    if loss_axes.get_lines():  # no line to name when no round has a loss
+        loss_axes.legend()
     loss_axes.xaxis.get_major_locator().set_params(integer=True)
     figure.suptitle(title)
     return _save(figure, path)

@@ -177,7 +177,7 @@ def add_to_upload(position: int, steps: int) -> Callable[[Message], None]:
     def change(reply: Message) -> None:
         vector = from_array_record(reply.content.array_records[keys.MASKED_RECORD])
         update = vector["update"].copy()
-        update[position] += np.uint32(steps % 2**32)
+        update[position] = np.uint32((int(update[position]) + steps) % 2**32)
         reply.content.array_records[keys.MASKED_RECORD] = to_array_record(
             {"update": update}
         )

@@ -90,6 +90,9 @@ def test_flower_partitioners_give_their_documented_sizes(
         ("flwr:natural-id", "partition_by=label", 1),
     ],
 )
+# One class a client over more clients than classes: Flower Datasets says which
+# class is left out, as it would to a user choosing this split.
+@pytest.mark.filterwarnings("ignore:Classes.*will NOT be used:UserWarning")
 def test_label_skewing_partitioners_limit_the_labels_of_each_client(
     kind: str, options: str, most_labels: int
 ) -> None:
@@ -111,6 +114,8 @@ def test_flower_iid_gives_every_client_every_label() -> None:
 @pytest.mark.parametrize(
     ("alpha", "every_label_everywhere"), [(0.05, False), (1e3, True)]
 )
+# At alpha 0.05 Flower Datasets redraws until every client has a row, and says so.
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size:UserWarning")
 def test_flower_dirichlet_skews_labels_by_alpha(
     alpha: float, every_label_everywhere: bool
 ) -> None:

@@ -138,9 +138,11 @@ class FedAdam:
             v = self.state.get("v", name, mean, self.tau**2)
             m[...] = self.beta1 * m + (1 - self.beta1) * mean
             v[...] = self.second_moment(v, np.square(mean))
-            step[name] = (self.server_lr * m / (np.sqrt(v) + self.tau)).astype(
-                np.float32
-            )
+            # A non-finite mean gives a non-finite step, which is never applied
+            with np.errstate(invalid="ignore", over="ignore"):
+                step[name] = (self.server_lr * m / (np.sqrt(v) + self.tau)).astype(
+                    np.float32
+                )
         return step
 
 
