@@ -109,7 +109,7 @@ def test_a_huge_delta_with_an_honest_weight_is_rejected_by_the_default_norm_boun
 
     # Assert
     assert_attacker_left_out(run)
-    assert "above train.max-update-norm = 10" in caplog.text
+    assert "above train.max-update-norm = 100" in caplog.text
 
 
 def test_a_non_finite_aggregate_skips_the_round_and_keeps_the_last_good_global(
