@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -213,3 +214,19 @@ def adapted_layers(num_layers: int, top: int) -> list[int]:
             f"use 1 to {num_layers}, or 0 to adapt every layer"
         )
     return list(range(num_layers - top if top else 0, num_layers))
+
+
+def require_same_tensors(expected: set[str], state: Mapping[str, object]) -> None:
+    """Refuse an adapter ``state`` whose tensor names are not exactly ``expected``
+    (the names a model's trainable tensors go by).
+
+    Raises
+    ------
+    KeyError
+        Naming up to three missing and three unexpected tensors.
+    """
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise KeyError(
+            f"adapter state mismatch: missing {missing[:3]}, unexpected {extra[:3]}"
+        )

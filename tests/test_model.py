@@ -244,3 +244,23 @@ def test_max_steps_caps_local_training(tiny_backbone: Path) -> None:
     )
     result = finetune(classifier(tiny_backbone, labels=2), encoded, 0, plan)
     assert (result.steps, result.samples) == (3, 12)
+
+
+def test_an_adapter_state_with_other_tensors_is_refused_naming_them(
+    tiny_backbone: Path,
+) -> None:
+    # Prepare: one tensor missing, one the model does not have
+    model = classifier(tiny_backbone)
+    before = adapter_state(model)
+    state = dict(before)
+    del state["head.bias"]
+    state["head.extra"] = np.zeros(1, np.float32)
+
+    # Execute
+    with pytest.raises(
+        KeyError, match=r"missing \['head.bias'\], unexpected \['head.extra'\]"
+    ):
+        load_adapter_state(model, state)
+
+    # Assert: nothing was loaded
+    assert all(np.array_equal(adapter_state(model)[k], before[k]) for k in before)

@@ -25,7 +25,7 @@ from common.batching import sequential_batches
 from common.codec import AdapterState
 from common.config import LoraSettings
 from common.evaluation import EvalResult
-from common.lora_targets import wrap_with_lora
+from common.lora_targets import require_same_tensors, wrap_with_lora
 from common.quantised import load_frozen
 from common.tasks.base import write_task_file
 from common.tasks.causal_lm import CAUSAL_LM
@@ -102,11 +102,7 @@ def load_lm_adapter_state(
         When ``state`` lacks a factor of the model or holds one it does not have.
     """
     expected = set(get_peft_model_state_dict(model.lm))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise KeyError(
-            f"adapter state mismatch: missing {missing[:3]}, unexpected {extra[:3]}"
-        )
+    require_same_tensors(expected, state)
     set_peft_model_state_dict(
         model.lm, {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
     )

@@ -31,7 +31,7 @@ from common.console import step_progress
 from common.data import Example, encode_labels
 from common.evaluation import EvalResult, evaluate_head
 from common.feature_cache import FEATURE_PASS
-from common.lora_targets import wrap_with_lora
+from common.lora_targets import require_same_tensors, wrap_with_lora
 from common.quantised import load_frozen
 from common.sharing import HEAD_PREFIX
 from common.tasks.base import write_task_file
@@ -193,11 +193,7 @@ def load_image_adapter_state(
     expected = set(get_peft_model_state_dict(model.encoder)) | {
         HEAD_PREFIX + k for k in model.head.state_dict()
     }
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise KeyError(
-            f"adapter state mismatch: missing {missing[:3]}, unexpected {extra[:3]}"
-        )
+    require_same_tensors(expected, state)
     set_peft_model_state_dict(
         model.encoder,
         {

@@ -18,7 +18,12 @@ from transformers import AutoModel, PreTrainedModel
 
 from common.codec import AdapterState
 from common.config import LoraSettings
-from common.lora_targets import adapted_layers, block_stack, linear_inside
+from common.lora_targets import (
+    adapted_layers,
+    block_stack,
+    linear_inside,
+    require_same_tensors,
+)
 from common.quantised import load_frozen
 from common.sharing import HEAD_PREFIX
 from common.tasks.text_classification.frozen_prefix import (
@@ -210,11 +215,7 @@ def load_adapter_state(model: TextClassifier, state: Mapping[str, np.ndarray]) -
     expected = set(get_peft_model_state_dict(model.encoder)) | {
         HEAD_PREFIX + k for k in model.head.state_dict()
     }
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise KeyError(
-            f"adapter state mismatch: missing {missing[:3]}, unexpected {extra[:3]}"
-        )
+    require_same_tensors(expected, state)
     device = next(model.head.parameters()).device
     lora = {
         k: torch.from_numpy(np.asarray(v))
